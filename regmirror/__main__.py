@@ -1,0 +1,3 @@
+from regmirror.cli import main
+
+raise SystemExit(main())

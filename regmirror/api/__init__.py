@@ -1,0 +1,1 @@
+"""HTTP handlers for the Registry v2 / OCI distribution API."""

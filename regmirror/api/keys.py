@@ -1,0 +1,13 @@
+"""Typed application keys shared by the handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from regmirror.metrics import Metrics
+from regmirror.registry import Registry
+from regmirror.uploads import Uploads
+
+REGISTRY = web.AppKey("registry", Registry)
+UPLOADS = web.AppKey("uploads", Uploads)
+METRICS = web.AppKey("metrics", Metrics)

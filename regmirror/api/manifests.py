@@ -1,0 +1,65 @@
+"""Manifest GET / HEAD / PUT / DELETE by tag or digest."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from regmirror.api import params
+from regmirror.api.keys import REGISTRY
+from regmirror.errors import ManifestTooLarge
+from regmirror.manifest import MAX_MANIFEST_BYTES
+from regmirror.names import parse_reference
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    name = params.name(request)
+    reference = parse_reference(request.match_info["reference"])
+    manifest = await request.app[REGISTRY].manifest(name, reference)
+    etag = f'"{manifest.digest}"'
+    headers = {
+        "Docker-Content-Digest": str(manifest.digest),
+        "ETag": etag,
+        "Content-Type": manifest.media_type,
+    }
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(manifest.raw))
+        return web.Response(headers=headers)
+    return web.Response(body=manifest.raw, headers=headers)
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    name = params.name(request)
+    reference = parse_reference(request.match_info["reference"])
+    raw = await _read_capped(request)
+    manifest = await request.app[REGISTRY].put_manifest(
+        name, reference, raw, request.headers.get("Content-Type")
+    )
+    headers = {
+        "Location": f"/v2/{name}/manifests/{manifest.digest}",
+        "Docker-Content-Digest": str(manifest.digest),
+    }
+    if manifest.subject is not None:
+        headers["OCI-Subject"] = str(manifest.subject.digest)
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    name = params.name(request)
+    reference = parse_reference(request.match_info["reference"])
+    await request.app[REGISTRY].delete_manifest(name, reference)
+    return web.Response(status=202)
+
+
+async def _read_capped(request: web.Request) -> bytes:
+    """The body, refusing more than the manifest cap without reading it all."""
+    declared = params.content_length(request)
+    if declared is not None and declared > MAX_MANIFEST_BYTES:
+        raise ManifestTooLarge(f"manifest is {declared} bytes; at most {MAX_MANIFEST_BYTES}")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise ManifestTooLarge(f"manifest exceeds {MAX_MANIFEST_BYTES} bytes")
+    return bytes(body)

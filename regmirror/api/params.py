@@ -1,0 +1,58 @@
+"""Parsing of path and query parameters into validated registry values."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from regmirror.digest import Digest
+from regmirror.errors import DigestInvalid, PaginationInvalid, RangeInvalid, SizeInvalid
+from regmirror.names import check_name
+
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+
+
+def name(request: web.Request) -> str:
+    return check_name(request.match_info["name"])
+
+
+def digest(text: str | None, what: str = "digest") -> Digest:
+    if not text:
+        raise DigestInvalid(f"the {what} parameter is required")
+    return Digest.parse(text)
+
+
+def content_length(request: web.Request) -> int | None:
+    """The declared body length; a malformed header is SIZE_INVALID, not a 500."""
+    raw = request.headers.get("Content-Length")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SizeInvalid(f"Content-Length {raw[:40]!r} is not a number") from exc
+    if value < 0:
+        raise SizeInvalid("Content-Length must not be negative")
+    return value
+
+
+def content_range(request: web.Request) -> tuple[int, int] | None:
+    raw = request.headers.get("Content-Range")
+    if raw is None:
+        return None
+    match = _CONTENT_RANGE.match(raw.strip())
+    if not match or int(match[1]) > int(match[2]):
+        raise RangeInvalid(f"Content-Range {raw[:60]!r} is not '<start>-<end>' with start <= end")
+    return int(match[1]), int(match[2])
+
+
+def page(request: web.Request) -> tuple[int | None, str | None]:
+    """The ``n`` and ``last`` pagination parameters."""
+    raw = request.query.get("n")
+    limit = None
+    if raw is not None:
+        if not raw.isdigit():
+            raise PaginationInvalid(f"n={raw[:40]!r} is not a non-negative integer")
+        limit = int(raw)
+    return limit, request.query.get("last")

@@ -1,0 +1,33 @@
+"""The URL map. Repository names contain slashes, so they match ``.+``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from regmirror.api import base, blobs, listing, manifests, uploads
+
+NAME = "/v2/{name:.+}"
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v2/", base.version_check)
+    r.add_get("/v2", base.version_check)
+    r.add_get("/v2/_catalog", listing.catalog)
+    r.add_get(f"{NAME}/tags/list", listing.list_tags)
+    r.add_get(f"{NAME}/referrers/{{digest}}", listing.referrers)
+    r.add_get(f"{NAME}/manifests/{{reference}}", manifests.get_manifest)  # and HEAD
+    r.add_put(f"{NAME}/manifests/{{reference}}", manifests.put_manifest)
+    r.add_delete(f"{NAME}/manifests/{{reference}}", manifests.delete_manifest)
+    for start in (f"{NAME}/blobs/uploads/", f"{NAME}/blobs/uploads"):
+        r.add_post(start, uploads.start_upload)
+    session = f"{NAME}/blobs/uploads/{{uuid}}"
+    r.add_patch(session, uploads.patch_upload)
+    r.add_put(session, uploads.finish_upload)
+    r.add_get(session, uploads.upload_status, allow_head=False)
+    r.add_delete(session, uploads.cancel_upload)
+    r.add_get(f"{NAME}/blobs/{{digest}}", blobs.get_blob)  # and HEAD
+    r.add_delete(f"{NAME}/blobs/{{digest}}", blobs.delete_blob)
+    r.add_get("/metrics", base.metrics)
+    r.add_get("/healthz", base.healthz)
+    r.add_get("/readyz", base.readyz)

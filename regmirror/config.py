@@ -1,0 +1,213 @@
+"""Typed settings: embedded defaults, then a YAML file, then ``REGMIRROR_*`` variables.
+
+Every key can be set from the environment: ``REGMIRROR_<KEY>``, nested keys
+joined by ``__`` (``REGMIRROR_S3__BUCKET``, ``REGMIRROR_CACHE__MAX_BYTES``), list
+items by index (``REGMIRROR_UPSTREAMS__0__URL``). Values are read as YAML
+scalars, so ``true`` and ``30`` have their types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "REGMIRROR_"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, named by its path (``cache.max_bytes``)."""
+
+
+def parse_size(value: int | str) -> int:
+    """``10GiB``, ``512MB``, ``1.5G`` or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size like 10GiB, 512MB or 1048576")
+    number, unit = float(match[1]), (match[2] or "").upper().rstrip("B")
+    prefix = unit.rstrip("I")
+    scale = 1024 ** ("KMGTP".index(prefix) + 1) if unit.endswith("I") else _UNITS[prefix]
+    return int(number * scale)
+
+
+def _size(**kwargs: Any) -> Any:
+    return field(metadata={"parse": parse_size}, **kwargs)
+
+
+def default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/regmirror"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "regmirror")
+
+
+@dataclass
+class CacheSettings:
+    max_bytes: int | None = _size(default=None)
+    min_free_bytes: int = _size(default=1024**3)
+
+
+@dataclass
+class S3Settings:
+    bucket: str | None = None
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    path_style: bool = False
+    multipart_threshold: int = _size(default=64 * 1024**2)
+    part_size: int = _size(default=16 * 1024**2)
+
+
+@dataclass
+class UpstreamSettings:
+    url: str
+    prefix: str | None = None
+    ns: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tag_ttl: float = 300.0
+
+
+@dataclass
+class AuthSettings:
+    htpasswd: str | None = None
+    anonymous_pull: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass
+class UploadSettings:
+    ttl: float = 24 * 3600.0  # idle seconds after which a session is dropped
+
+
+@dataclass
+class Settings:
+    listen: str = "127.0.0.1:5000"
+    data_dir: str = field(default_factory=default_data_dir)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    upstreams: list[UpstreamSettings] = field(default_factory=list)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    uploads: UploadSettings = field(default_factory=UploadSettings)
+
+    def host_port(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from the file at ``path``, the environment and ``overrides`` (CLI flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        data = loaded or {}
+    for key, value in sorted((os.environ if environ is None else environ).items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            _set_path(data, key[len(ENV_PREFIX) :].lower().split("__"), _scalar(value), key)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return _build(Settings, data, "")
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(data: Any, parts: list[str], value: Any, origin: str) -> None:
+    head, rest = parts[0], parts[1:]
+    if isinstance(data, list):
+        if not head.isdigit():
+            raise ConfigError(f"{origin}: {head!r} is not a list index")
+        index = int(head)
+        while len(data) <= index:
+            data.append({})
+        if rest:
+            _set_path(data[index], rest, value, origin)
+        else:
+            data[index] = value
+        return
+    if not rest:
+        data[head] = value
+        return
+    child = data.get(head)
+    if not isinstance(child, dict | list):
+        child = data[head] = [] if rest[0].isdigit() else {}
+    _set_path(child, rest, value, origin)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'settings'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where or 'settings'}: unknown key(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        parse = fields[name].metadata.get("parse")
+        try:
+            values[name] = _convert(hints[name], value, path, parse)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'settings'}: {exc}") from exc
+
+
+def _convert(hint: Any, value: Any, path: str, parse: Any = None) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if parse is not None:
+        return parse(value)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list")
+        return [_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if hint is str and not isinstance(value, str | int | float):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return hint(value)

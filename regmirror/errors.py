@@ -1,0 +1,145 @@
+"""The registry's typed errors and the spec's error codes they map to.
+
+Every failure a client can cause is one of these; the API turns them into the
+OCI distribution spec's JSON envelope (``{"errors": [{code, message, detail}]}``)
+in one place (:mod:`regmirror.api.envelope`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RegistryError(Exception):
+    """An error with a spec error code and the HTTP status that carries it."""
+
+    code = "UNKNOWN"
+    status = 500
+
+    def __init__(self, message: str, detail: Any = None, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BlobUnknown(RegistryError):
+    """Blob unknown to registry."""
+
+    code = "BLOB_UNKNOWN"
+    status = 404
+
+
+class BlobUploadInvalid(RegistryError):
+    """Blob upload invalid."""
+
+    code = "BLOB_UPLOAD_INVALID"
+    status = 400
+
+
+class BlobUploadUnknown(RegistryError):
+    """Blob upload unknown."""
+
+    code = "BLOB_UPLOAD_UNKNOWN"
+    status = 404
+
+
+class DigestInvalid(RegistryError):
+    """Provided digest did not match."""
+
+    code = "DIGEST_INVALID"
+    status = 400
+
+
+class ManifestBlobUnknown(RegistryError):
+    """Manifest references an unknown blob."""
+
+    code = "MANIFEST_BLOB_UNKNOWN"
+    status = 400
+
+
+class ManifestInvalid(RegistryError):
+    """Manifest invalid."""
+
+    code = "MANIFEST_INVALID"
+    status = 400
+
+
+class ManifestUnknown(RegistryError):
+    """Manifest unknown."""
+
+    code = "MANIFEST_UNKNOWN"
+    status = 404
+
+
+class NameInvalid(RegistryError):
+    """Invalid repository name."""
+
+    code = "NAME_INVALID"
+    status = 400
+
+
+class NameUnknown(RegistryError):
+    """Repository name not known."""
+
+    code = "NAME_UNKNOWN"
+    status = 404
+
+
+class SizeInvalid(RegistryError):
+    """Provided length did not match."""
+
+    code = "SIZE_INVALID"
+    status = 400
+
+
+class TagInvalid(RegistryError):
+    """Manifest tag did not match URI."""
+
+    code = "TAG_INVALID"
+    status = 400
+
+
+class PaginationInvalid(RegistryError):
+    """Invalid number of results requested."""
+
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
+
+
+class Unsupported(RegistryError):
+    """The operation is unsupported."""
+
+    code = "UNSUPPORTED"
+    status = 405
+
+
+class Unavailable(RegistryError):
+    """A backing store is unavailable."""
+
+    code = "UNAVAILABLE"
+    status = 503
+
+
+class TooManyRequests(RegistryError):
+    """Too many requests."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+
+class ManifestTooLarge(RegistryError):
+    code = "MANIFEST_INVALID"
+    status = 413
+
+
+class RangeInvalid(RegistryError):
+    """A chunk that does not continue the upload where it stands (spec: 416)."""
+
+    code = "BLOB_UPLOAD_INVALID"
+    status = 416
+
+
+class RouteUnknown(RegistryError):
+    code = "NOT_FOUND"
+    status = 404

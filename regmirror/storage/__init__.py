@@ -1,0 +1,5 @@
+"""Path-keyed storage drivers holding the registry:2 layout (local disk, S3)."""
+
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+
+__all__ = ["Driver", "PathNotFound", "StorageUnavailable"]
