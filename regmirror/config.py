@@ -68,6 +68,7 @@ class S3Settings:
     path_style: bool = False
     multipart_threshold: int = _size(default=64 * 1024**2)
     part_size: int = _size(default=16 * 1024**2)
+    tag_ttl: float = 5.0  # seconds a link read from S3 is trusted before asking again
 
 
 @dataclass

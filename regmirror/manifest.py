@@ -93,7 +93,9 @@ def parse(raw: bytes, content_type: str | None, digest: Digest | None = None) ->
         raise ManifestInvalid("manifest must be a JSON object")
     media_type = _media_type(body, content_type)
     if body.get("schemaVersion") != 2:
-        raise ManifestInvalid("schemaVersion must be 2", {"schemaVersion": body.get("schemaVersion")})
+        raise ManifestInvalid(
+            "schemaVersion must be 2", {"schemaVersion": body.get("schemaVersion")}
+        )
     if digest is None:
         digest = Digest.of(raw)
     if media_type in INDEX_TYPES:

@@ -1,8 +1,11 @@
-"""The registry façade: repositories, their links, tags and manifests, over the stores.
+"""The registry façade: repositories, their links, tags and manifests, over the tiers.
 
-Content lives in registry:2's layout (:mod:`regmirror.layout`): a blob is served
-under a repository only when the repository links it, as registry:2 does, so a
-digest known from one image does not leak through another name.
+Content lives in registry:2's layout (:mod:`regmirror.layout`). Local disk
+always holds what this host serves; when S3 is configured it is the shared
+truth behind local disk: pushes are written through to it before they are
+acknowledged, and local misses are filled from it. A blob is served under a
+repository only when the repository links it, as registry:2 does, so a digest
+known from one image does not leak through another name.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from regmirror.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    Unavailable,
 )
+from regmirror.links import LinkStore
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
-from regmirror.storage.driver import PathNotFound
-from regmirror.storage.filesystem import FilesystemDriver
+from regmirror.storage.driver import Driver, PathNotFound
+from regmirror.storage.filesystem import DigestMismatch, FilesystemDriver
 
 # Parsed manifests by digest (immutable), bounded by their total size in bytes.
 MANIFEST_CACHE_BYTES = 64 * 1024 * 1024
@@ -38,59 +43,86 @@ class StoredBlob:
 
 
 class Registry:
-    def __init__(self, *, local: FilesystemDriver):
+    def __init__(
+        self, *, local: FilesystemDriver, shared: Driver | None = None, link_ttl: float = 0
+    ):
         self.local = local
+        self.shared = shared
+        self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_CACHE_BYTES, getsizeof=lambda m: len(m.raw)
         )
 
+    @property
+    def primary(self) -> Driver:
+        """Where the truth lives: S3 when configured, else local disk."""
+        return self.shared or self.local
+
     # -- blobs ---------------------------------------------------------------
 
     async def blob(self, name: str, digest: Digest) -> StoredBlob:
-        """The stored blob ``digest`` as seen from repository ``name``."""
+        """The blob ``digest`` as seen from repository ``name``, on local disk."""
         if not await self.is_linked(name, digest):
             raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
         key = layout.blob_data(digest)
         try:
             size = await self.local.stat(key)
-        except PathNotFound as exc:
-            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
+        except PathNotFound:
+            size = await self._fill(digest)
         return StoredBlob(self.local.path(key), size)
 
     async def is_linked(self, name: str, digest: Digest) -> bool:
-        return await self._exists(layout.layer_link(name, digest)) or await self._exists(
+        return await self.links.exists(layout.layer_link(name, digest)) or await self.links.exists(
             layout.revision_link(name, digest)
         )
 
     async def commit_blob(self, name: str, digest: Digest, data: Path) -> None:
-        """Take a verified, fsynced upload file into the store and link it to ``name``."""
+        """Take a verified, fsynced upload file into the store and link it to ``name``.
+
+        With S3 the blob is durable in the bucket before this returns.
+        """
         key = layout.blob_data(digest)
-        if await self._exists(key):
+        if self.shared is not None and not await _exists(self.shared, key):
+            await self.shared.put_file(key, data)
+        if await _exists(self.local, key):
             await asyncio.to_thread(data.unlink, True)
         else:
             await self.local.move_in(key, data)
-        await self._link(layout.layer_link(name, digest), digest)
+        await self.links.write(layout.layer_link(name, digest), digest)
 
     async def mount(self, name: str, source: str, digest: Digest) -> bool:
         """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it."""
-        if not await self.is_linked(source, digest) or not await self._exists(
-            layout.blob_data(digest)
-        ):
+        if not await self.is_linked(source, digest):
             return False
-        await self._link(layout.layer_link(name, digest), digest)
+        if not await _exists(self.primary, layout.blob_data(digest)):
+            return False
+        await self.links.write(layout.layer_link(name, digest), digest)
         return True
 
     async def delete_blob(self, name: str, digest: Digest) -> None:
         key = layout.layer_link(name, digest)
-        if not await self._exists(key):
+        if not await self.links.exists(key):
             raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
-        await self.local.delete(key.removesuffix("/link"))
+        await self.links.delete(key.removesuffix("/link"))
+
+    async def _fill(self, digest: Digest) -> int:
+        """Copy a blob the shared store holds onto local disk, verified; its size."""
+        key = layout.blob_data(digest)
+        if self.shared is None:
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)})
+        try:
+            await self.local.fill_from(key, self.shared.reader(key), digest)
+        except PathNotFound as exc:
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
+        except DigestMismatch as exc:
+            raise Unavailable(f"the shared store holds corrupt bytes for {digest}") from exc
+        return await self.local.stat(key)
 
     # -- manifests -----------------------------------------------------------
 
     async def manifest(self, name: str, reference: str | Digest) -> Manifest:
         digest = await self.resolve(name, reference)
-        if not await self._exists(layout.revision_link(name, digest)):
+        if not await self.links.exists(layout.revision_link(name, digest)):
             raise ManifestUnknown(
                 f"manifest {digest} is not known in {name}", {"reference": str(reference)}
             )
@@ -100,7 +132,7 @@ class Registry:
         if isinstance(reference, Digest):
             return reference
         try:
-            return await self._read_link(layout.tag_current_link(name, reference))
+            return await self.links.read(layout.tag_current_link(name, reference))
         except PathNotFound as exc:
             raise ManifestUnknown(
                 f"tag {reference!r} is not known in {name}", {"tag": reference}
@@ -118,46 +150,52 @@ class Registry:
                 {"expected": str(reference), "actual": str(manifest.digest)},
             )
         await self._check_references(name, manifest)
-        await self.local.put(layout.blob_data(manifest.digest), raw)
-        await self._link(layout.revision_link(name, manifest.digest), manifest.digest)
+        key = layout.blob_data(manifest.digest)
+        await self.primary.put(key, raw)
+        if self.shared is not None:
+            await self.local.put(key, raw)
+        digest = manifest.digest
+        await self.links.write(layout.revision_link(name, digest), digest)
         if manifest.subject is not None:
-            key = layout.referrer_link(name, manifest.subject.digest, manifest.digest)
-            await self._link(key, manifest.digest)
+            await self.links.write(
+                layout.referrer_link(name, manifest.subject.digest, digest), digest
+            )
         if isinstance(reference, str):
-            await self._link(layout.tag_index_link(name, reference, manifest.digest), manifest.digest)
-            await self._link(layout.tag_current_link(name, reference), manifest.digest)
-        self._manifests[manifest.digest] = manifest
+            # The index entry first: registry:2 reads a tag's history from it.
+            await self.links.write(layout.tag_index_link(name, reference, digest), digest)
+            await self.links.write(layout.tag_current_link(name, reference), digest)
+        self._manifests[digest] = manifest
         return manifest
 
     async def delete_manifest(self, name: str, reference: str | Digest) -> None:
         """Delete a tag, or a manifest together with the tags that point at it."""
         if isinstance(reference, str):
             await self.resolve(name, reference)
-            await self.local.delete(layout.tag(name, reference))
+            await self.links.delete(layout.tag(name, reference))
             return
         manifest = await self.manifest(name, reference)
-        for tag in await self.tags(name):
+        for tag in await self.links.list(layout.tags(name)):
             try:
                 if await self.resolve(name, tag) == reference:
-                    await self.local.delete(layout.tag(name, tag))
+                    await self.links.delete(layout.tag(name, tag))
             except ManifestUnknown:
                 continue  # deleted concurrently
         if manifest.subject is not None:
             link = layout.referrer_link(name, manifest.subject.digest, reference)
-            await self.local.delete(link.removesuffix("/link"))
-        await self.local.delete(layout.revision_link(name, reference).removesuffix("/link"))
+            await self.links.delete(link.removesuffix("/link"))
+        await self.links.delete(layout.revision_link(name, reference).removesuffix("/link"))
 
     async def _check_references(self, name: str, manifest: Manifest) -> None:
         for blob in manifest.blobs:
             if blob.foreign:
                 continue  # non-distributable layers live at their urls
-            if not await self._exists(layout.layer_link(name, blob.digest)):
+            if not await self.links.exists(layout.layer_link(name, blob.digest)):
                 raise ManifestBlobUnknown(
                     f"blob {blob.digest} ({blob.media_type}) is not pushed to {name}",
                     {"digest": str(blob.digest)},
                 )
         for child in manifest.children:
-            if not await self._exists(layout.revision_link(name, child.digest)):
+            if not await self.links.exists(layout.revision_link(name, child.digest)):
                 raise ManifestBlobUnknown(
                     f"manifest {child.digest} is not pushed to {name}",
                     {"digest": str(child.digest)},
@@ -167,10 +205,11 @@ class Registry:
         cached = self._manifests.get(digest)
         if cached is not None:
             return cached
+        key = layout.blob_data(digest)
         try:
-            raw = await self.local.get(layout.blob_data(digest))
-        except PathNotFound as exc:
-            raise ManifestUnknown(f"manifest {digest} is not stored") from exc
+            raw = await self.local.get(key)
+        except PathNotFound:
+            raw = await self._fetch_manifest(key, digest)
         try:
             manifest = parse(raw, None, digest)
         except ManifestInvalid:
@@ -179,30 +218,35 @@ class Registry:
         self._manifests[digest] = manifest
         return manifest
 
+    async def _fetch_manifest(self, key: str, digest: Digest) -> bytes:
+        if self.shared is None:
+            raise ManifestUnknown(f"manifest {digest} is not stored")
+        try:
+            raw = await self.shared.get(key)
+        except PathNotFound as exc:
+            raise ManifestUnknown(f"manifest {digest} is not stored") from exc
+        if Digest.of(raw, digest.algorithm) != digest:
+            raise ManifestUnknown(f"the shared store holds other bytes for manifest {digest}")
+        await self.local.put(key, raw)
+        return raw
+
     # -- listings ------------------------------------------------------------
 
     async def tags(self, name: str) -> list[str]:
-        if not await self._exists_dir(layout.repository(name)):
+        if not await self.links.list(layout.repository(name)):
             raise NameUnknown(f"repository {name} is not known", {"name": name})
-        try:
-            return await self.local.list(layout.tags(name))
-        except PathNotFound:
-            return []
+        return await self.links.list(layout.tags(name))
 
     async def catalog(self) -> list[str]:
         return sorted(await self._walk_repositories(layout.REPOSITORIES, ""))
 
     async def referrers(self, name: str, subject: Digest) -> list[Descriptor]:
-        try:
-            algorithms = await self.local.list(layout.referrers(name, subject))
-        except PathNotFound:
-            return []
         found = []
-        for algorithm in algorithms:
-            base = f"{layout.referrers(name, subject)}/{algorithm}"
-            for encoded in await self._list_or_empty(base):
+        base = layout.referrers(name, subject)
+        for algorithm in await self.links.list(base):
+            for encoded in await self.links.list(f"{base}/{algorithm}"):
                 try:
-                    digest = await self._read_link(f"{base}/{encoded}/link")
+                    digest = await self.links.read(f"{base}/{algorithm}/{encoded}/link")
                     found.append((await self._load_manifest(digest)).describe())
                 except (PathNotFound, ManifestUnknown):
                     continue  # deleted while we listed
@@ -210,7 +254,7 @@ class Registry:
 
     async def _walk_repositories(self, key: str, prefix: str) -> list[str]:
         names = []
-        children = await self._list_or_empty(key)
+        children = await self.links.list(key)
         if prefix and ("_manifests" in children or "_layers" in children):
             names.append(prefix.rstrip("/"))
         for child in children:
@@ -218,34 +262,10 @@ class Registry:
                 names += await self._walk_repositories(f"{key}/{child}", f"{prefix}{child}/")
         return names
 
-    # -- links ---------------------------------------------------------------
 
-    async def _link(self, key: str, digest: Digest) -> None:
-        await self.local.put(key, str(digest).encode())
-
-    async def _read_link(self, key: str) -> Digest:
-        text = (await self.local.get(key)).decode("ascii", "replace").strip()
-        try:
-            return Digest.parse(text)
-        except DigestInvalid as exc:
-            raise PathNotFound(f"{key} holds no valid digest") from exc
-
-    async def _exists(self, key: str) -> bool:
-        try:
-            await self.local.stat(key)
-        except PathNotFound:
-            return False
-        return True
-
-    async def _exists_dir(self, key: str) -> bool:
-        try:
-            await self.local.list(key)
-        except PathNotFound:
-            return False
-        return True
-
-    async def _list_or_empty(self, key: str) -> list[str]:
-        try:
-            return await self.local.list(key)
-        except PathNotFound:
-            return []
+async def _exists(driver: Driver, key: str) -> bool:
+    try:
+        await driver.stat(key)
+    except PathNotFound:
+        return False
+    return True

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from regmirror.api.keys import METRICS
-from regmirror.errors import RegistryError, RouteUnknown, Unsupported
+from regmirror.errors import RegistryError, RouteUnknown, Unavailable, Unsupported
+from regmirror.storage.driver import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         response = await handler(request)
     except RegistryError as exc:
         response = error_response(exc)
+    except StorageUnavailable as exc:
+        log.warning("storage unavailable serving %s %s: %s", request.method, request.path, exc)
+        response = error_response(Unavailable(f"storage is unavailable, try again: {exc}"))
     except web.HTTPNotFound:
         response = error_response(RouteUnknown(f"no such endpoint: {request.path[:200]}"))
     except web.HTTPMethodNotAllowed as exc:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from regmirror.api import params
-from regmirror.errors import SizeInvalid
 from regmirror.api.keys import REGISTRY, UPLOADS
 from regmirror.digest import Digest
+from regmirror.errors import SizeInvalid
 from regmirror.names import check_name
 from regmirror.uploads import Upload
 
