@@ -94,8 +94,7 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait(timeout=timeout)
                 raise ServerError(
-                    f"{self.url}: did not exit {timeout:.0f}s after SIGTERM; killed\n"
-                    + self.logs()
+                    f"{self.url}: did not exit {timeout:.0f}s after SIGTERM; killed\n" + self.logs()
                 ) from None
         return int(self.process.returncode)
 
