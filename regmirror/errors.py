@@ -143,3 +143,22 @@ class RangeInvalid(RegistryError):
 class RouteUnknown(RegistryError):
     code = "NOT_FOUND"
     status = 404
+
+
+class UpstreamUnavailable(Unavailable):
+    """An upstream registry failed us: unreachable, timed out, 5xx, or served bad content.
+
+    A subclass of :class:`Unavailable` (503) so the façade can tell an upstream outage
+    (serve the last known tag, stale-if-error) from other failures.
+    """
+
+
+class UpstreamDenied(RegistryError):
+    """An upstream registry refused our credentials (401/403 after authenticating)."""
+
+    code = "DENIED"
+    status = 403
+
+
+class FillFailed(Unavailable):
+    """A fill from the next tier failed; a body streamed from it must be aborted, not ended."""
