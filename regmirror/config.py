@@ -3,7 +3,8 @@
 Every key can be set from the environment: ``REGMIRROR_<KEY>``, nested keys
 joined by ``__`` (``REGMIRROR_S3__BUCKET``, ``REGMIRROR_CACHE__MAX_BYTES``), list
 items by index (``REGMIRROR_UPSTREAMS__0__URL``). Values are read as YAML
-scalars, so ``true`` and ``30`` have their types.
+scalars, so ``true`` and ``30`` have their types, except for string settings,
+which take the text as it is (a password ``0123`` stays ``0123``, not 83).
 """
 
 from __future__ import annotations
@@ -128,11 +129,15 @@ def load(
         data = loaded or {}
     for key, value in sorted((os.environ if environ is None else environ).items()):
         if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
-            _set_path(data, key[len(ENV_PREFIX) :].lower().split("__"), _scalar(value), key)
+            _set_path(data, key[len(ENV_PREFIX) :].lower().split("__"), _EnvText(value), key)
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
     return _build(Settings, data, "")
+
+
+class _EnvText(str):
+    """A value from the environment, typed only once the setting it goes to is known."""
 
 
 def _scalar(text: str) -> Any:
@@ -168,9 +173,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'settings'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    extra = sorted(set(data) - set(fields), key=str)
+    unknown = [f"{where}.{key}" if where else str(key) for key in extra]
     if unknown:
-        raise ConfigError(f"{where or 'settings'}: unknown key(s) {', '.join(unknown)}")
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
@@ -190,7 +196,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 def _convert(hint: Any, value: Any, path: str, parse: Any = None) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
+    union = origin in (typing.Union, types.UnionType)
+    if isinstance(value, _EnvText):
+        value = str(value) if hint is str or (union and str in args) else _scalar(value)
+    if union:
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))

@@ -99,6 +99,10 @@ def parse(raw: bytes, content_type: str | None, digest: Digest | None = None) ->
     if digest is None:
         digest = Digest.of(raw)
     if media_type in INDEX_TYPES:
+        # Required by the image spec; without it, an image body sent as an index
+        # would be stored with none of its blobs checked.
+        if not isinstance(body.get("manifests"), list):
+            raise ManifestInvalid("index has no manifests list")
         blobs: tuple[Descriptor, ...] = ()
         children = tuple(_descriptors(body, "manifests"))
         artifact_type = _optional_str(body, "artifactType")

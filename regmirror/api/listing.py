@@ -38,7 +38,10 @@ async def referrers(request: web.Request) -> web.Response:
         "mediaType": OCI_INDEX,
         "manifests": [d.to_json() for d in found],
     }
-    return web.json_response(body, content_type=OCI_INDEX, headers=headers)
+    # The media type exactly, with no charset parameter: clients compare it as a string.
+    response = web.json_response(body, headers=headers)
+    response.content_type, response.charset = OCI_INDEX, None
+    return response
 
 
 def _paginate(request: web.Request, items: list[str]) -> tuple[list[str], str | None]:

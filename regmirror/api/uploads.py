@@ -26,16 +26,17 @@ async def start_upload(request: web.Request) -> web.Response:
         source = request.query.get("from")
         if source is not None and await registry.mount(name, check_name(source), digest):
             return _created(name, digest)
+    # Parse the digest before opening a session, so a bad one leaves no session behind.
+    whole = params.digest(request.query["digest"]) if "digest" in request.query else None
     upload = await uploads.start(name)
-    if "digest" in request.query:
-        digest = params.digest(request.query["digest"])
+    if whole is not None:
         try:
             await _append(request, upload)
-            await _commit(request, upload, digest)
+            await _commit(request, upload, whole)
         except BaseException:
             await uploads.cancel(upload)
             raise
-        return _created(name, digest)
+        return _created(name, whole)
     return _progress(upload, 0, status=202)
 
 
