@@ -8,6 +8,7 @@ content or the new, never a torn file. Blocking calls run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import errno
 import os
 import shutil
@@ -109,7 +110,7 @@ class FilesystemDriver(Driver):
         return st.st_size
 
     @staticmethod
-    def _list(path: Path) -> list[str]:
+    def _list(path: Path) -> builtins.list[str]:
         try:
             names = os.listdir(path)
         except (FileNotFoundError, NotADirectoryError) as exc:
