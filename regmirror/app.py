@@ -6,44 +6,70 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
-from regmirror.api.envelope import envelope
+from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_routes
 from regmirror.config import Settings
+from regmirror.fill import Fills
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
+from regmirror.storage.s3 import S3Driver
 from regmirror.uploads import Uploads
+from regmirror.upstream import UpstreamRouter
 
 log = logging.getLogger(__name__)
 
 # A temp file this old belongs to no live writer: a crash left it.
 STALE_TEMP_SECONDS = 3600.0
 
+Context = Callable[[web.Application], AsyncIterator[None]]
+
 
 def create_app(settings: Settings) -> web.Application:
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = web.Application(middlewares=[envelope])
-    app[REGISTRY] = Registry(local=FilesystemDriver(data_dir))
+    metrics = app[METRICS] = Metrics()
+    local = FilesystemDriver(data_dir)
+    shared = None
+    if settings.s3.bucket:
+        shared = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
+    fills = Fills(
+        local,
+        timeout=settings.cache.fill_timeout,
+        idle_timeout=settings.cache.fill_idle_timeout,
+        observer=metrics,
+    )
+    registry = app[REGISTRY] = Registry(
+        local=local,
+        fills=fills,
+        shared=shared,
+        link_ttl=settings.s3.tag_ttl,
+        write_back=settings.s3.write_back,
+    )
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
-    app[METRICS] = Metrics()
-    app.cleanup_ctx.append(_sweep_temp_files(data_dir))
+    app.on_response_prepare.append(stamp_api_version)
+    app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
+    app.cleanup_ctx.append(_upstreams(settings, registry))
+    app.cleanup_ctx.append(_close_stores(registry))
     add_routes(app)
     return app
 
 
-def _sweep_temp_files(data_dir: Path):  # type: ignore[no-untyped-def]
+def _sweep_leftovers(data_dir: Path, fills: Fills) -> Context:
     async def sweep(app: web.Application) -> AsyncIterator[None]:
         removed = await asyncio.to_thread(remove_stale_temp_files, data_dir, STALE_TEMP_SECONDS)
+        removed += await asyncio.to_thread(fills.remove_stale)
         if removed:
-            log.info("removed %d temp files left by an earlier crash", removed)
+            log.info("removed %d partial files left by an earlier run", removed)
         yield
 
     return sweep
@@ -69,3 +95,35 @@ async def _expire_uploads(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(uploads.expire_forever(min(uploads.ttl / 4, 3600.0)))
     yield
     task.cancel()
+
+
+def _upstreams(settings: Settings, registry: Registry) -> Context:
+    """The upstream registries' HTTP client session lives as long as the app."""
+
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        if not settings.upstreams:
+            yield
+            return
+        async with aiohttp.ClientSession(auto_decompress=False) as client:
+            registry.router = UpstreamRouter.from_settings(settings.upstreams, client)
+            for upstream in settings.upstreams:
+                log.info(
+                    "pulling through from %s%s",
+                    upstream.url,
+                    f" for {upstream.prefix}/…" if upstream.prefix else "",
+                )
+            yield
+            await registry.pullthrough.close()
+            registry.router = None
+
+    return session
+
+
+def _close_stores(registry: Registry) -> Context:
+    async def close(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await registry.fills.close()
+        if isinstance(registry.shared, S3Driver):
+            await registry.shared.close()
+
+    return close

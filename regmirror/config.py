@@ -58,6 +58,8 @@ def default_data_dir() -> str:
 class CacheSettings:
     max_bytes: int | None = _size(default=None)
     min_free_bytes: int = _size(default=1024**3)
+    fill_timeout: float = 3600.0  # seconds one fill from S3 or an upstream may take
+    fill_idle_timeout: float = 60.0  # seconds without a byte from the source before it fails
 
 
 @dataclass
@@ -70,6 +72,7 @@ class S3Settings:
     multipart_threshold: int = _size(default=64 * 1024**2)
     part_size: int = _size(default=16 * 1024**2)
     tag_ttl: float = 5.0  # seconds a link read from S3 is trusted before asking again
+    write_back: bool = False  # also store what upstreams served in S3, for the other hosts
 
 
 @dataclass

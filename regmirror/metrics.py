@@ -6,8 +6,11 @@ repository name or a digest, whose number has no bound.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from regmirror.digest import Digest
+from regmirror.fill import RESULTS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -28,6 +31,75 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.bytes_served = Counter(
+            "regmirror_bytes_served_total",
+            "Blob bytes sent to clients, by where they came from (local disk or a fill).",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.cache_requests = Counter(
+            "regmirror_cache_requests_total",
+            "Blob requests by whether local disk had the blob (hit) or a fill served it (miss).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.fills_started = Counter(
+            "regmirror_fills_started_total",
+            "Fills started: copies of a blob from S3 or an upstream onto local disk.",
+            registry=self.registry,
+        )
+        self.fill_waiters = Counter(
+            "regmirror_fill_waiters_total",
+            "Requests that joined a fill already in flight instead of starting their own.",
+            registry=self.registry,
+        )
+        self.fills = Counter(
+            "regmirror_fills_total",
+            "Fills finished, by result (ok, source_error, digest_mismatch, timeout, ...).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.fill_bytes = Counter(
+            "regmirror_fill_bytes_total",
+            "Bytes copied onto local disk by fills.",
+            registry=self.registry,
+        )
+        self.clock_skew = Gauge(
+            "regmirror_s3_clock_skew_seconds",
+            "The correction applied to this host's clock when signing S3 requests.",
+            registry=self.registry,
+        )
+        self.clock_skew_corrections = Counter(
+            "regmirror_s3_clock_skew_corrections_total",
+            "Times S3 rejected a request as RequestTimeTooSkewed and the clock was corrected.",
+            registry=self.registry,
+        )
+        for result in RESULTS:
+            self.fills.labels(result)
+        for result in ("hit", "miss"):
+            self.cache_requests.labels(result)
+
+    def served(self, tier: str, nbytes: int) -> None:
+        self.bytes_served.labels(tier).inc(nbytes)
+
+    def cache_request(self, hit: bool) -> None:
+        self.cache_requests.labels("hit" if hit else "miss").inc()
+
+    # FillObserver
+    def fill_started(self, digest: Digest) -> None:
+        self.fills_started.inc()
+
+    def fill_coalesced(self, digest: Digest) -> None:
+        self.fill_waiters.inc()
+
+    def fill_finished(self, digest: Digest, result: str, nbytes: int, seconds: float) -> None:
+        self.fills.labels(result).inc()
+        self.fill_bytes.inc(nbytes)
+
+    def s3_clock_skew(self, seconds: float) -> None:
+        self.clock_skew.set(seconds)
+        self.clock_skew_corrections.inc()
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -11,7 +11,7 @@ known from one image does not leak through another name.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -25,32 +25,46 @@ from regmirror.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
-    Unavailable,
 )
+from regmirror.fill import Fill, Fills
 from regmirror.links import LinkStore
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
+from regmirror.pullthrough import PullThrough
 from regmirror.storage.driver import Driver, PathNotFound
-from regmirror.storage.filesystem import DigestMismatch, FilesystemDriver
+from regmirror.storage.filesystem import FilesystemDriver
+from regmirror.stored import StoredBlob
+from regmirror.upstream import UpstreamRouter
 
 # Parsed manifests by digest (immutable), bounded by their total size in bytes.
 MANIFEST_CACHE_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class StoredBlob:
-    path: Path
-    size: int
-
-
 class Registry:
     def __init__(
-        self, *, local: FilesystemDriver, shared: Driver | None = None, link_ttl: float = 0
+        self,
+        *,
+        local: FilesystemDriver,
+        fills: Fills,
+        shared: Driver | None = None,
+        link_ttl: float = 0,
+        router: UpstreamRouter | None = None,
+        write_back: bool = False,
     ):
         self.local = local
         self.shared = shared
+        self.fills = fills
         self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
+        self.router = router
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_CACHE_BYTES, getsizeof=lambda m: len(m.raw)
+        )
+        self.pullthrough = PullThrough(
+            local=local,
+            links=LinkStore(FilesystemDriver(local.root / "proxy")),
+            fills=fills,
+            manifests=self._manifests,
+            shared=shared,
+            write_back=write_back,
         )
 
     @property
@@ -60,16 +74,30 @@ class Registry:
 
     # -- blobs ---------------------------------------------------------------
 
-    async def blob(self, name: str, digest: Digest) -> StoredBlob:
-        """The blob ``digest`` as seen from repository ``name``, on local disk."""
+    async def blob(self, name: str, digest: Digest, *, ns: str | None = None) -> StoredBlob | Fill:
+        """The blob ``digest`` as seen from repository ``name``: on local disk, or its fill
+        in flight from S3 or an upstream. Pushed content answers before upstreams."""
         if not await self.is_linked(name, digest):
-            raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
+            route = self.router.route(name, ns) if self.router else None
+            if route is None:
+                raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
+            return await self.pullthrough.blob(route, digest)
         key = layout.blob_data(digest)
         try:
-            size = await self.local.stat(key)
+            return StoredBlob(self.local.path(key), await self.local.stat(key))
         except PathNotFound:
-            size = await self._fill(digest)
-        return StoredBlob(self.local.path(key), size)
+            pass
+        shared = self.shared
+        if shared is None:
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)})
+
+        async def from_shared(offset: int) -> tuple[int, AsyncIterator[bytes]]:
+            try:
+                return await shared.stat(key), shared.reader(key, offset)
+            except PathNotFound as exc:
+                raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
+
+        return await self.fills.fetch(digest, from_shared)
 
     async def is_linked(self, name: str, digest: Digest) -> bool:
         return await self.links.exists(layout.layer_link(name, digest)) or await self.links.exists(
@@ -105,22 +133,26 @@ class Registry:
             raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
         await self.links.delete(key.removesuffix("/link"))
 
-    async def _fill(self, digest: Digest) -> int:
-        """Copy a blob the shared store holds onto local disk, verified; its size."""
-        key = layout.blob_data(digest)
-        if self.shared is None:
-            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)})
-        try:
-            await self.local.fill_from(key, self.shared.reader(key), digest)
-        except PathNotFound as exc:
-            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
-        except DigestMismatch as exc:
-            raise Unavailable(f"the shared store holds corrupt bytes for {digest}") from exc
-        return await self.local.stat(key)
-
     # -- manifests -----------------------------------------------------------
 
-    async def manifest(self, name: str, reference: str | Digest) -> Manifest:
+    async def manifest(
+        self,
+        name: str,
+        reference: str | Digest,
+        *,
+        ns: str | None = None,
+        accept: Sequence[str] = (),
+    ) -> Manifest:
+        """A pushed manifest, else (when an upstream serves ``name``) a pulled one."""
+        try:
+            return await self.pushed_manifest(name, reference)
+        except ManifestUnknown:
+            route = self.router.route(name, ns) if self.router else None
+            if route is None:
+                raise
+        return await self.pullthrough.manifest(route, reference, accept)
+
+    async def pushed_manifest(self, name: str, reference: str | Digest) -> Manifest:
         digest = await self.resolve(name, reference)
         if not await self.links.exists(layout.revision_link(name, digest)):
             raise ManifestUnknown(
@@ -173,7 +205,7 @@ class Registry:
             await self.resolve(name, reference)
             await self.links.delete(layout.tag(name, reference))
             return
-        manifest = await self.manifest(name, reference)
+        manifest = await self.pushed_manifest(name, reference)
         for tag in await self.links.list(layout.tags(name)):
             try:
                 if await self.resolve(name, tag) == reference:

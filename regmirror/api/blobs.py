@@ -1,25 +1,42 @@
-"""Blob GET / HEAD / DELETE (OCI distribution spec: pulling blobs, deleting blobs)."""
+"""Blob GET / HEAD / DELETE (OCI distribution spec: pulling blobs, deleting blobs).
+
+A blob on local disk goes out by sendfile (FileResponse answers Range with 206
+and 416). A blob still arriving from S3 or an upstream streams from its fill as
+it grows; should the fill fail after the headers went out, the connection is
+cut so that the client sees a short body, never a clean end.
+"""
 
 from __future__ import annotations
+
+import re
 
 from aiohttp import web
 
 from regmirror.api import params
-from regmirror.api.keys import REGISTRY
+from regmirror.api.keys import METRICS, REGISTRY
+from regmirror.digest import Digest
+from regmirror.errors import FillFailed, RegistryError
+from regmirror.fill import Fill
+from regmirror.stored import StoredBlob
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
-    """A stored blob, by sendfile; FileResponse answers Range with 206 and 416."""
     name = params.name(request)
     digest = params.digest(request.match_info["digest"])
-    blob = await request.app[REGISTRY].blob(name, digest)
-    return web.FileResponse(
-        blob.path,
-        headers={
-            "Docker-Content-Digest": str(digest),
-            "Content-Type": "application/octet-stream",
-        },
-    )
+    found = await request.app[REGISTRY].blob(name, digest, ns=request.query.get("ns"))
+    headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
+    metrics = request.app[METRICS]
+    metrics.cache_request(hit=isinstance(found, StoredBlob))
+    if isinstance(found, Fill) and not found.done:
+        return await _stream_fill(request, found, digest, headers)
+    path = found.path if isinstance(found, StoredBlob) else found.final
+    response = web.FileResponse(path, headers=headers)
+    await response.prepare(request)
+    if request.method != "HEAD":
+        metrics.served("local", response.content_length or 0)
+    return response
 
 
 async def delete_blob(request: web.Request) -> web.Response:
@@ -27,3 +44,63 @@ async def delete_blob(request: web.Request) -> web.Response:
     digest = params.digest(request.match_info["digest"])
     await request.app[REGISTRY].delete_blob(name, digest)
     return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})
+
+
+async def _stream_fill(
+    request: web.Request, fill: Fill, digest: Digest, headers: dict[str, str]
+) -> web.StreamResponse:
+    size = await fill.length()  # FillFailed here is still an ordinary 503
+    start, end = _range(request.headers.get("Range"), size)
+    response = web.StreamResponse(status=200 if (start, end) == (0, size) else 206)
+    response.headers.update(headers)
+    response.headers["Accept-Ranges"] = "bytes"
+    response.headers["ETag"] = f'"{digest}"'
+    if response.status == 206:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    sent = 0
+    try:
+        async for chunk in fill.stream(start, end):
+            await response.write(chunk)
+            sent += len(chunk)
+    except FillFailed:
+        # Headers are out: only a cut connection tells the client the body is bad.
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    finally:
+        request.app[METRICS].served("fill", sent)
+    await response.write_eof()
+    return response
+
+
+def _range(header: str | None, size: int) -> tuple[int, int]:
+    """The half-open byte range a ``Range`` header asks for; the whole blob without one."""
+    if header is None:
+        return 0, size
+    match = _RANGE.match(header.strip())
+    if not match or match.groups() == ("", ""):
+        return 0, size  # a form we do not serve ranged (several ranges, other units)
+    first, last = match.groups()
+    if first == "":
+        start, end = max(size - int(last), 0), size
+    else:
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+    if start >= size or start >= end:
+        raise RangeNotSatisfiable(size)
+    return start, end
+
+
+class RangeNotSatisfiable(RegistryError):
+    code = "BLOB_UNKNOWN"
+    status = 416
+
+    def __init__(self, size: int):
+        super().__init__(
+            f"the range asked for is outside the blob's {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )

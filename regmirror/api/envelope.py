@@ -32,6 +32,11 @@ def error_response(error: RegistryError) -> web.Response:
     )
 
 
+async def stamp_api_version(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, including those a handler prepared itself."""
+    response.headers.update(API_VERSION)
+
+
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map errors to the envelope, stamp the API version, and count the request."""
@@ -52,12 +57,11 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
                 headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
             )
         )
-    except web.HTTPException:
-        raise
+    except (web.HTTPException, ConnectionError):
+        raise  # a client gone mid-body is not an error of ours
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path[:200])
         response = error_response(RegistryError("internal error; see the server log"))
-    response.headers.update(API_VERSION)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     request.app[METRICS].observe_request(

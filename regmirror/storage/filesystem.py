@@ -15,9 +15,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
 
-from regmirror.digest import Digest
 from regmirror.storage.driver import Driver, PathNotFound
 
 CHUNK = 1024 * 1024
@@ -49,26 +47,6 @@ class FilesystemDriver(Driver):
     async def move_in(self, key: str, source: Path) -> None:
         """Take ``source`` (a file on the same filesystem) and make it the content at ``key``."""
         await asyncio.to_thread(move_atomic, source, self.path(key))
-
-    async def fill_from(self, key: str, chunks: AsyncIterator[bytes], digest: Digest) -> None:
-        """Write ``chunks`` to ``key`` only if they hash to ``digest``; nothing is left otherwise."""
-        target = self.path(key)
-        temp = await asyncio.to_thread(temp_path, target)
-        hasher = digest.hasher()
-        try:
-            handle = await asyncio.to_thread(open, temp, "wb")
-            try:
-                async for chunk in chunks:
-                    hasher.update(chunk)
-                    await asyncio.to_thread(handle.write, chunk)
-                await asyncio.to_thread(_flush_and_sync, handle)
-            finally:
-                handle.close()
-            if hasher.hexdigest() != digest.hex:
-                raise DigestMismatch(f"content at {key} does not hash to {digest}")
-            await asyncio.to_thread(move_atomic, temp, target)
-        finally:
-            await asyncio.to_thread(temp.unlink, True)
 
     async def stat(self, key: str) -> int:
         return await asyncio.to_thread(self._stat, self.path(key))
@@ -138,15 +116,6 @@ class FilesystemDriver(Driver):
             move_atomic(temp, target)
         finally:
             temp.unlink(missing_ok=True)
-
-
-class DigestMismatch(Exception):
-    """Bytes from another tier did not hash to the digest they were fetched by."""
-
-
-def _flush_and_sync(handle: BinaryIO) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def temp_path(target: Path) -> Path:

@@ -1,0 +1,240 @@
+"""Repositories served from upstream registries (pull-through).
+
+Tags are mutable: a tag's digest is trusted for the upstream's ``tag_ttl``, then
+revalidated with a HEAD (cheap, and not counted against Docker Hub's pull limit);
+when the upstream fails, the last known digest is served (stale-if-error).
+Digests are immutable and kept until evicted. Identical concurrent requests
+share one upstream request: manifests by (repository, reference), blobs by
+digest (through :class:`~regmirror.fill.Fills`).
+
+What was pulled is recorded under its own link tree (``<data>/proxy``, registry:2's
+layout, keyed by upstream host and upstream repository name), apart from pushed
+content: a cached tag is revalidated, a pushed one never is. The bytes share the
+local content-addressed store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from cachetools import LRUCache
+
+from regmirror import layout
+from regmirror.digest import Digest
+from regmirror.errors import ManifestInvalid, TooManyRequests, UpstreamUnavailable
+from regmirror.fill import Fill, Fills, Source
+from regmirror.links import LinkStore
+from regmirror.manifest import Manifest, media_type_of, parse
+from regmirror.storage.driver import Driver, PathNotFound
+from regmirror.storage.filesystem import FilesystemDriver
+from regmirror.stored import StoredBlob
+from regmirror.upstream import Route
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAG_ENTRIES = 100_000
+
+
+class PullThrough:
+    def __init__(
+        self,
+        *,
+        local: FilesystemDriver,
+        links: LinkStore,
+        fills: Fills,
+        manifests: LRUCache[Digest, Manifest],
+        shared: Driver | None = None,
+        write_back: bool = False,
+    ):
+        self.local = local
+        self.links = links
+        self.fills = fills
+        self.manifests = manifests
+        self.shared = shared
+        self.write_back = write_back and shared is not None
+        # (cache name, tag) -> (digest, when last confirmed upstream)
+        self._tags: LRUCache[tuple[str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
+        self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- manifests -----------------------------------------------------------
+
+    async def manifest(
+        self, route: Route, reference: str | Digest, accept: Sequence[str]
+    ) -> Manifest:
+        name = cache_name(route)
+        return await self._once(
+            ("manifest", name, str(reference)),
+            lambda: self._manifest(route, name, reference, accept),
+        )
+
+    async def _manifest(
+        self, route: Route, name: str, reference: str | Digest, accept: Sequence[str]
+    ) -> Manifest:
+        if isinstance(reference, Digest):
+            return await self._by_digest(route, name, reference, accept)
+        digest = await self._resolve_tag(route, name, reference, accept)
+        manifest = await self._by_digest(route, name, digest, accept)
+        await self.links.write(layout.tag_current_link(name, reference), digest)
+        return manifest
+
+    async def _resolve_tag(
+        self, route: Route, name: str, tag: str, accept: Sequence[str]
+    ) -> Digest:
+        known = self._tags.get((name, tag))
+        now = time.monotonic()
+        if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
+            return known[0]
+        try:
+            head = await route.upstream.head_manifest(route.name, tag, accept)
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            stale = known[0] if known is not None else await self._last_known(name, tag)
+            if stale is None:
+                raise
+            log.warning(
+                "upstream %s failed (%s); serving %s:%s stale", route.upstream, exc, name, tag
+            )
+            return stale
+        self._tags[(name, tag)] = (head.digest, now)
+        return head.digest
+
+    async def _last_known(self, name: str, tag: str) -> Digest | None:
+        try:
+            return await self.links.read(layout.tag_current_link(name, tag))
+        except PathNotFound:
+            return None
+
+    async def _by_digest(
+        self, route: Route, name: str, digest: Digest, accept: Sequence[str]
+    ) -> Manifest:
+        if await self.links.exists(layout.revision_link(name, digest)):
+            cached = self.manifests.get(digest)
+            if cached is not None:
+                return cached
+            try:
+                return self._remember(digest, await self.local.get(layout.blob_data(digest)), None)
+            except PathNotFound:
+                pass  # evicted: fetch again
+        raw, media_type = await self._fetch_manifest(route, digest, accept)
+        manifest = self._remember(digest, raw, media_type)
+        key = layout.blob_data(digest)
+        await self.local.put(key, raw)
+        if self.write_back:
+            assert self.shared is not None
+            await self.shared.put(key, raw)
+        for blob in manifest.blobs:
+            await self.links.write(layout.layer_link(name, blob.digest), blob.digest)
+        await self.links.write(layout.revision_link(name, digest), digest)
+        return manifest
+
+    async def _fetch_manifest(
+        self, route: Route, digest: Digest, accept: Sequence[str]
+    ) -> tuple[bytes, str | None]:
+        """The manifest's bytes: from S3 when another host wrote them back, else upstream."""
+        if self.shared is not None:
+            try:
+                raw = await self.shared.get(layout.blob_data(digest))
+                if Digest.of(raw, digest.algorithm) == digest:
+                    return raw, None
+            except PathNotFound:
+                pass
+        fetched = await route.upstream.get_manifest(route.name, str(digest), accept)
+        return fetched.raw, fetched.media_type
+
+    def _remember(self, digest: Digest, raw: bytes, media_type: str | None) -> Manifest:
+        try:
+            manifest = parse(raw, media_type, digest)
+        except ManifestInvalid:
+            # The upstream's business: serve it as it is, with nothing to link.
+            manifest = Manifest(
+                media_type or media_type_of(raw), raw, digest, (), (), None, None, None
+            )
+        self.manifests[digest] = manifest
+        return manifest
+
+    # -- blobs ---------------------------------------------------------------
+
+    async def blob(self, route: Route, digest: Digest) -> StoredBlob | Fill:
+        """The blob on local disk, or its fill in flight from S3 or the upstream."""
+        name = cache_name(route)
+        size = None
+        if not await self.links.exists(layout.layer_link(name, digest)):
+            # Never pulled through this repository: the upstream decides if it is there.
+            size = await self._once(
+                ("stat", name, str(digest)),
+                lambda: route.upstream.stat_blob(route.name, digest),
+            )
+            await self.links.write(layout.layer_link(name, digest), digest)
+        key = layout.blob_data(digest)
+        try:
+            return StoredBlob(self.local.path(key), await self.local.stat(key))
+        except PathNotFound:
+            pass
+        fill = await self.fills.fetch(digest, self._source(route, digest), size=size)
+        if self.write_back and not fill.done:
+            self._spawn(self._write_back(fill), f"write back {digest}")
+        return fill
+
+    def _source(self, route: Route, digest: Digest) -> Source:
+        async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
+            if self.shared is not None:
+                key = layout.blob_data(digest)
+                try:
+                    size = await self.shared.stat(key)
+                except PathNotFound:
+                    pass
+                else:
+                    return size, self.shared.reader(key, offset)
+            stream = await route.upstream.open_blob(route.name, digest, offset)
+            return stream.size, stream.chunks
+
+        return open_at
+
+    async def _write_back(self, fill: Fill) -> None:
+        assert self.shared is not None
+        key = layout.blob_data(fill.digest)
+        try:
+            path = await fill.wait()
+            await self.shared.stat(key)
+        except PathNotFound:
+            await self.shared.put_file(key, path)
+        except Exception:  # the pull itself is unaffected; only the shared copy is missed
+            log.warning("writing %s back to S3 failed", fill.digest, exc_info=True)
+
+    # -- coalescing ----------------------------------------------------------
+
+    async def _once(self, key: tuple[str, ...], work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` once for all concurrent callers with the same key.
+
+        The work belongs to no caller: one that disconnects does not cancel it.
+        """
+        future = self._inflight.get(key)
+        if future is None:
+            future = self._inflight[key] = asyncio.ensure_future(work())
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        result: T = await asyncio.shield(future)
+        return result
+
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        if name in {t.get_name() for t in self._background}:
+            return
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def cache_name(route: Route) -> str:
+    """Where a route's pulls are recorded: upstream host, then the upstream's name."""
+    host = route.upstream.registry_host.lower().replace(":", "-")
+    return f"{host}/{route.name}"
