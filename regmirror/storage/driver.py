@@ -48,5 +48,9 @@ class Driver(ABC):
         """Remove ``key`` and everything below it; a missing key is not an error."""
 
     @abstractmethod
+    async def check(self) -> None:
+        """Raise StorageUnavailable unless the store can be used (for readiness probes)."""
+
+    @abstractmethod
     def reader(self, key: str, offset: int = 0) -> AsyncIterator[bytes]:
         """Stream the content at ``key`` from ``offset``, in bounded chunks."""

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from regmirror.storage.driver import Driver, PathNotFound
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 
 CHUNK = 1024 * 1024
 TEMP_PREFIX = ".tmp-"
@@ -56,6 +56,10 @@ class FilesystemDriver(Driver):
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._delete, self.path(key))
+
+    async def check(self) -> None:
+        if not await asyncio.to_thread(os.access, self.root, os.W_OK):
+            raise StorageUnavailable(f"data directory {self.root} is not writable")
 
     async def reader(self, key: str, offset: int = 0) -> AsyncIterator[bytes]:
         path = self.path(key)
