@@ -29,7 +29,7 @@ from regmirror.errors import ManifestInvalid, TooManyRequests, UpstreamUnavailab
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
 from regmirror.manifest import Manifest, media_type_of, parse
-from regmirror.storage.driver import Driver, PathNotFound
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import StoredBlob
 from regmirror.upstream import Route
@@ -78,18 +78,20 @@ class PullThrough:
     ) -> Manifest:
         if isinstance(reference, Digest):
             return await self._by_digest(route, name, reference, accept)
-        digest = await self._resolve_tag(route, name, reference, accept)
+        digest, confirmed = await self._resolve_tag(route, name, reference, accept)
         manifest = await self._by_digest(route, name, digest, accept)
-        await self.links.write(layout.tag_current_link(name, reference), digest)
+        if confirmed:  # recorded once per revalidation, not on every pull
+            await self.links.write(layout.tag_current_link(name, reference), digest)
         return manifest
 
     async def _resolve_tag(
         self, route: Route, name: str, tag: str, accept: Sequence[str]
-    ) -> Digest:
+    ) -> tuple[Digest, bool]:
+        """The tag's digest, and whether the upstream has just confirmed it."""
         known = self._tags.get((name, tag))
         now = time.monotonic()
         if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
-            return known[0]
+            return known[0], False
         try:
             head = await route.upstream.head_manifest(route.name, tag, accept)
         except (UpstreamUnavailable, TooManyRequests) as exc:
@@ -99,9 +101,12 @@ class PullThrough:
             log.warning(
                 "upstream %s failed (%s); serving %s:%s stale", route.upstream, exc, name, tag
             )
-            return stale
+            # Asked again after another TTL, so that a hung upstream delays one pull
+            # per TTL instead of every pull.
+            self._tags[(name, tag)] = (stale, time.monotonic())
+            return stale, False
         self._tags[(name, tag)] = (head.digest, now)
-        return head.digest
+        return head.digest, True
 
     async def _last_known(self, name: str, tag: str) -> Digest | None:
         try:
@@ -126,7 +131,10 @@ class PullThrough:
         await self.local.put(key, raw)
         if self.write_back:
             assert self.shared is not None
-            await self.shared.put(key, raw)
+            try:
+                await self.shared.put(key, raw)
+            except StorageUnavailable as exc:  # only the other hosts' copy is missed
+                log.warning("writing manifest %s back to S3 failed: %s", digest, exc)
         for blob in manifest.blobs:
             await self.links.write(layout.layer_link(name, blob.digest), blob.digest)
         await self.links.write(layout.revision_link(name, digest), digest)
@@ -143,6 +151,8 @@ class PullThrough:
                     return raw, None
             except PathNotFound:
                 pass
+            except StorageUnavailable as exc:  # S3 is a shortcut here, not a requirement
+                log.warning("S3 unavailable; manifest %s from the upstream: %s", digest, exc)
         fetched = await route.upstream.get_manifest(route.name, str(digest), accept)
         return fetched.raw, fetched.media_type
 
@@ -188,6 +198,8 @@ class PullThrough:
                     size = await self.shared.stat(key)
                 except PathNotFound:
                     pass
+                except StorageUnavailable as exc:
+                    log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
                 else:
                     return size, self.shared.reader(key, offset)
             stream = await route.upstream.open_blob(route.name, digest, offset)
@@ -235,6 +247,7 @@ class PullThrough:
 
 
 def cache_name(route: Route) -> str:
-    """Where a route's pulls are recorded: upstream host, then the upstream's name."""
+    """Where a route's pulls are recorded: upstream host, then the upstream's name (as
+    the upstream spells it: Docker Hub's ``nginx`` and ``library/nginx`` are one)."""
     host = route.upstream.registry_host.lower().replace(":", "-")
-    return f"{host}/{route.name}"
+    return f"{host}/{route.upstream.remote_name(route.name)}"

@@ -14,7 +14,7 @@ from regmirror.names import parse_reference
 async def get_manifest(request: web.Request) -> web.Response:
     name = params.name(request)
     reference = parse_reference(request.match_info["reference"])
-    manifest = await request.app[REGISTRY].manifest(name, reference)
+    manifest = await request.app[REGISTRY].manifest(name, reference, ns=request.query.get("ns"))
     etag = f'"{manifest.digest}"'
     headers = {
         "Docker-Content-Digest": str(manifest.digest),
