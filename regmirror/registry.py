@@ -11,6 +11,7 @@ known from one image does not leak through another name.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from regmirror.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    Unavailable,
 )
 from regmirror.fill import Fill, Fills
 from regmirror.links import LinkStore
@@ -34,6 +36,8 @@ from regmirror.storage.driver import Driver, PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import StoredBlob
 from regmirror.upstream import UpstreamRouter
+
+log = logging.getLogger(__name__)
 
 # Parsed manifests by digest (immutable), bounded by their total size in bytes.
 MANIFEST_CACHE_BYTES = 64 * 1024 * 1024
@@ -77,8 +81,15 @@ class Registry:
     async def blob(self, name: str, digest: Digest, *, ns: str | None = None) -> StoredBlob | Fill:
         """The blob ``digest`` as seen from repository ``name``: on local disk, or its fill
         in flight from S3 or an upstream. Pushed content answers before upstreams."""
-        if not await self.is_linked(name, digest):
-            route = self.router.route(name, ns) if self.router else None
+        route = self.router.route(name, ns) if self.router else None
+        try:
+            linked = await self.is_linked(name, digest)
+        except Unavailable:
+            if route is None:
+                raise
+            log.warning("shared store down; %s@%s goes to the upstream", name, digest)
+            linked = False
+        if not linked:
             if route is None:
                 raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
             return await self.pullthrough.blob(route, digest)
@@ -144,12 +155,17 @@ class Registry:
         accept: Sequence[str] = (),
     ) -> Manifest:
         """A pushed manifest, else (when an upstream serves ``name``) a pulled one."""
+        route = self.router.route(name, ns) if self.router else None
         try:
             return await self.pushed_manifest(name, reference)
         except ManifestUnknown:
-            route = self.router.route(name, ns) if self.router else None
             if route is None:
                 raise
+        except Unavailable:
+            # Pushed content cannot be looked up: the upstream is better than nothing.
+            if route is None:
+                raise
+            log.warning("shared store down; %s:%s goes to the upstream", name, reference)
         return await self.pullthrough.manifest(route, reference, accept)
 
     async def pushed_manifest(self, name: str, reference: str | Digest) -> Manifest:

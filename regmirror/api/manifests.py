@@ -14,7 +14,15 @@ from regmirror.names import parse_reference
 async def get_manifest(request: web.Request) -> web.Response:
     name = params.name(request)
     reference = parse_reference(request.match_info["reference"])
-    manifest = await request.app[REGISTRY].manifest(name, reference, ns=request.query.get("ns"))
+    accept = [
+        media_type.split(";")[0].strip()
+        for header in request.headers.getall("Accept", [])
+        for media_type in header.split(",")
+        if media_type.strip()
+    ]
+    manifest = await request.app[REGISTRY].manifest(
+        name, reference, ns=request.query.get("ns"), accept=accept
+    )
     etag = f'"{manifest.digest}"'
     headers = {
         "Docker-Content-Digest": str(manifest.digest),
