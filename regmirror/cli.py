@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -44,15 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         port=port,
         access_log=None,
         print=None,
-        loop=_event_loop(),
         shutdown_timeout=30.0,
     )
     return 0
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()

@@ -1,17 +1,19 @@
 """Repository links and tags, kept where the registry's truth is.
 
-Without S3 the truth is local disk and every call goes straight to it. With S3
-the truth is the bucket, shared by every host: reads are cached in memory for a
-short TTL (so a tag moved by another host shows within it), and each link read
-or written is also copied to local disk, so that what this host has served keeps
-being served while S3 is down (stale-if-error).
+Without S3 the truth is local disk, written only by this process, so links read
+are kept in memory until this store itself changes or deletes them (a manifest
+GET then costs no disk access at all). With S3 the truth is the bucket, shared by
+every host: reads are cached in memory for a short TTL (so a tag moved by another
+host shows within it), and each link read or written is also copied to local
+disk, so that what this host has served keeps being served while S3 is down
+(stale-if-error).
 """
 
 from __future__ import annotations
 
 import logging
 
-from cachetools import TTLCache
+from cachetools import Cache, LRUCache, TTLCache
 
 from regmirror.digest import Digest
 from regmirror.errors import DigestInvalid, Unavailable
@@ -27,9 +29,11 @@ class LinkStore:
     def __init__(self, primary: Driver, *, local: FilesystemDriver | None = None, ttl: float = 0):
         self.primary = primary
         self.local = local if local is not primary else None
-        self._cache: TTLCache[str, Digest] | None = (
-            TTLCache(CACHE_ENTRIES, ttl) if self.local is not None and ttl > 0 else None
-        )
+        self._cache: Cache[str, Digest] | None
+        if self.local is None:
+            self._cache = LRUCache(CACHE_ENTRIES)
+        else:
+            self._cache = TTLCache(CACHE_ENTRIES, ttl) if ttl > 0 else None
 
     async def read(self, key: str) -> Digest:
         """The digest a link holds; PathNotFound when there is no such link."""

@@ -332,9 +332,8 @@ def test_serve_flags_override_env_and_file_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("REGMIRROR_DATA_DIR", str(tmp_path / "env"))
     served = {}
 
-    def run_app(app, *, host, port, loop, **kwargs):
+    def run_app(app, *, host, port, **kwargs):
         served.update(host=host, port=port)
-        loop.close()
 
     monkeypatch.setattr("regmirror.cli.web.run_app", run_app)
 

@@ -9,17 +9,37 @@ cut so that the client sees a short body, never a clean end.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from regmirror.api import params
 from regmirror.api.keys import METRICS, REGISTRY
 from regmirror.digest import Digest
 from regmirror.errors import FillFailed, RegistryError
 from regmirror.fill import Fill
+from regmirror.metrics import Metrics
 from regmirror.stored import StoredBlob
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Where sendfile is not available, FileResponse reads and writes in chunks this big.
+FILE_CHUNK = 1024 * 1024
+
+
+class _CountedFileResponse(web.FileResponse):
+    """A FileResponse that counts the bytes it sent (after any Range) as served locally."""
+
+    def __init__(self, path: Path, metrics: Metrics, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self._metrics = metrics
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        if request.method != "HEAD" and 200 <= self.status < 300:
+            self._metrics.served("local", self.content_length or 0)
+        return writer
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -32,11 +52,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     if isinstance(found, Fill) and not found.done:
         return await _stream_fill(request, found, digest, headers)
     path = found.path if isinstance(found, StoredBlob) else found.final
-    response = web.FileResponse(path, headers=headers)
-    await response.prepare(request)
-    if request.method != "HEAD":
-        metrics.served("local", response.content_length or 0)
-    return response
+    return _CountedFileResponse(path, metrics, headers=headers, chunk_size=FILE_CHUNK)
 
 
 async def delete_blob(request: web.Request) -> web.Response:
