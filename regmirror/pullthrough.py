@@ -176,10 +176,8 @@ class PullThrough:
         if not await self.links.exists(layout.layer_link(name, digest)):
             # Never pulled through this repository: the upstream decides if it is there.
             size = await self._once(
-                ("stat", name, str(digest)),
-                lambda: route.upstream.stat_blob(route.name, digest),
+                ("stat", name, str(digest)), lambda: self._stat_and_link(route, name, digest)
             )
-            await self.links.write(layout.layer_link(name, digest), digest)
         key = layout.blob_data(digest)
         try:
             return StoredBlob(self.local.path(key), await self.local.stat(key))
@@ -189,6 +187,13 @@ class PullThrough:
         if self.write_back and not fill.done:
             self._spawn(self._write_back(fill), f"write back {digest}")
         return fill
+
+    async def _stat_and_link(self, route: Route, name: str, digest: Digest) -> int:
+        """The upstream's size for the blob, linked before any waiter is answered, so a
+        request arriving after this finishes finds the link instead of asking again."""
+        size = await route.upstream.stat_blob(route.name, digest)
+        await self.links.write(layout.layer_link(name, digest), digest)
+        return size
 
     def _source(self, route: Route, digest: Digest) -> Source:
         async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
