@@ -12,6 +12,7 @@ disk, so that what this host has served keeps being served while S3 is down
 from __future__ import annotations
 
 import logging
+import time
 
 from cachetools import Cache, LRUCache, TTLCache
 
@@ -23,6 +24,9 @@ from regmirror.storage.filesystem import FilesystemDriver
 log = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 100_000
+# After S3 failed a read, links this host has a copy of are read locally for this
+# long rather than each waiting out S3's timeouts again; others still ask S3.
+OUTAGE_BACKOFF = 10.0
 
 
 class LinkStore:
@@ -34,14 +38,18 @@ class LinkStore:
             self._cache = LRUCache(CACHE_ENTRIES)
         else:
             self._cache = TTLCache(CACHE_ENTRIES, ttl) if ttl > 0 else None
+        self._down_until = 0.0
 
     async def read(self, key: str) -> Digest:
         """The digest a link holds; PathNotFound when there is no such link."""
         if self._cache is not None and (cached := self._cache.get(key)) is not None:
             return cached
+        if self._marked_down() and (local := await self._local_copy(key)) is not None:
+            return local  # S3 failed a moment ago: do not wait for its timeouts again
         try:
             digest = _parse(key, await self.primary.get(key))
         except StorageUnavailable as exc:
+            self._mark_down(exc)
             return await self._stale(key, exc)
         if self._cache is not None:
             self._cache[key] = digest
@@ -81,19 +89,35 @@ class LinkStore:
         except StorageUnavailable as exc:
             if self.local is None:
                 raise Unavailable(f"storage unavailable: {exc}") from exc
-            log.warning("shared store unavailable; listing %s from local disk", key)
+            self._mark_down(exc)
             try:
                 return await self.local.list(key)
             except PathNotFound:
                 raise Unavailable(f"storage unavailable: {exc}") from exc
 
+    def _marked_down(self) -> bool:
+        return self.local is not None and time.monotonic() < self._down_until
+
+    def _mark_down(self, error: StorageUnavailable) -> None:
+        if not self._marked_down():
+            log.warning(
+                "shared store failed (%s); serving local copies for %.0f s", error, OUTAGE_BACKOFF
+            )
+        self._down_until = time.monotonic() + OUTAGE_BACKOFF
+
     async def _stale(self, key: str, error: StorageUnavailable) -> Digest:
-        if self.local is not None:
-            try:
-                return _parse(key, await self.local.get(key))
-            except PathNotFound:
-                pass
-        raise Unavailable(f"storage unavailable: {error}") from error
+        local = await self._local_copy(key)
+        if local is None:
+            raise Unavailable(f"storage unavailable: {error}") from error
+        return local
+
+    async def _local_copy(self, key: str) -> Digest | None:
+        if self.local is None:
+            return None
+        try:
+            return _parse(key, await self.local.get(key))
+        except PathNotFound:
+            return None
 
     async def _copy_locally(self, key: str, digest: Digest) -> None:
         assert self.local is not None
