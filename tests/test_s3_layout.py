@@ -31,6 +31,7 @@ from tests.support.processes import (  # noqa: F401  (pytest fixture)
     distribution_registry,
 )
 from tests.support.s3 import REGION, MotoS3, moto_s3  # noqa: F401  (pytest fixture)
+from tests.support.s3_registry import registry2_storage
 
 PREFIX = "someprefix"
 REPO = "team/app"
@@ -119,21 +120,6 @@ def push_image(registry: ServerProcess, image: Image) -> None:
     assert headers["Docker-Content-Digest"] == str_digest(image.manifest)
 
 
-def s3_storage(moto: MotoS3, bucket: str) -> dict[str, object]:
-    return {
-        "s3": {
-            "accesskey": "testing",
-            "secretkey": "testing",
-            "region": REGION,
-            "regionendpoint": moto.endpoint_url,
-            "bucket": bucket,
-            "secure": False,
-            "v4auth": True,
-            "rootdirectory": f"/{PREFIX}",
-        }
-    }
-
-
 @pytest.fixture
 async def driver_for(moto_s3: MotoS3) -> AsyncIterator[Callable[[str], S3Driver]]:  # noqa: F811
     drivers: list[S3Driver] = []
@@ -161,7 +147,7 @@ async def test_registry2_writes_exactly_the_regmirror_layout(
 ) -> None:
     bucket = moto_s3.new_bucket("registry2")
     image = Image.build("written by registry:2")
-    registry = distribution_registry(storage=s3_storage(moto_s3, bucket))
+    registry = distribution_registry(storage=registry2_storage(moto_s3, bucket, PREFIX))
 
     push_image(registry, image)
 
@@ -208,7 +194,7 @@ async def test_registry2_serves_what_the_s3_driver_wrote(
     await driver.put(layout.tag_index_link(REPO, TAG, manifest), link)
     await driver.put(layout.tag_current_link(REPO, TAG), link)
 
-    registry = distribution_registry(storage=s3_storage(moto_s3, bucket))
+    registry = distribution_registry(storage=registry2_storage(moto_s3, bucket, PREFIX))
 
     status, headers, body = request(
         "GET", f"{registry.url}/v2/{REPO}/manifests/{TAG}", headers={"Accept": DOCKER_MANIFEST}

@@ -49,8 +49,8 @@ def regmirror_env(moto: MotoS3, bucket: str, **s3: str) -> dict[str, str]:
     return env
 
 
-def registry2_storage(moto: MotoS3, bucket: str) -> dict[str, Any]:
-    """registry:2's ``storage`` section for ``bucket`` under :data:`PREFIX`."""
+def registry2_storage(moto: MotoS3, bucket: str, prefix: str = PREFIX) -> dict[str, Any]:
+    """registry:2's ``storage`` section for ``bucket`` under ``prefix``."""
     return {
         "s3": {
             "accesskey": "testing",
@@ -60,7 +60,7 @@ def registry2_storage(moto: MotoS3, bucket: str) -> dict[str, Any]:
             "bucket": bucket,
             "secure": False,
             "v4auth": True,
-            "rootdirectory": f"/{PREFIX}",
+            "rootdirectory": f"/{prefix}",
         }
     }
 
