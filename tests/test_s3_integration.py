@@ -344,9 +344,15 @@ def test_down_s3_answers_within_seconds_and_pushes_resume_after(
         moto.stop()
         try:
             results = during_outage(pusher, puller, pulled, unpulled, new_blob)
+            status, _, body = get(puller, "/readyz")
         finally:
             moto.start()
         assert_outage_answers(results, pulled, DOWN_BOUND)
+        assert status == 503, body
+        tiers = json.loads(body)["tiers"]
+        assert tiers["local"] == "ok" and tiers["s3"] != "ok", tiers
+        status, _, body = get(puller, "/readyz")
+        assert (status, json.loads(body)["tiers"]) == (200, {"local": "ok", "s3": "ok"})
 
         # The bucket came back empty; a push through A works again and B pulls it.
         again = build_image(seed=27, layers=({"z": 3000},))
