@@ -148,7 +148,30 @@ class Fill:
         return self.final
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``[start, end)`` of the blob (``end`` defaults to its size) as they arrive.
+        """Bytes ``[start, end)`` of the blob (``end`` defaults to its size) as they arrive,
+        read in chunks; see :meth:`windows` for when they come and how a failure shows."""
+        await self.length()  # the partial file exists once the source has answered
+        fd = await self.open()
+        try:
+            async for pos, limit in self.windows(start, end):
+                while pos < limit:
+                    data = await _settle(
+                        asyncio.to_thread(os.pread, fd, min(CHUNK, limit - pos), pos)
+                    )
+                    if not data:
+                        self._raise_if_failed()
+                        raise FillFailed(f"fill of {self.digest}: file ended at {pos}")
+                    pos += len(data)
+                    yield data
+        finally:
+            os.close(fd)
+
+    async def windows(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[tuple[int, int]]:
+        """The spans ``[pos, limit)`` of ``[start, end)`` that are in the file, in order, as
+        they arrive: each may be read from a descriptor from :meth:`open` (or sent with
+        sendfile) as soon as it is yielded.
 
         A read that reaches the blob's end holds its last byte back until the digest is
         verified, so a body whose digest turns out wrong never ends cleanly: it raises
@@ -158,32 +181,26 @@ class Fill:
         end = size if end is None else min(end, size)
         if not 0 <= start <= end:
             raise ValueError(f"invalid range [{start}, {end}) of a {size}-byte blob")
-        fd = await self._open()
-        try:
-            pos = start
-            while pos < end:
-                self._raise_if_failed()
-                limit = min(end, self._written if not self._done else size)
-                if end == size and not self._done:
-                    limit = min(limit, size - 1)
-                if pos >= limit:
-                    if end == size and pos == size - 1:
-                        await self.wait()  # the held-back last byte: wait for the verdict
-                    else:
-                        await self._until(functools.partial(self._past, pos))
-                    continue
-                data = await _settle(asyncio.to_thread(os.pread, fd, min(CHUNK, limit - pos), pos))
-                if not data:
-                    self._raise_if_failed()
-                    raise FillFailed(f"fill of {self.digest}: file ended at {pos} of {size}")
-                pos += len(data)
-                yield data
-            if end == size:
-                await self.wait()
-        finally:
-            os.close(fd)
+        pos = start
+        while pos < end:
+            self._raise_if_failed()
+            limit = min(end, self._written if not self._done else size)
+            if end == size and not self._done:
+                limit = min(limit, size - 1)
+            if pos >= limit:
+                if end == size and pos == size - 1:
+                    await self.wait()  # the held-back last byte: wait for the verdict
+                else:
+                    await self._until(functools.partial(self._past, pos))
+                continue
+            yield pos, limit
+            pos = limit
+        if end == size:
+            await self.wait()
 
-    async def _open(self) -> int:
+    async def open(self) -> int:
+        """A read-only descriptor on the blob's bytes (the partial file, or the stored one);
+        call it once :meth:`length` has answered, or it waits for the whole fill."""
         try:
             return await asyncio.to_thread(os.open, self.partial, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
