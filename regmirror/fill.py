@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK = 256 * 1024
+MIN_SPAN = 2 * 1024 * 1024  # see Fill.windows
 PARTIAL_SUFFIX = ".partial"
 SIZE_XATTR = "user.regmirror.size"  # lets another process learn the size before the end
 TAIL_INTERVAL = 0.05  # seconds between looks at another process's partial file
@@ -147,31 +148,14 @@ class Fill:
         await self._until(lambda: self._done)
         return self.final
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``[start, end)`` of the blob (``end`` defaults to its size) as they arrive,
-        read in chunks; see :meth:`windows` for when they come and how a failure shows."""
-        await self.length()  # the partial file exists once the source has answered
-        fd = await self.open()
-        try:
-            async for pos, limit in self.windows(start, end):
-                while pos < limit:
-                    data = await _settle(
-                        asyncio.to_thread(os.pread, fd, min(CHUNK, limit - pos), pos)
-                    )
-                    if not data:
-                        self._raise_if_failed()
-                        raise FillFailed(f"fill of {self.digest}: file ended at {pos}")
-                    pos += len(data)
-                    yield data
-        finally:
-            os.close(fd)
-
     async def windows(
-        self, start: int = 0, end: int | None = None
+        self, start: int = 0, end: int | None = None, *, min_span: int = MIN_SPAN
     ) -> AsyncIterator[tuple[int, int]]:
         """The spans ``[pos, limit)`` of ``[start, end)`` that are in the file, in order, as
         they arrive: each may be read from a descriptor from :meth:`open` (or sent with
-        sendfile) as soon as it is yielded.
+        sendfile) as soon as it is yielded. The first span is whatever has arrived; later
+        ones are at least ``min_span`` bytes (or the rest), so that a herd of readers
+        following the fill makes few large sends rather than many small ones.
 
         A read that reaches the blob's end holds its last byte back until the digest is
         verified, so a body whose digest turns out wrong never ends cleanly: it raises
@@ -181,20 +165,21 @@ class Fill:
         end = size if end is None else min(end, size)
         if not 0 <= start <= end:
             raise ValueError(f"invalid range [{start}, {end}) of a {size}-byte blob")
-        pos = start
+        pos, span = start, 1  # the first span goes as soon as there is a byte
         while pos < end:
             self._raise_if_failed()
-            limit = min(end, self._written if not self._done else size)
-            if end == size and not self._done:
-                limit = min(limit, size - 1)
-            if pos >= limit:
-                if end == size and pos == size - 1:
-                    await self.wait()  # the held-back last byte: wait for the verdict
-                else:
-                    await self._until(functools.partial(self._past, pos))
+            # The last byte is held back until the digest is verified.
+            reachable = end if self._done or end < size else size - 1
+            if pos >= reachable:
+                await self.wait()
+                continue
+            limit = min(reachable, size if self._done else self._written)
+            wanted = min(pos + span, reachable)
+            if limit < wanted:
+                await self._until(functools.partial(self._past, wanted - 1))
                 continue
             yield pos, limit
-            pos = limit
+            pos, span = limit, min_span
         if end == size:
             await self.wait()
 
