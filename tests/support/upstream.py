@@ -25,12 +25,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import bcrypt
 import pytest
 import yaml
 from aiohttp import web
@@ -56,16 +56,8 @@ HOLD_TIMEOUT = 30.0  # the longest a held body waits for release
 
 
 def _bcrypt(password: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            import crypt
-        except ImportError:
-            pytest.skip("no crypt module to write a bcrypt htpasswd entry")
-    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
-    if not hashed or not hashed.startswith("$2"):
-        pytest.skip("libc crypt has no bcrypt")
-    return hashed
+    """An htpasswd entry's hash, as registry:2 wants it (bcrypt only)."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=8)).decode()
 
 
 @pytest.fixture(scope="module")
