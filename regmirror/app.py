@@ -15,7 +15,7 @@ from aiohttp import web
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_routes
-from regmirror.config import Settings
+from regmirror.config import ConfigError, Settings
 from regmirror.fill import Fills
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
@@ -33,6 +33,13 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings) -> web.Application:
+    if settings.auth.htpasswd is not None:
+        # Better not to start than to let an operator believe pushes need credentials.
+        raise ConfigError(
+            "auth.htpasswd is set, but this version of regmirror does not enforce "
+            "authentication yet; remove it, and keep regmirror on loopback or behind a "
+            "proxy that authenticates"
+        )
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = web.Application(middlewares=[envelope])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("regmirror %s serving http://%s:%d/v2/", __version__, host, port)
     log.info("data directory: %s", settings.data_dir)
+    if not _is_loopback(host):
+        log.warning(
+            "listening on %s with no authentication: whoever reaches this port can push and "
+            "delete; firewall it or listen on 127.0.0.1",
+            host,
+        )
     web.run_app(
         app,
         host=host,
@@ -46,3 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_timeout=30.0,
     )
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -350,3 +350,12 @@ def test_serve_with_bad_config_exits_2_naming_the_key(tmp_path, capsys):
 
     assert cli.main(["serve", "--config", str(path)]) == 2
     assert "cache.max_byte" in capsys.readouterr().err
+
+
+def test_an_htpasswd_file_is_refused_until_authentication_is_enforced(tmp_path: Path) -> None:
+    from regmirror.app import create_app
+
+    settings = load(environ={"REGMIRROR_AUTH__HTPASSWD": "/etc/regmirror/htpasswd"})
+    settings.data_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="does not enforce authentication"):
+        create_app(settings)
