@@ -30,13 +30,6 @@ class BlobUnknown(RegistryError):
     status = 404
 
 
-class BlobUploadInvalid(RegistryError):
-    """Blob upload invalid."""
-
-    code = "BLOB_UPLOAD_INVALID"
-    status = 400
-
-
 class BlobUploadUnknown(RegistryError):
     """Blob upload unknown."""
 

@@ -133,10 +133,6 @@ class Fill:
     def done(self) -> bool:
         return self._done
 
-    @property
-    def failed(self) -> bool:
-        return self._error is not None
-
     async def length(self) -> int:
         """The blob's size, known once the source has answered (for Content-Length)."""
         await self._until(lambda: self._size is not None)
@@ -264,9 +260,6 @@ class Fills:
 
     def partial_path(self, digest: Digest) -> Path:
         return self.directory / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
-
-    def in_flight(self, digest: Digest) -> Fill | None:
-        return self._inflight.get(digest)
 
     async def fetch(self, digest: Digest, source: Source, *, size: int | None = None) -> Fill:
         """The fill of ``digest``: joins the one in flight, else starts one reading

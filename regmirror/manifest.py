@@ -64,10 +64,6 @@ class Manifest:
     artifact_type: str | None
     annotations: dict[str, str] | None
 
-    @property
-    def is_index(self) -> bool:
-        return self.media_type in INDEX_TYPES
-
     def describe(self) -> Descriptor:
         return Descriptor(
             self.media_type,
