@@ -19,6 +19,7 @@ from regmirror.config import ConfigError, Settings
 from regmirror.fill import Fills
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
+from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
 from regmirror.storage.s3 import S3Driver
 from regmirror.uploads import Uploads
@@ -47,7 +48,8 @@ def create_app(settings: Settings) -> web.Application:
     local = FilesystemDriver(data_dir)
     shared = None
     if settings.s3.bucket:
-        shared = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
+        s3 = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
+        shared = CountedDriver(s3, on_error=metrics.s3_error)
     fills = Fills(
         local,
         timeout=settings.cache.fill_timeout,
@@ -60,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
         shared=shared,
         link_ttl=settings.s3.tag_ttl,
         write_back=settings.s3.write_back,
+        on_upstream_error=metrics.upstream_error,
     )
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
     app.on_response_prepare.append(stamp_api_version)
@@ -130,7 +133,7 @@ def _close_stores(registry: Registry) -> Context:
     async def close(app: web.Application) -> AsyncIterator[None]:
         yield
         await registry.fills.close()
-        if isinstance(registry.shared, S3Driver):
+        if registry.shared is not None:
             await registry.shared.close()
 
     return close

@@ -75,6 +75,19 @@ class Metrics:
             "Times S3 rejected a request as RequestTimeTooSkewed and the clock was corrected.",
             registry=self.registry,
         )
+        self.s3_errors = Counter(
+            "regmirror_s3_errors_total",
+            "S3 operations that failed (unreachable, timed out, 5xx, denied), by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "regmirror_upstream_errors_total",
+            "Requests to an upstream registry that failed, by upstream host and kind "
+            "(unavailable, denied, rate_limited).",
+            ["upstream", "kind"],
+            registry=self.registry,
+        )
         for result in RESULTS:
             self.fills.labels(result)
         for result in ("hit", "miss"):
@@ -96,6 +109,12 @@ class Metrics:
     def fill_finished(self, digest: Digest, result: str, nbytes: int, seconds: float) -> None:
         self.fills.labels(result).inc()
         self.fill_bytes.inc(nbytes)
+
+    def s3_error(self, operation: str) -> None:
+        self.s3_errors.labels(operation).inc()
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        self.upstream_errors.labels(upstream, kind).inc()
 
     def s3_clock_skew(self, seconds: float) -> None:
         self.clock_skew.set(seconds)

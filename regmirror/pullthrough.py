@@ -25,7 +25,12 @@ from cachetools import LRUCache
 
 from regmirror import layout
 from regmirror.digest import Digest
-from regmirror.errors import ManifestInvalid, TooManyRequests, UpstreamUnavailable
+from regmirror.errors import (
+    ManifestInvalid,
+    TooManyRequests,
+    UpstreamDenied,
+    UpstreamUnavailable,
+)
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
 from regmirror.manifest import Manifest, media_type_of, parse
@@ -50,6 +55,7 @@ class PullThrough:
         manifests: LRUCache[Digest, Manifest],
         shared: Driver | None = None,
         write_back: bool = False,
+        on_upstream_error: Callable[[str, str], None] | None = None,
     ):
         self.local = local
         self.links = links
@@ -57,6 +63,7 @@ class PullThrough:
         self.manifests = manifests
         self.shared = shared
         self.write_back = write_back and shared is not None
+        self._on_upstream_error = on_upstream_error
         # (cache name, tag) -> (digest, when last confirmed upstream)
         self._tags: LRUCache[tuple[str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
@@ -93,7 +100,7 @@ class PullThrough:
         if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
             return known[0], False
         try:
-            head = await route.upstream.head_manifest(route.name, tag, accept)
+            head = await self._ask(route, route.upstream.head_manifest(route.name, tag, accept))
         except (UpstreamUnavailable, TooManyRequests) as exc:
             stale = known[0] if known is not None else await self._last_known(name, tag)
             if stale is None:
@@ -153,7 +160,9 @@ class PullThrough:
                 pass
             except StorageUnavailable as exc:  # S3 is a shortcut here, not a requirement
                 log.warning("S3 unavailable; manifest %s from the upstream: %s", digest, exc)
-        fetched = await route.upstream.get_manifest(route.name, str(digest), accept)
+        fetched = await self._ask(
+            route, route.upstream.get_manifest(route.name, str(digest), accept)
+        )
         return fetched.raw, fetched.media_type
 
     def _remember(self, digest: Digest, raw: bytes, media_type: str | None) -> Manifest:
@@ -191,7 +200,7 @@ class PullThrough:
     async def _stat_and_link(self, route: Route, name: str, digest: Digest) -> int:
         """The upstream's size for the blob, linked before any waiter is answered, so a
         request arriving after this finishes finds the link instead of asking again."""
-        size = await route.upstream.stat_blob(route.name, digest)
+        size = await self._ask(route, route.upstream.stat_blob(route.name, digest))
         await self.links.write(layout.layer_link(name, digest), digest)
         return size
 
@@ -207,7 +216,7 @@ class PullThrough:
                     log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
                 else:
                     return size, self.shared.reader(key, offset)
-            stream = await route.upstream.open_blob(route.name, digest, offset)
+            stream = await self._ask(route, route.upstream.open_blob(route.name, digest, offset))
             return stream.size, stream.chunks
 
         return open_at
@@ -222,6 +231,18 @@ class PullThrough:
             await self.shared.put_file(key, path)
         except Exception:  # the pull itself is unaffected; only the shared copy is missed
             log.warning("writing %s back to S3 failed", fill.digest, exc_info=True)
+
+    async def _ask(self, route: Route, call: Awaitable[T]) -> T:
+        """An upstream request, its failure counted by upstream host and kind."""
+        try:
+            return await call
+        except (UpstreamUnavailable, UpstreamDenied, TooManyRequests) as exc:
+            if self._on_upstream_error is not None:
+                kind = {UpstreamDenied: "denied", TooManyRequests: "rate_limited"}
+                self._on_upstream_error(
+                    route.upstream.registry_host, kind.get(type(exc), "unavailable")
+                )
+            raise
 
     # -- coalescing ----------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -53,6 +53,7 @@ class Registry:
         link_ttl: float = 0,
         router: UpstreamRouter | None = None,
         write_back: bool = False,
+        on_upstream_error: Callable[[str, str], None] | None = None,
     ):
         self.local = local
         self.shared = shared
@@ -69,6 +70,7 @@ class Registry:
             manifests=self._manifests,
             shared=shared,
             write_back=write_back,
+            on_upstream_error=on_upstream_error,
         )
 
     @property

@@ -239,6 +239,13 @@ async def test_an_upstream_down_before_the_body_is_a_503_and_a_later_retry_succe
         assert response.status == 503
         assert await error_code(response) == "UNAVAILABLE"
     assert stored_files(server.data_dir, digest) == []
+    async with http.get(f"{server.url}/metrics") as response:
+        counted = [
+            line
+            for line in (await response.text()).splitlines()
+            if line.startswith("regmirror_upstream_errors_total{") and 'kind="unavailable"' in line
+        ]
+    assert len(counted) == 1 and float(counted[0].split()[-1]) >= 1, counted
 
     await proxy.start()
     retry = await fetch_hashed(http, f"{server.url}/v2/down/blob/blobs/{digest}")

@@ -349,6 +349,14 @@ def test_down_s3_answers_within_seconds_and_pushes_resume_after(
             moto.start()
         assert_outage_answers(results, pulled, DOWN_BOUND)
         assert status == 503, body
+        _, _, metrics = get(pusher, "/metrics")
+        failed = [
+            line
+            for line in metrics.decode().splitlines()
+            if line.startswith("regmirror_s3_errors_total{") and float(line.split()[-1]) > 0
+        ]
+        # The blob upload failed asking S3 whether it had the blob; the manifest PUT storing it.
+        assert {line.split('"')[1] for line in failed} >= {"stat", "put"}, failed
         tiers = json.loads(body)["tiers"]
         assert tiers["local"] == "ok" and tiers["s3"] != "ok", tiers
         status, _, body = get(puller, "/readyz")

@@ -51,6 +51,9 @@ class Driver(ABC):
     async def check(self) -> None:
         """Raise StorageUnavailable unless the store can be used (for readiness probes)."""
 
+    async def close(self) -> None:
+        """Release threads and connections; nothing to do by default."""
+
     @abstractmethod
     def reader(self, key: str, offset: int = 0) -> AsyncIterator[bytes]:
         """Stream the content at ``key`` from ``offset``, in bounded chunks."""

@@ -44,6 +44,7 @@ HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0  # seconds from spawn to a 200 on /v2/
 STOP_TIMEOUT = 10.0  # seconds from SIGTERM to SIGKILL
 DISTRIBUTION_BINARY = "/usr/bin/docker-registry"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 200
 _START_ATTEMPTS = 3  # a free port can be taken by another process before we bind it
 
@@ -195,6 +196,13 @@ def _clean_env(prefix: str, extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _regmirror_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The server runs the code of this checkout, whatever checkout pip last installed."""
+    env = _clean_env("REGMIRROR_", extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 @contextlib.contextmanager
 def run_regmirror(
     base_dir: Path,
@@ -238,7 +246,7 @@ def run_regmirror(
 
     with _running(
         argv,
-        env=_clean_env("REGMIRROR_", env),
+        env=_regmirror_env(env),
         work_dir=base_dir,
         data_dir=data_dir,
         ready_timeout=ready_timeout,
