@@ -16,6 +16,7 @@ from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_routes
 from regmirror.config import ConfigError, Settings
+from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
@@ -50,11 +51,21 @@ def create_app(settings: Settings) -> web.Application:
     if settings.s3.bucket:
         s3 = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
         shared = CountedDriver(s3, on_error=metrics.s3_error)
+    cache = BlobCache(
+        data_dir,
+        max_bytes=settings.cache.max_bytes,
+        min_free_bytes=settings.cache.min_free_bytes,
+        shared=shared,
+        observer=metrics,
+    )
+    metrics.cache_max.set(settings.cache.max_bytes or 0)
     fills = Fills(
         local,
         timeout=settings.cache.fill_timeout,
         idle_timeout=settings.cache.fill_idle_timeout,
         observer=metrics,
+        # A fill's blob is evictable: the tier it came from (S3, an upstream) still has it.
+        on_stored=lambda digest, size: cache.added(digest, size, evictable=True),
     )
     registry = app[REGISTRY] = Registry(
         local=local,
@@ -63,6 +74,7 @@ def create_app(settings: Settings) -> web.Application:
         link_ttl=settings.s3.tag_ttl,
         write_back=settings.s3.write_back,
         on_upstream_error=metrics.upstream_error,
+        cache=cache,
     )
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
     app.on_response_prepare.append(stamp_api_version)
@@ -70,6 +82,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_expire_uploads)
     app.cleanup_ctx.append(_upstreams(settings, registry))
     app.cleanup_ctx.append(_close_stores(registry))
+    app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
     add_routes(app)
     return app
 
@@ -127,6 +140,18 @@ def _upstreams(settings: Settings, registry: Registry) -> Context:
             registry.router = None
 
     return session
+
+
+def _blob_cache(cache: BlobCache) -> Context:
+    """The index of local blobs is rebuilt before the first request (then evicts if
+    over budget); eviction in progress is stopped at shutdown."""
+
+    async def index(app: web.Application) -> AsyncIterator[None]:
+        await cache.load()
+        yield
+        await cache.close()
+
+    return index
 
 
 def _close_stores(registry: Registry) -> Context:

@@ -235,7 +235,8 @@ class Fills:
     """The fills in flight, at most one per digest; each owned by a background task.
 
     ``local`` is the store fills land in; ``timeout`` bounds a whole fill (seconds),
-    ``idle_timeout`` the wait for each chunk from the source.
+    ``idle_timeout`` the wait for each chunk from the source; ``on_stored(digest, size)``
+    is told of each blob a fill put in the store (the local cache's index).
     """
 
     def __init__(
@@ -246,8 +247,10 @@ class Fills:
         idle_timeout: float | None = None,
         directory: Path | None = None,
         observer: FillObserver | None = None,
+        on_stored: Callable[[Digest, int], None] | None = None,
     ):
         self.local = local
+        self.on_stored = on_stored
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         # Same filesystem as the store, so the finished file is renamed, not copied.
@@ -342,6 +345,8 @@ class Fills:
                 log.warning("%s", message)
                 fill._fail(message, cause)
             else:
+                if self.on_stored is not None and fill._size is not None:
+                    self.on_stored(fill.digest, fill._size)  # before any reader is done
                 fill._finish()
             nbytes = fill._written if result == "ok" else 0
             self.observer.fill_finished(fill.digest, result, nbytes, time.monotonic() - started)

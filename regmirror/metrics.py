@@ -88,6 +88,26 @@ class Metrics:
             ["upstream", "kind"],
             registry=self.registry,
         )
+        self.cache_size = Gauge(
+            "regmirror_cache_bytes",
+            "Bytes of blobs on local disk (evictable or not).",
+            registry=self.registry,
+        )
+        self.cache_max = Gauge(
+            "regmirror_cache_max_bytes",
+            "The local cache's byte budget, cache.max_bytes; 0 when there is none.",
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "regmirror_evictions_total",
+            "Blobs evicted from local disk to stay within the budget and free-space floor.",
+            registry=self.registry,
+        )
+        self.evicted_bytes = Counter(
+            "regmirror_evicted_bytes_total",
+            "Bytes of blobs evicted from local disk.",
+            registry=self.registry,
+        )
         for result in RESULTS:
             self.fills.labels(result)
         for result in ("hit", "miss"):
@@ -115,6 +135,14 @@ class Metrics:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
+
+    # CacheObserver
+    def cache_bytes(self, total: int) -> None:
+        self.cache_size.set(total)
+
+    def blob_evicted(self, nbytes: int) -> None:
+        self.evictions.inc()
+        self.evicted_bytes.inc(nbytes)
 
     def s3_clock_skew(self, seconds: float) -> None:
         self.clock_skew.set(seconds)

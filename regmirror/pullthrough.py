@@ -31,6 +31,7 @@ from regmirror.errors import (
     UpstreamDenied,
     UpstreamUnavailable,
 )
+from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
 from regmirror.manifest import Manifest, media_type_of, parse
@@ -56,8 +57,10 @@ class PullThrough:
         shared: Driver | None = None,
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
+        cache: BlobCache | None = None,
     ):
         self.local = local
+        self.cache = cache or BlobCache(local.root, shared=shared)
         self.links = links
         self.fills = fills
         self.manifests = manifests
@@ -125,6 +128,7 @@ class PullThrough:
         self, route: Route, name: str, digest: Digest, accept: Sequence[str]
     ) -> Manifest:
         if await self.links.exists(layout.revision_link(name, digest)):
+            self.cache.touched(digest)
             cached = self.manifests.get(digest)
             if cached is not None:
                 return cached
@@ -136,6 +140,7 @@ class PullThrough:
         manifest = self._remember(digest, raw, media_type)
         key = layout.blob_data(digest)
         await self.local.put(key, raw)
+        self.cache.added(digest, len(raw), evictable=True)  # the upstream has it
         if self.write_back:
             assert self.shared is not None
             try:

@@ -28,6 +28,7 @@ from regmirror.errors import (
     NameUnknown,
     Unavailable,
 )
+from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills
 from regmirror.links import LinkStore
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
@@ -54,8 +55,11 @@ class Registry:
         router: UpstreamRouter | None = None,
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
+        cache: BlobCache | None = None,
     ):
         self.local = local
+        # What local disk holds, kept within its budget; unbounded unless given one.
+        self.cache = cache or BlobCache(local.root, shared=shared)
         self.shared = shared
         self.fills = fills
         self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
@@ -71,6 +75,7 @@ class Registry:
             shared=shared,
             write_back=write_back,
             on_upstream_error=on_upstream_error,
+            cache=self.cache,
         )
 
     @property
@@ -125,11 +130,16 @@ class Registry:
         key = layout.blob_data(digest)
         if self.shared is not None and not await _exists(self.shared, key):
             await self.shared.put_file(key, data)
-        if await _exists(self.local, key):
-            await asyncio.to_thread(data.unlink, True)
-        else:
-            await self.local.move_in(key, data)
-        await self.links.write(layout.layer_link(name, digest), digest)
+        # Held: a local copy found here is not evicted before it is linked and pinned.
+        async with self.cache.holding(digest):
+            if await _exists(self.local, key):
+                await asyncio.to_thread(data.unlink, True)
+            else:
+                await self.local.move_in(key, data)
+            await self.links.write(layout.layer_link(name, digest), digest)
+            # Without S3 this disk holds the only copy (see eviction's never-evict rule).
+            size = await self.local.stat(key)
+            self.cache.added(digest, size, evictable=self.shared is not None)
 
     async def mount(self, name: str, source: str, digest: Digest) -> bool:
         """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it."""
@@ -201,10 +211,12 @@ class Registry:
             )
         await self._check_references(name, manifest)
         key = layout.blob_data(manifest.digest)
-        await self.primary.put(key, raw)
-        if self.shared is not None:
-            await self.local.put(key, raw)
         digest = manifest.digest
+        async with self.cache.holding(digest):
+            await self.primary.put(key, raw)
+            if self.shared is not None:
+                await self.local.put(key, raw)
+            self.cache.added(digest, len(raw), evictable=self.shared is not None)
         await self.links.write(layout.revision_link(name, digest), digest)
         if manifest.subject is not None:
             await self.links.write(
@@ -252,12 +264,13 @@ class Registry:
                 )
 
     async def _load_manifest(self, digest: Digest) -> Manifest:
+        self.cache.touched(digest)
         cached = self._manifests.get(digest)
         if cached is not None:
             return cached
         key = layout.blob_data(digest)
         try:
-            raw = await self.local.get(key)
+            raw = await self.local.get(key)  # evicted: read again from S3
         except PathNotFound:
             raw = await self._fetch_manifest(key, digest)
         try:
@@ -278,6 +291,7 @@ class Registry:
         if Digest.of(raw, digest.algorithm) != digest:
             raise ManifestUnknown(f"the shared store holds other bytes for manifest {digest}")
         await self.local.put(key, raw)
+        self.cache.added(digest, len(raw), evictable=True)  # S3 holds it
         return raw
 
     # -- listings ------------------------------------------------------------

@@ -36,6 +36,7 @@ async def stream(fill: Fill, start: int = 0, end: int | None = None) -> AsyncIte
     finally:
         os.close(fd)
 
+
 __all__ = ["upstream_registry"]
 
 REPO = "team/app"

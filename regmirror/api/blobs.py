@@ -1,7 +1,8 @@
 """Blob GET / HEAD / DELETE (OCI distribution spec: pulling blobs, deleting blobs).
 
 A blob on local disk goes out by sendfile (FileResponse answers Range with 206
-and 416). A blob still arriving from S3 or an upstream streams from its fill as
+and 416). The blob is held (kept from eviction) from before it is looked up until
+its response is sent. A blob still arriving from S3 or an upstream streams from its fill as
 it grows; should the fill fail after the headers went out, the connection is
 cut so that the client sees a short body, never a clean end.
 """
@@ -21,6 +22,7 @@ from regmirror.api import params
 from regmirror.api.keys import METRICS, REGISTRY
 from regmirror.digest import Digest
 from regmirror.errors import FillFailed, RegistryError
+from regmirror.eviction import Hold
 from regmirror.fill import Fill
 from regmirror.metrics import Metrics
 from regmirror.stored import StoredBlob
@@ -31,14 +33,19 @@ FILE_CHUNK = 1024 * 1024
 
 
 class _CountedFileResponse(web.FileResponse):
-    """A FileResponse that counts the bytes it sent (after any Range) as served locally."""
+    """A FileResponse that counts the bytes it sent (after any Range) as served locally,
+    and releases the blob's hold once they are sent (prepare sends the whole body)."""
 
-    def __init__(self, path: Path, metrics: Metrics, **kwargs: Any):
+    def __init__(self, path: Path, metrics: Metrics, hold: Hold, **kwargs: Any):
         super().__init__(path, **kwargs)
         self._metrics = metrics
+        self._hold = hold
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        writer = await super().prepare(request)
+        try:
+            writer = await super().prepare(request)
+        finally:
+            self._hold.release()
         if request.method != "HEAD" and 200 <= self.status < 300:
             self._metrics.served("local", self.content_length or 0)
         return writer
@@ -47,14 +54,23 @@ class _CountedFileResponse(web.FileResponse):
 async def get_blob(request: web.Request) -> web.StreamResponse:
     name = params.name(request)
     digest = params.digest(request.match_info["digest"])
-    found = await request.app[REGISTRY].blob(name, digest, ns=request.query.get("ns"))
-    headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
-    metrics = request.app[METRICS]
-    metrics.cache_request(hit=isinstance(found, StoredBlob))
-    if isinstance(found, Fill) and not found.done:
-        return await _stream_fill(request, found, digest, headers)
-    path = found.path if isinstance(found, StoredBlob) else found.final
-    return _CountedFileResponse(path, metrics, headers=headers, chunk_size=FILE_CHUNK)
+    registry = request.app[REGISTRY]
+    hold = await registry.cache.hold(digest)
+    handed_over = False
+    try:
+        found = await registry.blob(name, digest, ns=request.query.get("ns"))
+        headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
+        metrics = request.app[METRICS]
+        metrics.cache_request(hit=isinstance(found, StoredBlob))
+        if isinstance(found, Fill) and not found.done:
+            return await _stream_fill(request, found, digest, headers)
+        path = found.path if isinstance(found, StoredBlob) else found.final
+        response = _CountedFileResponse(path, metrics, hold, headers=headers, chunk_size=FILE_CHUNK)
+        handed_over = True  # the response releases it once sent
+        return response
+    finally:
+        if not handed_over:
+            hold.release()
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -1,0 +1,360 @@
+"""The bounded local blob cache: an index of what local disk holds, and LRU eviction.
+
+The index (digest -> size, last access, whether it may be evicted) lives in memory. It
+is rebuilt at startup by scanning ``<data>/docker/registry/v2/blobs`` (in a thread),
+told when a blob enters the store (:meth:`BlobCache.added`) and when one is read
+(:meth:`BlobCache.touched`, :meth:`BlobCache.hold`). Eviction is bounded work done after
+writes, never on reads, in one background task: while the blobs exceed the high
+watermark of ``max_bytes``, or the filesystem has less than ``min_free_bytes`` free,
+the least recently used evictable blobs are deleted (the file, then the index entry)
+down to the low watermark, or until ``min_free_bytes`` plus a margin is free.
+
+The never-evict rule: **a blob is evictable iff another tier can give it back.**
+
+- a fill (from S3 or an upstream) is evictable: the tier it came from still has it;
+- with S3 configured, a pushed blob or manifest is evictable: it was written through
+  to S3 before the push was acknowledged;
+- without S3, a pushed blob or manifest is the registry's only copy: pinned, forever;
+- found by the startup scan: evictable if only pull-through links name it (the
+  upstream has it); else, with S3, evictable once S3 is seen to hold it (checked
+  when it is about to go: the data directory may predate the bucket); else pinned.
+
+Blobs held (being served, or being committed) are skipped; fills in flight are not in
+the store yet. An :class:`~collections.OrderedDict` is the index rather than
+:class:`cachetools.LRUCache`, whose eviction happens inside ``__setitem__``, by its own
+size rule, with no way to skip pinned or held entries or to await a file deletion or an
+S3 check: here the cache only orders entries, and this module decides what goes.
+
+One process per data directory: another process's writes are only seen after restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from regmirror import layout
+from regmirror.digest import Digest
+from regmirror.errors import DigestInvalid
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+HIGH_WATERMARK = 0.95  # of max_bytes: above it, eviction starts
+LOW_WATERMARK = 0.85  # of max_bytes: eviction stops at or below it
+FREE_MARGIN = 1.1  # x min_free_bytes: free space eviction stops at
+MAX_RUNS = 100  # eviction passes one task makes before it lets the next write restart it
+
+
+def disk_free(root: Path) -> int:
+    """Bytes available to this process on the filesystem holding ``root``."""
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
+
+
+class State(enum.Enum):
+    PINNED = "pinned"  # the only copy: never evicted
+    CHECK_S3 = "check_s3"  # evictable once S3 is seen to hold it
+    EVICTABLE = "evictable"
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int
+    state: State
+
+
+class CacheObserver(Protocol):
+    def cache_bytes(self, total: int) -> None: ...
+    def blob_evicted(self, nbytes: int) -> None: ...
+
+
+class BlobCache:
+    """The local blobs under ``root`` (the data directory), kept within a budget.
+
+    ``max_bytes`` None means no byte budget; ``min_free_bytes`` 0 means no free-space
+    floor; ``shared`` is S3 when configured (see the module's never-evict rule).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 0,
+        shared: Driver | None = None,
+        observer: CacheObserver | None = None,
+    ):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.shared = shared
+        self.observer = observer
+        self.total = 0
+        self._entries: OrderedDict[Digest, _Entry] = OrderedDict()  # coldest first
+        self._holds: dict[Digest, int] = {}
+        self._deleting: dict[Digest, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._stuck = False  # warned that nothing more can be evicted
+
+    # -- what the store tells us -------------------------------------------------
+
+    def added(self, digest: Digest, size: int, *, evictable: bool) -> None:
+        """``digest`` is in the store now; ``evictable`` per the module's rule. Pinned
+        wins: a blob that is once the only copy stays pinned."""
+        self._put(digest, size, State.EVICTABLE if evictable else State.PINNED)
+        self._entries.move_to_end(digest)
+        self._schedule()
+
+    def touched(self, digest: Digest) -> None:
+        """``digest`` was read: the most recently used now."""
+        if digest in self._entries:
+            self._entries.move_to_end(digest)
+
+    async def hold(self, digest: Digest) -> Hold:
+        """Keep ``digest`` from eviction until the hold is released; waits for a deletion
+        of it already under way, so that a lookup after this sees the truth."""
+        self._holds[digest] = self._holds.get(digest, 0) + 1
+        self.touched(digest)
+        hold = Hold(self, digest)
+        deleting = self._deleting.get(digest)
+        if deleting is not None:
+            try:
+                await deleting.wait()
+            except BaseException:
+                hold.release()
+                raise
+        return hold
+
+    @contextlib.asynccontextmanager
+    async def holding(self, digest: Digest) -> AsyncIterator[None]:
+        hold = await self.hold(digest)
+        try:
+            yield
+        finally:
+            hold.release()
+
+    def held(self, digest: Digest) -> bool:
+        return self._holds.get(digest, 0) > 0
+
+    def state(self, digest: Digest) -> State | None:
+        entry = self._entries.get(digest)
+        return entry.state if entry is not None else None
+
+    def _release(self, digest: Digest) -> None:
+        left = self._holds.get(digest, 0) - 1
+        if left > 0:
+            self._holds[digest] = left
+        else:
+            self._holds.pop(digest, None)
+
+    def _put(self, digest: Digest, size: int, state: State) -> None:
+        old = self._entries.get(digest)
+        if old is not None:
+            self.total -= old.size
+            if State.PINNED in (old.state, state):
+                state = State.PINNED
+            elif State.EVICTABLE in (old.state, state):
+                state = State.EVICTABLE
+        self._entries[digest] = _Entry(size, state)
+        self.total += size
+        self._report()
+
+    # -- startup -----------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild the index from the data directory, then evict if over budget."""
+        found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+        for digest, size, state in found:
+            if digest not in self._entries:  # what the store said since beats the scan
+                self._put(digest, size, state)
+                self._entries.move_to_end(digest, last=False)
+        log.info("local cache: %d blobs, %d bytes", len(self._entries), self.total)
+        self._schedule()
+
+    # -- eviction ----------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if self.max_bytes is None and self.min_free_bytes <= 0:
+            return  # no limits: nothing to evict, ever
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="eviction")
+
+    async def settle(self) -> None:
+        """Wait until eviction has caught up with every write so far."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        for _ in range(MAX_RUNS):
+            self._again = False
+            try:
+                await self._evict()
+            except Exception:
+                log.exception("eviction failed")
+            if not self._again:
+                return
+
+    async def _evict(self) -> None:
+        free = await asyncio.to_thread(self._free)
+        if not self._over(free):
+            self._stuck = False
+            return
+        for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
+            if self._enough(free):
+                break
+            if not await self._evictable(digest):
+                continue
+            free = await self._delete(digest)
+        if self._enough(free):
+            self._stuck = False
+        elif not self._stuck:
+            self._stuck = True
+            pinned = sum(e.size for e in self._entries.values() if e.state is State.PINNED)
+            log.warning(
+                "local cache over its limits (%d bytes of max_bytes %s, %s bytes free of "
+                "min_free_bytes %d) and nothing more can be evicted: %d bytes are pushed "
+                "blobs whose only copy is this disk (configure S3 to make them evictable), "
+                "the rest is in use",
+                self.total,
+                self.max_bytes,
+                free,
+                self.min_free_bytes,
+                pinned,
+            )
+
+    def _free(self) -> int | None:
+        return disk_free(self.root) if self.min_free_bytes > 0 else None
+
+    def _over(self, free: int | None) -> bool:
+        over_budget = self.max_bytes is not None and self.total > self.max_bytes * HIGH_WATERMARK
+        return over_budget or (free is not None and free < self.min_free_bytes)
+
+    def _enough(self, free: int | None) -> bool:
+        under_budget = self.max_bytes is None or self.total <= self.max_bytes * LOW_WATERMARK
+        return under_budget and (free is None or free >= self.min_free_bytes * FREE_MARGIN)
+
+    async def _evictable(self, digest: Digest) -> bool:
+        entry = self._entries.get(digest)
+        if entry is None or entry.state is State.PINNED or self.held(digest):
+            return False
+        if entry.state is State.CHECK_S3:
+            if not await self._in_s3(digest):
+                return False
+            entry = self._entries.get(digest)  # the store may have spoken meanwhile
+            if entry is None or entry.state is State.PINNED or self.held(digest):
+                return False
+        return digest not in self._deleting
+
+    async def _in_s3(self, digest: Digest) -> bool:
+        assert self.shared is not None
+        try:
+            await self.shared.stat(layout.blob_data(digest))
+        except PathNotFound:
+            log.warning("blob %s on local disk is not in S3: kept, never evicted", digest)
+            if (entry := self._entries.get(digest)) is not None:
+                entry.state = State.PINNED
+            return False
+        except StorageUnavailable:
+            return False  # asked again on a later pass
+        entry = self._entries.get(digest)
+        if entry is not None and entry.state is State.CHECK_S3:
+            entry.state = State.EVICTABLE
+        return True
+
+    async def _delete(self, digest: Digest) -> int | None:
+        """Delete the file, then the index entry; the free space after."""
+        done = self._deleting[digest] = asyncio.Event()
+        path = self.root / layout.blob_data(digest)
+        try:
+            free = await asyncio.to_thread(self._unlink, path)
+        except OSError as exc:
+            log.warning("evicting %s failed: %s", digest, exc)
+            return await asyncio.to_thread(self._free)
+        finally:
+            del self._deleting[digest]
+            done.set()
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self.total -= entry.size
+            if self.observer is not None:
+                self.observer.blob_evicted(entry.size)
+            self._report()
+        return free
+
+    def _unlink(self, path: Path) -> int | None:
+        path.unlink(missing_ok=True)
+        return self._free()
+
+    def _report(self) -> None:
+        if self.observer is not None:
+            self.observer.cache_bytes(self.total)
+
+
+class Hold:
+    """A blob kept from eviction; :meth:`release` it once (later calls do nothing)."""
+
+    def __init__(self, cache: BlobCache, digest: Digest):
+        self._cache: BlobCache | None = cache
+        self.digest = digest
+
+    def release(self) -> None:
+        if self._cache is not None:
+            self._cache._release(self.digest)
+            self._cache = None
+
+
+def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State]]:
+    """Every blob under ``root``, coldest first (by atime), with its state per the
+    module's rule. Blocking: run it in a thread."""
+    pushed = _linked(root / layout.REPOSITORIES)
+    proxied = _linked(root / "proxy" / layout.REPOSITORIES)
+    found = []
+    blobs = root / layout.ROOT / "blobs"
+    for data in blobs.glob("*/*/*/data"):
+        algorithm, encoded = data.parent.parent.parent.name, data.parent.name
+        try:
+            st = data.stat()
+        except FileNotFoundError:
+            continue
+        try:
+            digest = Digest.parse(f"{algorithm}:{encoded}")
+        except DigestInvalid:
+            continue  # not a blob of ours
+        if digest in proxied and digest not in pushed:
+            state = State.EVICTABLE
+        else:
+            state = State.CHECK_S3 if s3 else State.PINNED
+        found.append((st.st_atime, digest, st.st_size, state))
+    found.sort(key=lambda item: item[0])
+    return [(digest, size, state) for _, digest, size, state in found]
+
+
+def _linked(repositories: Path) -> set[Digest]:
+    """Digests that layer or manifest-revision links under ``repositories`` name (read
+    from the links' directories: ``_layers/<alg>/<hex>/link``)."""
+    linked = set()
+    for directory, _, files in os.walk(repositories):
+        if "link" not in files:
+            continue
+        parts = Path(directory).parts
+        if len(parts) >= 3 and parts[-3] in ("_layers", "revisions"):
+            with contextlib.suppress(DigestInvalid):
+                linked.add(Digest.parse(f"{parts[-2]}:{parts[-1]}"))
+    return linked
