@@ -251,7 +251,9 @@ class Registry:
         for blob in manifest.blobs:
             if blob.foreign:
                 continue  # non-distributable layers live at their urls
-            if not await self.links.exists(layout.layer_link(name, blob.digest)):
+            if await self.links.exists(layout.layer_link(name, blob.digest)):
+                continue
+            if not await self._adopt(name, blob.digest):
                 raise ManifestBlobUnknown(
                     f"blob {blob.digest} ({blob.media_type}) is not pushed to {name}",
                     {"digest": str(blob.digest)},
@@ -262,6 +264,30 @@ class Registry:
                     f"manifest {child.digest} is not pushed to {name}",
                     {"digest": str(child.digest)},
                 )
+
+    async def _adopt(self, name: str, digest: Digest) -> bool:
+        """Make a blob the upstream serves under ``name`` part of what was pushed there.
+
+        A client pushing to a name an upstream also serves skips the layers our HEAD
+        said exist (base layers, typically): they are copied into the pushed store, to
+        S3 as well, so the pushed manifest never names a blob the store lacks.
+        """
+        route = self.router.route(name) if self.router else None
+        if route is None:
+            return False
+        try:
+            found = await self.pullthrough.blob(route, digest)
+        except BlobUnknown:
+            return False
+        async with self.cache.holding(digest):
+            path = found.path if isinstance(found, StoredBlob) else await found.wait()
+            key = layout.blob_data(digest)
+            if self.shared is not None and not await _exists(self.shared, key):
+                await self.shared.put_file(key, path)
+            await self.links.write(layout.layer_link(name, digest), digest)
+            size = await self.local.stat(key)
+            self.cache.added(digest, size, evictable=self.shared is not None)
+        return True
 
     async def _load_manifest(self, digest: Digest) -> Manifest:
         self.cache.touched(digest)

@@ -41,6 +41,7 @@ from tests.support.pullthrough import (
     fetch_hashed,
     push_image_to,
     push_index_to,
+    put_manifest,
     stored_files,
     upstream_env,
     upstream_proxy,
@@ -531,6 +532,35 @@ async def test_pushed_content_wins_over_the_upstream(
         assert (fetched.status, fetched.digest, fetched.size) == (200, blob_digest, len(data))
     assert proxy.count("HEAD", "manifests") + proxy.count("GET", "manifests") == 0
     assert proxy.count("HEAD", "blobs") + proxy.blob_gets == 0
+
+
+async def test_a_push_may_rely_on_layers_the_upstream_has(
+    regmirror_server: Start,
+    upstream_registry: ServerProcess,
+    proxy: UpstreamProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Like docker push: the client HEADs each layer, skips those that exist (here: the
+    upstream's base layers), and the manifest PUT must still find them in the repository."""
+    image = build_image(seed=66)
+    for layer in image.layers:
+        await push_blob(http, upstream_registry.url, "base/app", layer.data)
+    server = mirror_of(regmirror_server, proxy)
+    for layer in image.layers:
+        async with http.head(f"{server.url}/v2/base/app/blobs/{layer.digest}") as response:
+            assert response.status == 200
+    await push_blob(http, server.url, "base/app", image.config.data)
+    await put_manifest(http, server.url, "base/app", "v1", image.manifest)
+
+    pushed = server.data_dir / "docker/registry/v2/repositories/base/app/_layers/sha256"
+    assert {p.name for p in pushed.iterdir()} == {
+        b.digest.removeprefix("sha256:") for b in (image.config, *image.layers)
+    }
+    status, body, _ = await get_manifest(http, server, "base/app", "v1")
+    assert (status, body) == (200, image.manifest.data)
+    for layer in image.layers:
+        fetched = await fetch_hashed(http, f"{server.url}/v2/base/app/blobs/{layer.digest}")
+        assert (fetched.status, fetched.digest) == (200, layer.digest)
 
 
 async def test_docker_hub_names_and_their_library_form_share_one_cache() -> None:
