@@ -100,30 +100,43 @@ class ServerProcess:
         return int(self.process.returncode)
 
 
-def wait_ready(server: ServerProcess, timeout: float = READY_TIMEOUT) -> None:
-    """Poll ``GET /v2/`` until it answers 200; raise with the log if the process dies
-    or the deadline passes."""
+def wait_ready(
+    server: ServerProcess, timeout: float = READY_TIMEOUT, *, ready_status: int = 200
+) -> None:
+    """Poll ``GET /v2/`` until it answers ``ready_status``; raise with the log if the
+    process dies or the deadline passes."""
+    poll_ready(f"{server.url}/v2/", server.process, server.logs, timeout, ready_status)
+
+
+def poll_ready(
+    url: str,
+    process: subprocess.Popen[bytes],
+    logs: Callable[[], str],
+    timeout: float,
+    ready_status: int = 200,
+) -> None:
+    """Poll ``url`` until it answers ``ready_status``; ServerError, with ``logs()``, if
+    ``process`` dies or ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
     last_error = "no answer yet"
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
+        if process.poll() is not None:
             raise ServerError(
-                f"{server.url}: exited with {server.process.returncode} before becoming ready\n"
-                + server.logs()
+                f"{url}: exited with {process.returncode} before becoming ready\n" + logs()
             )
         try:
-            with urllib.request.urlopen(f"{server.url}/v2/", timeout=2.0) as response:
-                if response.status == 200:
-                    return
-                last_error = f"HTTP {response.status}"
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                status = response.status
         except urllib.error.HTTPError as exc:
-            last_error = f"HTTP {exc.code}"
+            status = exc.code
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            last_error = str(exc)
+            status, last_error = None, str(exc)
+        if status == ready_status:
+            return
+        if status is not None:
+            last_error = f"HTTP {status}"
         time.sleep(0.05)
-    raise ServerError(
-        f"{server.url}: not ready after {timeout:.0f}s ({last_error})\n" + server.logs()
-    )
+    raise ServerError(f"{url}: not ready after {timeout:.0f}s ({last_error})\n" + logs())
 
 
 def _spawn(
@@ -152,6 +165,7 @@ def _running(
     work_dir: Path,
     data_dir: Path,
     ready_timeout: float,
+    ready_status: int = 200,
 ) -> Iterator[ServerProcess]:
     """Spawn on a free port, retrying when the port is taken before the server binds it."""
     server: ServerProcess | None = None
@@ -169,7 +183,7 @@ def _running(
             config_path=config_path,
         )
         try:
-            wait_ready(server, ready_timeout)
+            wait_ready(server, ready_timeout, ready_status=ready_status)
             break
         except ServerError:
             server.stop()
@@ -304,6 +318,7 @@ def run_distribution(
     env: Mapping[str, str] | None = None,
     binary: str = DISTRIBUTION_BINARY,
     ready_timeout: float = READY_TIMEOUT,
+    ready_status: int = 200,
 ) -> Iterator[ServerProcess]:
     """Run the CNCF distribution registry (registry:2) on a free port of 127.0.0.1.
 
@@ -318,6 +333,7 @@ def run_distribution(
     - ``extra``: deep-merged into the generated config last (``{"log": {"level": "debug"}}``).
     - ``env``: extra environment; inherited ``REGISTRY_*`` variables (which registry:2
       reads as config overrides) are dropped.
+    - ``ready_status``: what ``GET /v2/`` answers once it is up (401 with ``auth``).
     """
     if not os.access(binary, os.X_OK):
         pytest.skip(f"{binary} not installed (Debian package docker-registry)")
@@ -345,6 +361,7 @@ def run_distribution(
         work_dir=base_dir,
         data_dir=root,
         ready_timeout=ready_timeout,
+        ready_status=ready_status,
     ) as server:
         yield server
 

@@ -33,9 +33,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +43,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.support.processes import HOST, free_port
+from tests.support.processes import HOST, ServerError, free_port, poll_ready
 
 REGION = "us-east-1"
 READY_TIMEOUT = 20.0  # seconds from spawn to a first answer
@@ -156,23 +153,11 @@ class MotoS3:
 
     def _wait_ready(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise MotoError(f"moto_server exited with {self.process.returncode}\n{self.logs()}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint_url}/", timeout=2.0) as response:
-                    if response.status == 200:
-                        return
-                    last = f"HTTP {response.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                last = str(exc)
-            time.sleep(0.05)
-        self.stop()
-        raise MotoError(f"moto_server not ready after {READY_TIMEOUT:.0f}s ({last})\n{self.logs()}")
+        try:
+            poll_ready(f"{self.endpoint_url}/", self.process, self.logs, READY_TIMEOUT)
+        except ServerError as exc:
+            self.stop()
+            raise MotoError(f"moto_server: {exc}") from exc
 
 
 def moto_command() -> list[str]:

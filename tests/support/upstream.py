@@ -19,33 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import bcrypt
 import pytest
-import yaml
 from aiohttp import web
 from yarl import URL
 
 from regmirror.digest import Digest
 from regmirror.upstream import basic_authorization
 from tests.support.processes import (
-    DISTRIBUTION_BINARY,
     HOST,
-    READY_TIMEOUT,
-    ServerError,
     ServerProcess,
-    distribution_config,
-    free_port,
     run_distribution,
 )
 
@@ -74,54 +62,8 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     htpasswd = base / "htpasswd"
     htpasswd.write_text(f"{BASIC_USER}:{_bcrypt(BASIC_PASSWORD)}\n")
     auth = {"auth": {"htpasswd": {"realm": "test", "path": str(htpasswd)}}}
-    with _run_with_auth(base, auth) as server:
+    with run_distribution(base, extra=auth, ready_status=401) as server:
         yield server
-
-
-@contextlib.contextmanager
-def _run_with_auth(base: Path, extra: Mapping[str, object]) -> Iterator[ServerProcess]:
-    """registry:2 that answers ``/v2/`` with 401 (processes.py waits for a 200)."""
-    if not os.access(DISTRIBUTION_BINARY, os.X_OK):
-        pytest.skip(f"{DISTRIBUTION_BINARY} not installed (Debian package docker-registry)")
-    port = free_port()
-    root = base / "storage"
-    root.mkdir()
-    config_path = base / "config.yml"
-    config_path.write_text(yaml.safe_dump(distribution_config(port, root, extra=extra)))
-    log_path = base / "registry.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [DISTRIBUTION_BINARY, "serve", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    server = ServerProcess(
-        f"http://{HOST}:{port}", f"{HOST}:{port}", root, process, log_path, config_path
-    )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not _answers_401(server.url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise ServerError(
-                    f"{server.url}: registry with auth did not start\n{server.logs()}"
-                )
-            time.sleep(0.05)
-        yield server
-    finally:
-        server.stop()
-
-
-def _answers_401(url: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{url}/v2/", timeout=2.0).close()
-    except urllib.error.HTTPError as exc:
-        return exc.code == 401
-    except (urllib.error.URLError, OSError):
-        return False
-    return False
 
 
 # -- pushing -----------------------------------------------------------------
