@@ -47,6 +47,7 @@ from tests.support.pullthrough import (
     upstream_proxy,
 )
 from tests.support.s3 import MotoS3, moto_s3
+from tests.support.skopeo import ACCEPT, Skopeo
 from tests.support.upstream import (
     BASIC_PASSWORD,
     BASIC_USER,
@@ -55,7 +56,6 @@ from tests.support.upstream import (
     serve,
     upstream_registry,
 )
-from tests.test_skopeo import ACCEPT, Skopeo
 
 __all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
 

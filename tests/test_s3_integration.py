@@ -49,7 +49,7 @@ from tests.support.s3_registry import (
     start_upload,
     timed,
 )
-from tests.test_skopeo import ACCEPT, Skopeo
+from tests.support.skopeo import ACCEPT, Skopeo
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None or not os.access("/usr/bin/docker-registry", os.X_OK),
