@@ -37,7 +37,7 @@ from regmirror.links import LinkStore
 from regmirror.manifest import Manifest, media_type_of, parse
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
-from regmirror.stored import StoredBlob
+from regmirror.stored import RemoteBlob, StoredBlob
 from regmirror.upstream import Route
 
 log = logging.getLogger(__name__)
@@ -183,20 +183,28 @@ class PullThrough:
 
     # -- blobs ---------------------------------------------------------------
 
-    async def blob(self, route: Route, digest: Digest) -> StoredBlob | Fill:
-        """The blob on local disk, or its fill in flight from S3 or the upstream."""
+    async def blob(
+        self, route: Route, digest: Digest, *, fetch: bool = True
+    ) -> StoredBlob | Fill | RemoteBlob:
+        """The blob on local disk, or its fill in flight from S3 or the upstream; without
+        ``fetch``, only its size when it is not local."""
         name = cache_name(route)
         size = None
-        if not await self.links.exists(layout.layer_link(name, digest)):
-            # Never pulled through this repository: the upstream decides if it is there.
-            size = await self._once(
+
+        async def upstream_size() -> int:
+            return await self._once(
                 ("stat", name, str(digest)), lambda: self._stat_and_link(route, name, digest)
             )
+
+        if not await self.links.exists(layout.layer_link(name, digest)):
+            size = await upstream_size()  # never pulled through here: the upstream decides
         key = layout.blob_data(digest)
         try:
             return StoredBlob(self.local.path(key), await self.local.stat(key))
         except PathNotFound:
             pass
+        if not fetch:
+            return RemoteBlob(size if size is not None else await upstream_size())
         fill = await self.fills.fetch(digest, self._source(route, digest), size=size)
         if self.write_back and not fill.done:
             self._spawn(self._write_back(fill), f"write back {digest}")

@@ -35,7 +35,7 @@ from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
 from regmirror.pullthrough import PullThrough
 from regmirror.storage.driver import Driver, PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
-from regmirror.stored import StoredBlob
+from regmirror.stored import RemoteBlob, StoredBlob
 from regmirror.upstream import UpstreamRouter
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,12 @@ class Registry:
 
     # -- blobs ---------------------------------------------------------------
 
-    async def blob(self, name: str, digest: Digest, *, ns: str | None = None) -> StoredBlob | Fill:
+    async def blob(
+        self, name: str, digest: Digest, *, ns: str | None = None, fetch: bool = True
+    ) -> StoredBlob | Fill | RemoteBlob:
         """The blob ``digest`` as seen from repository ``name``: on local disk, or its fill
-        in flight from S3 or an upstream. Pushed content answers before upstreams."""
+        in flight from S3 or an upstream (only its size, without ``fetch``: a HEAD must not
+        copy gigabytes). Pushed content answers before upstreams."""
         route = self.router.route(name, ns) if self.router else None
         try:
             linked = await self.is_linked(name, digest)
@@ -99,7 +102,7 @@ class Registry:
         if not linked:
             if route is None:
                 raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
-            return await self.pullthrough.blob(route, digest)
+            return await self.pullthrough.blob(route, digest, fetch=fetch)
         key = layout.blob_data(digest)
         try:
             return StoredBlob(self.local.path(key), await self.local.stat(key))
@@ -108,6 +111,11 @@ class Registry:
         shared = self.shared
         if shared is None:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)})
+        if not fetch:
+            try:
+                return RemoteBlob(await shared.stat(key))
+            except PathNotFound as exc:
+                raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
 
         async def from_shared(offset: int) -> tuple[int, AsyncIterator[bytes]]:
             try:
@@ -279,6 +287,7 @@ class Registry:
             found = await self.pullthrough.blob(route, digest)
         except BlobUnknown:
             return False
+        assert not isinstance(found, RemoteBlob)  # fetched: local, or filling
         async with self.cache.holding(digest):
             path = found.path if isinstance(found, StoredBlob) else await found.wait()
             key = layout.blob_data(digest)

@@ -1,4 +1,4 @@
-"""A blob already complete on local disk."""
+"""Where a blob found for a request is: complete on local disk, or only elsewhere."""
 
 from __future__ import annotations
 
@@ -9,4 +9,12 @@ from pathlib import Path
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
     path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteBlob:
+    """A blob S3 or an upstream holds and local disk does not: what a HEAD needs to
+    know, without copying it here."""
+
     size: int

@@ -768,3 +768,25 @@ async def test_an_unreachable_s3_does_not_stop_a_pull_through(
         await pull.close()
         await fills.close()
     assert proxy.blob_gets == len(image.blobs)
+
+
+async def test_a_head_of_an_uncached_blob_asks_its_size_and_copies_nothing(
+    regmirror_server: Start,
+    upstream_registry: ServerProcess,
+    proxy: UpstreamProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    data = os.urandom(3 * MiB + 5)
+    digest = await push_blob(http, upstream_registry.url, "head/blob", data)
+    server = mirror_of(regmirror_server, proxy)
+    for _ in range(2):
+        async with http.head(f"{server.url}/v2/head/blob/blobs/{digest}") as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(data))
+            assert response.headers["Docker-Content-Digest"] == str(digest)
+    assert proxy.blob_gets == 0
+    assert stored_files(server.data_dir, digest) == []
+
+    fetched = await fetch_hashed(http, f"{server.url}/v2/head/blob/blobs/{digest}")
+    assert (fetched.status, fetched.digest, fetched.size) == (200, str(digest), len(data))
+    assert proxy.blob_gets == 1

@@ -228,6 +228,26 @@ def test_pushed_blob_is_in_s3_before_the_201(
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
+def test_a_head_answers_from_s3_without_copying_the_blob_here(
+    moto_s3: MotoS3,  # noqa: F811
+    regmirror_server: Servers,  # noqa: F811
+) -> None:
+    """docker push HEADs every layer first: a host must not fill them all from S3."""
+    bucket = moto_s3.new_bucket("head")
+    pusher = regmirror_server(env=regmirror_env(moto_s3, bucket))
+    other = regmirror_server(env=regmirror_env(moto_s3, bucket))
+    data = os.urandom(2 * MiB + 7)
+    push_blob(pusher, "ci/app", data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    status, headers, body = request("HEAD", f"{other.url}/v2/ci/app/blobs/{digest}")
+    assert (status, body) == (200, b"")
+    assert headers["Content-Length"] == str(len(data))
+    assert not (other.data_dir / "docker/registry/v2/blobs").exists()
+    status, _, body = get(other, f"/v2/ci/app/blobs/{digest}")
+    assert (status, body) == (200, data)
+
+
 # -- S3 outages ----------------------------------------------------------------------
 
 

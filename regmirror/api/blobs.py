@@ -25,7 +25,7 @@ from regmirror.errors import FillFailed, RegistryError
 from regmirror.eviction import Hold
 from regmirror.fill import Fill
 from regmirror.metrics import Metrics
-from regmirror.stored import StoredBlob
+from regmirror.stored import RemoteBlob, StoredBlob
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Where sendfile is not available, FileResponse reads and writes in chunks this big.
@@ -58,8 +58,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     hold = await registry.cache.hold(digest)
     handed_over = False
     try:
-        found = await registry.blob(name, digest, ns=request.query.get("ns"))
+        head = request.method == "HEAD"
+        found = await registry.blob(name, digest, ns=request.query.get("ns"), fetch=not head)
         headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
+        if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
+            headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
+            return web.Response(headers=headers)
         metrics = request.app[METRICS]
         metrics.cache_request(hit=isinstance(found, StoredBlob))
         if isinstance(found, Fill) and not found.done:
