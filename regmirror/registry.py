@@ -136,18 +136,26 @@ class Registry:
         With S3 the blob is durable in the bucket before this returns.
         """
         key = layout.blob_data(digest)
-        if self.shared is not None and not await _exists(self.shared, key):
-            await self.shared.put_file(key, data)
+        await self._to_shared(key, data)
         # Held: a local copy found here is not evicted before it is linked and pinned.
         async with self.cache.holding(digest):
             if await _exists(self.local, key):
                 await asyncio.to_thread(data.unlink, True)
             else:
                 await self.local.move_in(key, data)
-            await self.links.write(layout.layer_link(name, digest), digest)
-            # Without S3 this disk holds the only copy (see eviction's never-evict rule).
-            size = await self.local.stat(key)
-            self.cache.added(digest, size, evictable=self.shared is not None)
+            await self._link_pushed(name, digest)
+
+    async def _to_shared(self, key: str, source: Path) -> None:
+        """With S3, make sure it holds ``key``: a pushed blob is durable there first."""
+        if self.shared is not None and not await _exists(self.shared, key):
+            await self.shared.put_file(key, source)
+
+    async def _link_pushed(self, name: str, digest: Digest) -> None:
+        """Link a blob now on local disk into ``name`` and record it in the cache: without
+        S3 this disk holds the only copy (see eviction's never-evict rule)."""
+        await self.links.write(layout.layer_link(name, digest), digest)
+        size = await self.local.stat(layout.blob_data(digest))
+        self.cache.added(digest, size, evictable=self.shared is not None)
 
     async def mount(self, name: str, source: str, digest: Digest) -> bool:
         """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it."""
@@ -290,12 +298,8 @@ class Registry:
         assert not isinstance(found, RemoteBlob)  # fetched: local, or filling
         async with self.cache.holding(digest):
             path = found.path if isinstance(found, StoredBlob) else await found.wait()
-            key = layout.blob_data(digest)
-            if self.shared is not None and not await _exists(self.shared, key):
-                await self.shared.put_file(key, path)
-            await self.links.write(layout.layer_link(name, digest), digest)
-            size = await self.local.stat(key)
-            self.cache.added(digest, size, evictable=self.shared is not None)
+            await self._to_shared(layout.blob_data(digest), path)
+            await self._link_pushed(name, digest)
         return True
 
     async def _load_manifest(self, digest: Digest) -> Manifest:
