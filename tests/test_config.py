@@ -335,7 +335,7 @@ def test_serve_flags_override_env_and_file_end_to_end(tmp_path, monkeypatch):
     def run_app(app, *, host, port, **kwargs):
         served.update(host=host, port=port)
 
-    monkeypatch.setattr("regmirror.cli.web.run_app", run_app)
+    monkeypatch.setattr("regmirror.cli.serve.web.run_app", run_app)
 
     status = cli.main(["serve", "--config", str(path), "--listen", "127.0.0.1:5003"])
 

@@ -1,4 +1,4 @@
-"""The ``regmirror`` command."""
+"""``regmirror serve``: run the registry."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -16,19 +17,19 @@ from regmirror.config import ConfigError, load
 log = logging.getLogger("regmirror")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="regmirror", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"regmirror {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the registry")
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    serve: argparse.ArgumentParser = commands.add_parser("serve", help="run the registry")
     serve.add_argument("--config", help="YAML config file (keys: listen, data_dir, cache, ...)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:5000)")
     serve.add_argument("--data-dir", help="directory for blobs, links and uploads")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Also accepted after the subcommand, where earlier versions took it.
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return serve
+
+
+def run(args: argparse.Namespace) -> int:
+    if "log_level" in args:
+        logging.getLogger().setLevel(args.log_level.upper())
     try:
         settings = load(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
         host, port = settings.host_port()

@@ -1,0 +1,32 @@
+"""The ``regmirror`` command: one module per subcommand, argparse only in this package.
+
+Each subcommand module offers ``add_parser(commands)`` (declares its flags) and
+``run(args) -> int`` (the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from types import ModuleType
+
+from regmirror import __version__
+from regmirror.cli import serve
+
+# Subcommands in the order ``--help`` lists them.
+COMMANDS: tuple[ModuleType, ...] = (serve,)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="regmirror", description="Host-local Docker/OCI registry mirror and pull-through cache.")
+    parser.add_argument("--version", action="version", version=f"regmirror {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(commands).set_defaults(run=command.run)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    status: int = args.run(args)
+    return status
