@@ -8,7 +8,9 @@ by another registry in the shared layout reads back with the right type.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,10 @@ MEDIA_TYPES = IMAGE_TYPES + INDEX_TYPES
 
 # The spec asks registries to accept manifests of at least 4 MiB.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# Real manifests nest about 5 deep (index > manifests > descriptor > platform > features).
+MAX_DEPTH = 64
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +87,7 @@ def parse(raw: bytes, content_type: str | None, digest: Digest | None = None) ->
             f"manifest is {len(raw)} bytes; at most {MAX_MANIFEST_BYTES} accepted",
             {"size": len(raw), "limit": MAX_MANIFEST_BYTES},
         )
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+    body = _load_json(raw)
     if not isinstance(body, dict):
         raise ManifestInvalid("manifest must be a JSON object")
     media_type = _media_type(body, content_type)
@@ -125,8 +128,8 @@ def parse(raw: bytes, content_type: str | None, digest: Digest | None = None) ->
 def media_type_of(raw: bytes) -> str:
     """The media type of stored manifest bytes (already validated when stored)."""
     try:
-        body = json.loads(raw)
-    except ValueError:
+        body = _load_json(raw)
+    except ManifestInvalid:
         return OCI_MANIFEST
     if isinstance(body, dict):
         declared = body.get("mediaType")
@@ -135,6 +138,28 @@ def media_type_of(raw: bytes) -> str:
         if "manifests" in body:
             return OCI_INDEX
     return OCI_MANIFEST
+
+
+def _load_json(raw: bytes) -> Any:
+    """``json.loads`` with the nesting bounded first: the decoder recurses per level, and
+    a body of 4 MiB of brackets must be a 400, not a RecursionError."""
+    depth = _depth(raw)
+    if depth > MAX_DEPTH:
+        raise ManifestInvalid(
+            f"manifest JSON nests {depth} levels deep; at most {MAX_DEPTH} accepted",
+            {"depth": depth, "limit": MAX_DEPTH},
+        )
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest bracket nesting outside strings (of well-formed JSON; any bytes are safe)."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    steps = (1 if b in b"[{" else -1 for b in brackets)
+    return max(itertools.accumulate(steps, initial=0))
 
 
 def _media_type(body: dict[str, Any], content_type: str | None) -> str:

@@ -342,6 +342,21 @@ async def test_put_non_object_json_is_manifest_invalid(client):
     await assert_error(response, 400, "MANIFEST_INVALID")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"schemaVersion": 2, "annotations": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b"[" * 3_000_000,
+        b'{"schemaVersion": 2, "config": {"size": 1' + b"0" * 5000 + b"}}",
+    ],
+    ids=["nested-1000", "3MB-of-brackets", "5000-digit-number"],
+)
+async def test_put_hostile_json_is_manifest_invalid_not_a_500(client, body):
+    response = await put_manifest(client, NAME, "v1", body, OCI_MANIFEST)
+
+    await assert_error(response, 400, "MANIFEST_INVALID")
+
+
 async def test_put_non_utf8_body_is_manifest_invalid(client):
     response = await put_manifest(client, NAME, "v1", b"\xff\xfe{}", OCI_MANIFEST)
 
