@@ -10,7 +10,10 @@ from regmirror.digest import Digest
 from regmirror.errors import DigestInvalid, PaginationInvalid, RangeInvalid, SizeInvalid
 from regmirror.names import check_name
 
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+# ASCII digits only (``\d`` and ``str.isdigit`` accept other scripts' digits, which
+# ``int`` then rejects or reads), and few enough of them that ``int`` never refuses.
+_NUMBER = "[0-9]{1,18}"
+_CONTENT_RANGE = re.compile(rf"^(?:bytes[ =])?({_NUMBER})-({_NUMBER})(?:/(?:{_NUMBER}|\*))?$")
 
 
 def name(request: web.Request) -> str:
@@ -28,13 +31,9 @@ def content_length(request: web.Request) -> int | None:
     raw = request.headers.get("Content-Length")
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise SizeInvalid(f"Content-Length {raw[:40]!r} is not a number") from exc
-    if value < 0:
-        raise SizeInvalid("Content-Length must not be negative")
-    return value
+    if not re.fullmatch(_NUMBER, raw.strip()):
+        raise SizeInvalid(f"Content-Length {raw[:40]!r} is not a non-negative number")
+    return int(raw)
 
 
 def content_range(request: web.Request) -> tuple[int, int] | None:
@@ -52,7 +51,7 @@ def page(request: web.Request) -> tuple[int | None, str | None]:
     raw = request.query.get("n")
     limit = None
     if raw is not None:
-        if not raw.isdigit():
+        if not re.fullmatch(_NUMBER, raw):
             raise PaginationInvalid(f"n={raw[:40]!r} is not a non-negative integer")
         limit = int(raw)
     return limit, request.query.get("last")
