@@ -145,6 +145,8 @@ QUERIES = st.dictionaries(
     st.one_of(NUMBERS, TAGS, DIGESTS, NAMES),
     max_size=4,
 )
+
+
 def _latin1(text: str) -> bool:
     """What an HTTP header can carry at all."""
     try:
