@@ -48,25 +48,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from harness import HOST, MIB, TreeMemory, make_blob, percentile, process_tree, status_kib
 
 from tests.support.processes import free_port, run_distribution, run_regmirror
 
-HOST = "127.0.0.1"  # the only address this script talks to or listens on
-MIB = 1024 * 1024
 REPO = "herd/big"
 TAG = "latest"
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -75,7 +69,6 @@ LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MIRRORS = ("regmirror", "registry", "nginx")
 READY_TIMEOUT = 30.0  # seconds for a server (or the proxy, or a client process) to be up
 STOP_TIMEOUT = 10.0  # seconds from SIGTERM to SIGKILL
-RSS_INTERVAL = 0.05  # seconds between samples of a mirror's resident memory
 SETTLE = 1.0  # seconds of quiet between herds, so one herd's tail does not load the next
 CHUNK = MIB  # client read buffer and push chunk
 
@@ -168,19 +161,6 @@ class Image:
                     for _ in range(self.size // (8 * MIB) + 2):  # bounded
                         if not f.read(8 * MIB):
                             break
-
-
-def make_blob(path: Path, size: int) -> str:
-    """Write ``size`` random bytes to ``path``; their ``sha256:<hex>`` digest."""
-    hasher = hashlib.sha256()
-    with open(path, "wb") as out:
-        left = size
-        while left > 0:
-            chunk = os.urandom(min(8 * MIB, left))
-            hasher.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-    return "sha256:" + hasher.hexdigest()
 
 
 def make_image(work: Path, size: int) -> Image:
@@ -597,81 +577,6 @@ def run_herd(
     return HerdOutcome(results, wall, cpu, load_before, os.getloadavg()[0])
 
 
-# ---------------------------------------------------------------- memory of a process tree
-
-
-def _tree(root: int) -> list[int]:
-    pids, todo = [], [root]
-    for _ in range(10_000):  # bounded walk
-        if not todo:
-            break
-        pid = todo.pop()
-        pids.append(pid)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-    return pids
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User+system CPU seconds of these processes (fields 14 and 15 of /proc/PID/stat)."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _status_kib(pid: int, key: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-class TreeMemory:
-    """Samples the summed VmRSS of a process and its descendants in a thread.
-
-    ``peak`` is the largest sum seen (shared pages, e.g. nginx's cache zone, count once
-    per process: an upper bound for multi-process servers); ``hwm()`` sums each process's
-    own VmHWM (its peak since it started, so it includes earlier herds).
-    """
-
-    def __init__(self, root: int):
-        self.root = root
-        self.peak_kib = 0
-        self.cpu_start = 0.0
-        self.cpu = 0.0  # the tree's CPU seconds between enter and exit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.cpu_start = _cpu_seconds(_tree(self.root))
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-        self.cpu = _cpu_seconds(_tree(self.root)) - self.cpu_start
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = sum(_status_kib(pid, "VmRSS") for pid in _tree(self.root))
-            self.peak_kib = max(self.peak_kib, total)
-            self._stop.wait(RSS_INTERVAL)
-
-    def hwm_kib(self) -> int:
-        return sum(_status_kib(pid, "VmHWM") for pid in _tree(self.root))
-
-
 # ---------------------------------------------------------------- mirrors under test
 
 
@@ -805,15 +710,6 @@ def prime(mirror: Mirror, image: Image) -> str:
 
 
 # ---------------------------------------------------------------- figures
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -1037,7 +933,9 @@ def measure_mirror(
                 time.sleep(SETTLE)
             before, cpu_before = proxy.counts(name)
             image.warm_page_cache()
-            row.rss_before_mib = sum(_status_kib(p, "VmRSS") for p in _tree(mirror.pid)) / 1024
+            row.rss_before_mib = (
+                sum(status_kib(p, "VmRSS") for p in process_tree(mirror.pid)) / 1024
+            )
             with TreeMemory(mirror.pid) as memory:
                 outcome = run_herd(
                     url,

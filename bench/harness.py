@@ -1,0 +1,129 @@
+"""What every bench script shares: where it runs, test content, process figures, percentiles.
+
+Bench scripts start servers with ``tests.support.processes`` (the same fixtures the tests
+use), make content with :func:`make_blob`, sample a server's process tree with
+:class:`TreeMemory` and :func:`open_fds`, and report nearest-rank :func:`percentile`s.
+Only 127.0.0.1 is ever used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Self
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+HOST = "127.0.0.1"  # the only address a bench script talks to or listens on
+MIB = 1024 * 1024
+RSS_INTERVAL = 0.05  # seconds between samples of a process tree's resident memory
+
+
+def make_blob(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; their ``sha256:<hex>`` digest."""
+    hasher = hashlib.sha256()
+    with open(path, "wb") as out:
+        left = size
+        while left > 0:
+            chunk = os.urandom(min(8 * MIB, left))
+            hasher.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def process_tree(root: int) -> list[int]:
+    """A process and its descendants, from /proc."""
+    pids, todo = [], [root]
+    for _ in range(10_000):  # bounded walk
+        if not todo:
+            break
+        pid = todo.pop()
+        pids.append(pid)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU seconds of these processes (fields 14 and 15 of /proc/PID/stat)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Samples the summed VmRSS of a process and its descendants in a thread.
+
+    ``peak`` is the largest sum seen (shared pages, e.g. nginx's cache zone, count once
+    per process: an upper bound for multi-process servers); ``hwm()`` sums each process's
+    own VmHWM (its peak since it started, so it includes earlier herds).
+    """
+
+    def __init__(self, root: int):
+        self.root = root
+        self.peak_kib = 0
+        self.cpu_start = 0.0
+        self.cpu = 0.0  # the tree's CPU seconds between enter and exit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.cpu_start = cpu_seconds(process_tree(self.root))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.cpu = cpu_seconds(process_tree(self.root)) - self.cpu_start
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = sum(status_kib(pid, "VmRSS") for pid in process_tree(self.root))
+            self.peak_kib = max(self.peak_kib, total)
+            self._stop.wait(RSS_INTERVAL)
+
+    def hwm_kib(self) -> int:
+        return sum(status_kib(pid, "VmHWM") for pid in process_tree(self.root))
+
+
+def open_fds(root: int) -> int:
+    """File descriptors open in a process and its descendants."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
