@@ -44,7 +44,7 @@ from regmirror.fill import Fill, Fills
 from regmirror.links import LinkStore
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
 from regmirror.pullthrough import PullThrough, read_manifest
-from regmirror.storage.driver import Driver, PathNotFound
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import RemoteBlob, StoredBlob
 from regmirror.upstream import Route, UpstreamRouter
@@ -212,8 +212,14 @@ class Registry:
 
     async def _to_shared(self, key: str, source: Path) -> None:
         """With S3, make sure it holds ``key``: a pushed blob is durable there first."""
-        if self.shared is not None and not await _exists(self.shared, key):
-            await self.shared.put_file(key, source)
+        if self.shared is None:
+            return
+        try:
+            if await _exists(self.shared, key):
+                return
+        except StorageUnavailable:
+            pass  # not known (reads may be skipping S3 after a failure): the write is tried
+        await self.shared.put_file(key, source)
 
     async def _link_pushed(self, name: str, digest: Digest) -> None:
         """Link a blob now on local disk into ``name`` and record it in the cache: without
