@@ -125,8 +125,13 @@ class Registry:
         try:
             linked = await self.is_linked(name, digest)
         except Unavailable:
-            if route is None:
+            if route is None and fetch:
                 raise
+            if route is None:  # a probe: the client uploads, and its PUT tries S3 anew
+                raise BlobUnknown(
+                    f"blob {digest} is not known here while S3 is unavailable",
+                    {"digest": str(digest)},
+                ) from None
             log.warning("shared store down; %s@%s goes to the upstream", name, digest)
             linked = False
         if not linked:

@@ -8,9 +8,12 @@
 - An outage circuit: after a call fails, reads fail at once with
   :class:`StorageUnavailable` for :data:`OUTAGE_BACKOFF` seconds, so every caller falls
   back to what local disk holds (links, blobs) or to an upstream without asking S3
-  again. Writes are always tried (a push must not fail on an earlier error), and so is
-  :meth:`check` (readiness reports what S3 does now); any call that succeeds closes
-  the circuit.
+  again. Then one read at a time is let through as a trial (the others still fail at
+  once): its failure opens the circuit again, its success closes it. So a hung S3
+  costs one request a deadline every few seconds, not every request, and a recovered
+  one is used again within seconds. Writes are always tried (a push must not fail on
+  an earlier error), and so is :meth:`check` (readiness reports what S3 does now); any
+  call that succeeds closes the circuit.
 
 Every S3 read on the request path goes through here: this is the one chokepoint.
 """
@@ -24,14 +27,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-from regmirror.storage.driver import Driver, StorageUnavailable
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_DEADLINE = 1.0
 LIST_DEADLINE = 5.0
-OUTAGE_BACKOFF = 10.0
+OUTAGE_BACKOFF = 2.0
 
 
 class CountedDriver(Driver):
@@ -52,12 +55,13 @@ class CountedDriver(Driver):
         self._list_deadline = list_deadline
         self._backoff = backoff
         self._clock = clock
-        self._down_until = 0.0
+        self._open_until: float | None = None  # None: closed, reads ask S3
+        self._trial = False  # a read is finding out whether S3 is back
 
     @property
     def down(self) -> bool:
-        """Whether the circuit is open: reads are not tried until the backoff ends."""
-        return self._clock() < self._down_until
+        """Whether the last call failed and none has succeeded since."""
+        return self._open_until is not None
 
     async def get(self, key: str, *, limit: int | None = None) -> bytes:
         return await self._read(
@@ -86,8 +90,8 @@ class CountedDriver(Driver):
         await self.inner.close()
 
     async def reader(self, key: str, offset: int = 0) -> AsyncIterator[bytes]:
-        # Opened after a stat that went through the circuit; its chunks are bounded by
-        # the SDK's read timeout, the fill by its idle timeout.
+        # Opened right after a stat that went through the circuit; its chunks are
+        # bounded by the SDK's read timeout, the fill by its idle timeout.
         if self.down:
             raise StorageUnavailable(f"{self.name}: not asked while it is down")
         try:
@@ -96,12 +100,17 @@ class CountedDriver(Driver):
         except StorageUnavailable as exc:
             self._failed("read", exc)
             raise
-        self._down_until = 0.0
 
     async def _read(self, operation: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        if self.down:
+        if self._open_until is None:
+            return await self._call(operation, asyncio.wait_for(call(), deadline))
+        if self._trial or self._clock() < self._open_until:
             raise StorageUnavailable(f"{self.name}: not asked while it is down")
-        return await self._call(operation, asyncio.wait_for(call(), deadline))
+        self._trial = True
+        try:
+            return await self._call(operation, asyncio.wait_for(call(), deadline))
+        finally:
+            self._trial = False
 
     async def _call(self, operation: str, call: Awaitable[T]) -> T:
         try:
@@ -113,16 +122,19 @@ class CountedDriver(Driver):
         except StorageUnavailable as exc:
             self._failed(operation, exc)
             raise
-        self._down_until = 0.0
+        except (PathNotFound, TooLarge):
+            self._answered()
+            raise
+        self._answered()
         return result
+
+    def _answered(self) -> None:
+        if self._open_until is not None:
+            log.warning("%s answers again; reads ask it again", self.name)
+            self._open_until = None
 
     def _failed(self, operation: str, error: StorageUnavailable) -> None:
         self._on_error(operation)
         if not self.down:
-            log.warning(
-                "%s failed (%s); reads go to local copies for %.0f s",
-                self.name,
-                error,
-                self._backoff,
-            )
-        self._down_until = self._clock() + self._backoff
+            log.warning("%s failed (%s); reads use local copies until it answers", self.name, error)
+        self._open_until = self._clock() + self._backoff
