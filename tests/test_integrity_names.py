@@ -69,12 +69,14 @@ async def status_of(http: aiohttp.ClientSession, method: str, url: str) -> tuple
 # -- finding 2: no reads across names ------------------------------------------------------
 
 
+@pytest.mark.parametrize("write_back", ["false", "true"])
 async def test_a_pushed_manifest_and_its_layers_are_not_readable_through_an_upstream_name(
-    regmirror_server: Start, moto_s3: MotoS3, http: aiohttp.ClientSession
+    write_back: str, regmirror_server: Start, moto_s3: MotoS3, http: aiohttp.ClientSession
 ) -> None:
     async with fake_upstream() as fake:  # a default upstream that knows none of it
         bucket = moto_s3.new_bucket("names")
-        server = regmirror_server(env={**regmirror_env(moto_s3, bucket), **upstream_env(fake.url)})
+        s3 = regmirror_env(moto_s3, bucket, write_back=write_back)
+        server = regmirror_server(env={**s3, **upstream_env(fake.url)})
         image = build_image(seed=701, layers=({"a": 1000}, {"b": 20_000}))
         await push_image_to(http, server.url, "private/app", image, "v1")
         digest = image.manifest.digest
