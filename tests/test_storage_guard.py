@@ -121,7 +121,7 @@ def guarded(store: FlakyStore, clock: Clock, errors: list[str]) -> CountedDriver
 
 
 async def test_a_read_that_gets_no_answer_fails_at_its_deadline_and_is_counted() -> None:
-    store, clock, errors = FlakyStore(), Clock(), []
+    store, clock, errors = FlakyStore(), Clock(), list[str]()
     shared = guarded(store, clock, errors)
     store.state = "hung"
     started = asyncio.get_running_loop().time()
@@ -132,7 +132,7 @@ async def test_a_read_that_gets_no_answer_fails_at_its_deadline_and_is_counted()
 
 
 async def test_after_a_failure_reads_are_not_tried_until_the_backoff_then_one_trial() -> None:
-    store, clock, errors = FlakyStore(), Clock(), []
+    store, clock, errors = FlakyStore(), Clock(), list[str]()
     shared = guarded(store, clock, errors)
     store.state = "down"
     with pytest.raises(StorageUnavailable):
@@ -164,7 +164,7 @@ async def test_after_a_failure_reads_are_not_tried_until_the_backoff_then_one_tr
 
 
 async def test_writes_and_readiness_checks_are_tried_even_while_reads_are_skipped() -> None:
-    store, clock, errors = FlakyStore(), Clock(), []
+    store, clock, errors = FlakyStore(), Clock(), list[str]()
     shared = guarded(store, clock, errors)
     store.state = "down"
     with pytest.raises(StorageUnavailable):
@@ -182,7 +182,7 @@ async def test_writes_and_readiness_checks_are_tried_even_while_reads_are_skippe
 
 
 async def test_a_missing_key_is_an_answer_not_an_outage() -> None:
-    store, clock, errors = FlakyStore(), Clock(), []
+    store, clock, errors = FlakyStore(), Clock(), list[str]()
     shared = guarded(store, clock, errors)
 
     async def missing(key: str, *, limit: int | None = None) -> bytes:
