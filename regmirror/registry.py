@@ -234,10 +234,15 @@ class Registry:
         self.cache.added(digest, size, evictable=self.shared is not None)
 
     async def mount(self, name: str, source: str, digest: Digest) -> bool:
-        """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it."""
-        if not await self.is_linked(source, digest):
-            return False
-        if not await _exists(self.primary, layout.blob_data(digest)):
+        """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it,
+        or when S3 cannot tell now (the client then uploads: a push does not wait on a
+        read S3 cannot answer; its upload tries S3 anew)."""
+        try:
+            if not await self.is_linked(source, digest):
+                return False
+            if not await _exists(self.primary, layout.blob_data(digest)):
+                return False
+        except (Unavailable, StorageUnavailable):
             return False
         await self.links.write(layout.layer_link(name, digest), digest)
         return True

@@ -176,3 +176,25 @@ async def test_with_s3_hung_cached_pull_through_content_is_served_at_local_speed
         print(timings)
         slow = {what: seconds for what, seconds in timings.items() if seconds >= FAST}
         assert not slow, f"slower than {FAST}s with S3 hung: {slow}"
+
+
+async def test_with_s3_hung_a_mount_falls_back_to_an_upload_session_at_once(
+    regmirror_server: Start, moto_s3: MotoS3, http: aiohttp.ClientSession
+) -> None:
+    """A cross-repository mount S3 cannot confirm now is not a 503: the registry opens
+    an ordinary upload session (202), as the spec allows, and the client uploads."""
+    bucket = moto_s3.new_bucket("mount")
+    server = regmirror_server(env=regmirror_env(moto_s3, bucket))
+    image = build_image(seed=703, layers=({"e": 100},))
+    await push_image_to(http, server.url, "src/app", image, "v1")
+    digest = image.layers[0].digest
+    moto_s3.pause()
+    try:
+        started = time.monotonic()
+        url = f"{server.url}/v2/dst/app/blobs/uploads/?mount={digest}&from=src/app"
+        async with http.post(url) as response:
+            assert response.status == 202, await response.text()
+            assert "Location" in response.headers
+        assert time.monotonic() - started < FAST * 2
+    finally:
+        moto_s3.resume()
