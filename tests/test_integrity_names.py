@@ -127,6 +127,7 @@ async def test_a_huge_blob_asked_for_as_a_manifest_is_refused_without_reading_it
         linked = await status_of(http, "GET", f"{server.url}/v2/big/app/manifests/{digest}")
 
         grown = peak_rss(server) - before
+        print(f"peak RSS grew by {grown / MiB:.1f} MiB; refusals {elsewhere}, {linked}")
         assert grown < MEMORY_SLACK, f"peak RSS grew by {grown / MiB:.0f} MiB"
         assert elsewhere == (404, "MANIFEST_UNKNOWN")  # never confirmed for that name
         assert linked[0] in (404, 413)  # linked there, but not a manifest we would serve
