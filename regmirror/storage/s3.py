@@ -133,7 +133,10 @@ class S3Driver(Driver):
                     return b""  # S3 refuses any range of an empty object
                 raise
             with response["Body"] as body:
+                # A store that ignored the Range says the whole size in Content-Length.
                 total = _content_range_total(response.get("ContentRange"))
+                if total is None:
+                    total = response.get("ContentLength")
                 if limit is not None and total is not None and total > limit:
                     raise TooLarge(key, total, limit)  # the body is not read
                 data: bytes = body.read()
