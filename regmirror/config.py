@@ -83,6 +83,9 @@ class UpstreamSettings:
     username: str | None = None
     password: str | None = None
     tag_ttl: float = 300.0
+    # Repository globs (fnmatch, ``*`` crosses ``/``) this upstream never hears of: names
+    # only ever pushed here. ``REGMIRROR_UPSTREAMS__0__PUSH_ONLY='[ci/*, team/*]'``.
+    push_only: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -6,27 +6,22 @@ GET then costs no disk access at all). With S3 the truth is the bucket, shared b
 every host: reads are cached in memory for a short TTL (so a tag moved by another
 host shows within it), and each link read or written is also copied to local
 disk, so that what this host has served keeps being served while S3 is down
-(stale-if-error).
+(stale-if-error). How long a read may wait for S3, and that it is not asked again for
+a while after it failed, is the shared store's wrapper's business
+(:mod:`regmirror.storage.counted`): a failed read falls back to the local copy here.
 """
 
 from __future__ import annotations
-
-import logging
-import time
 
 from cachetools import Cache, LRUCache, TTLCache
 
 from regmirror.digest import Digest
 from regmirror.errors import DigestInvalid, Unavailable
-from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 from regmirror.storage.filesystem import FilesystemDriver
 
-log = logging.getLogger(__name__)
-
 CACHE_ENTRIES = 100_000
-# After S3 failed a read, links this host has a copy of are read locally for this
-# long rather than each waiting out S3's timeouts again; others still ask S3.
-OUTAGE_BACKOFF = 10.0
+MAX_LINK_BYTES = 1024  # a link holds one digest; anything bigger is not a link
 
 
 class LinkStore:
@@ -38,18 +33,16 @@ class LinkStore:
             self._cache = LRUCache(CACHE_ENTRIES)
         else:
             self._cache = TTLCache(CACHE_ENTRIES, ttl) if ttl > 0 else None
-        self._down_until = 0.0
 
     async def read(self, key: str) -> Digest:
         """The digest a link holds; PathNotFound when there is no such link."""
         if self._cache is not None and (cached := self._cache.get(key)) is not None:
             return cached
-        if self._marked_down() and (local := await self._local_copy(key)) is not None:
-            return local  # S3 failed a moment ago: do not wait for its timeouts again
         try:
-            digest = _parse(key, await self.primary.get(key))
+            digest = _parse(key, await self.primary.get(key, limit=MAX_LINK_BYTES))
+        except TooLarge as exc:
+            raise PathNotFound(f"{key} holds no valid digest") from exc
         except StorageUnavailable as exc:
-            self._mark_down(exc)
             return await self._stale(key, exc)
         if self._cache is not None:
             self._cache[key] = digest
@@ -89,21 +82,10 @@ class LinkStore:
         except StorageUnavailable as exc:
             if self.local is None:
                 raise Unavailable(f"storage unavailable: {exc}") from exc
-            self._mark_down(exc)
             try:
                 return await self.local.list(key)
             except PathNotFound:
                 raise Unavailable(f"storage unavailable: {exc}") from exc
-
-    def _marked_down(self) -> bool:
-        return self.local is not None and time.monotonic() < self._down_until
-
-    def _mark_down(self, error: StorageUnavailable) -> None:
-        if not self._marked_down():
-            log.warning(
-                "shared store failed (%s); serving local copies for %.0f s", error, OUTAGE_BACKOFF
-            )
-        self._down_until = time.monotonic() + OUTAGE_BACKOFF
 
     async def _stale(self, key: str, error: StorageUnavailable) -> Digest:
         local = await self._local_copy(key)
@@ -115,16 +97,16 @@ class LinkStore:
         if self.local is None:
             return None
         try:
-            return _parse(key, await self.local.get(key))
-        except PathNotFound:
+            return _parse(key, await self.local.get(key, limit=MAX_LINK_BYTES))
+        except (PathNotFound, TooLarge):
             return None
 
     async def _copy_locally(self, key: str, digest: Digest) -> None:
         assert self.local is not None
         try:
-            if _parse(key, await self.local.get(key)) == digest:
+            if _parse(key, await self.local.get(key, limit=MAX_LINK_BYTES)) == digest:
                 return
-        except PathNotFound:
+        except (PathNotFound, TooLarge):
             pass
         await self.local.put(key, str(digest).encode())
 

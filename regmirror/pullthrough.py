@@ -11,6 +11,12 @@ What was pulled is recorded under its own link tree (``<data>/proxy``, registry:
 layout, keyed by upstream host and upstream repository name), apart from pushed
 content: a cached tag is revalidated, a pushed one never is. The bytes share the
 local content-addressed store.
+
+Every read is of a digest the upstream confirmed for the repository: one it named
+(a tag it resolved, a manifest it served listing the blob, a HEAD it answered), then
+recorded as a link here. Only such a digest is read from local disk or from S3: S3
+holds every pushed manifest and layer whatever its repository, so reading it by
+digest alone would serve pushed content under any name routed to an upstream.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from regmirror import layout
 from regmirror.digest import Digest
 from regmirror.errors import (
     ManifestInvalid,
+    ManifestTooLarge,
     TooManyRequests,
     UpstreamDenied,
     UpstreamUnavailable,
@@ -34,8 +41,8 @@ from regmirror.errors import (
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
-from regmirror.manifest import Manifest, media_type_of, parse
-from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+from regmirror.manifest import MAX_MANIFEST_BYTES, Manifest, media_type_of, parse
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import RemoteBlob, StoredBlob
 from regmirror.upstream import Route
@@ -89,7 +96,8 @@ class PullThrough:
         if isinstance(reference, Digest):
             return await self._by_digest(route, name, reference, accept)
         digest, confirmed = await self._resolve_tag(route, name, reference, accept)
-        manifest = await self._by_digest(route, name, digest, accept)
+        # The upstream named this digest for the tag (now, or when it was cached).
+        manifest = await self._by_digest(route, name, digest, accept, named=True)
         if confirmed:  # recorded once per revalidation, not on every pull
             await self.links.write(layout.tag_current_link(name, reference), digest)
         return manifest
@@ -124,19 +132,36 @@ class PullThrough:
         except PathNotFound:
             return None
 
+    async def held_manifest(self, route: Route, digest: Digest) -> Manifest | None:
+        """The manifest when it was pulled through for ``route`` and this host still has
+        it (in memory or on local disk); None otherwise. Asks nobody else."""
+        name = cache_name(route)
+        if not await self.links.exists(layout.revision_link(name, digest)):
+            return None
+        self.cache.touched(digest)
+        cached = self.manifests.get(digest)
+        if cached is not None:
+            return cached
+        try:
+            return self._remember(digest, await read_manifest(self.local, digest), None)
+        except (PathNotFound, ManifestTooLarge):
+            return None  # evicted (or not a manifest we serve): fetched again
+
     async def _by_digest(
-        self, route: Route, name: str, digest: Digest, accept: Sequence[str]
+        self,
+        route: Route,
+        name: str,
+        digest: Digest,
+        accept: Sequence[str],
+        *,
+        named: bool = False,
     ) -> Manifest:
-        if await self.links.exists(layout.revision_link(name, digest)):
-            self.cache.touched(digest)
-            cached = self.manifests.get(digest)
-            if cached is not None:
-                return cached
-            try:
-                return self._remember(digest, await self.local.get(layout.blob_data(digest)), None)
-            except PathNotFound:
-                pass  # evicted: fetch again
-        raw, media_type = await self._fetch_manifest(route, digest, accept)
+        """``named``: the upstream has confirmed ``digest`` for this repository."""
+        held = await self.held_manifest(route, digest)
+        if held is not None:
+            return held
+        linked = await self.links.exists(layout.revision_link(name, digest))
+        raw, media_type = await self._fetch_manifest(route, digest, accept, named or linked)
         manifest = self._remember(digest, raw, media_type)
         key = layout.blob_data(digest)
         await self.local.put(key, raw)
@@ -153,15 +178,23 @@ class PullThrough:
         return manifest
 
     async def _fetch_manifest(
-        self, route: Route, digest: Digest, accept: Sequence[str]
+        self, route: Route, digest: Digest, accept: Sequence[str], confirmed: bool
     ) -> tuple[bytes, str | None]:
-        """The manifest's bytes: from S3 when another host wrote them back, else upstream."""
-        if self.shared is not None:
+        """The manifest's bytes: from S3 when another host wrote them back, else upstream.
+
+        S3 is read only for a digest the upstream ``confirmed`` for this repository, or,
+        with write-back (S3 then likely holds it), after the upstream confirms it with a
+        HEAD (free on Docker Hub's pull limit); a 404 there is the answer. Without
+        write-back an unconfirmed digest is simply fetched: the GET verifies it.
+        """
+        if self.shared is not None and (confirmed or self.write_back):
+            if not confirmed:
+                await self._ask(
+                    route, route.upstream.head_manifest(route.name, str(digest), accept)
+                )
             try:
-                raw = await self.shared.get(layout.blob_data(digest))
-                if Digest.of(raw, digest.algorithm) == digest:
-                    return raw, None
-            except PathNotFound:
+                return await read_manifest(self.shared, digest), None
+            except (PathNotFound, ManifestTooLarge):
                 pass
             except StorageUnavailable as exc:  # S3 is a shortcut here, not a requirement
                 log.warning("S3 unavailable; manifest %s from the upstream: %s", digest, exc)
@@ -182,6 +215,21 @@ class PullThrough:
         return manifest
 
     # -- blobs ---------------------------------------------------------------
+
+    async def held_blob(self, route: Route, digest: Digest) -> StoredBlob | None:
+        """The blob when it was pulled through for ``route`` (or its upstream confirmed
+        it) and local disk holds it; None otherwise. Asks nobody else."""
+        if not await self.links.exists(layout.layer_link(cache_name(route), digest)):
+            return None
+        key = layout.blob_data(digest)
+        try:
+            return StoredBlob(self.local.path(key), await self.local.stat(key))
+        except PathNotFound:
+            return None
+
+    async def confirmed(self, route: Route, digest: Digest) -> bool:
+        """Whether the upstream has confirmed blob ``digest`` for ``route`` (a link here)."""
+        return await self.links.exists(layout.layer_link(cache_name(route), digest))
 
     async def blob(
         self, route: Route, digest: Digest, *, fetch: bool = True
@@ -218,6 +266,9 @@ class PullThrough:
         return size
 
     def _source(self, route: Route, digest: Digest) -> Source:
+        """Where a fill reads from; only ever for a digest the upstream confirmed for this
+        repository (see :meth:`blob`), so a copy in S3 is the same bytes."""
+
         async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
             if self.shared is not None:
                 key = layout.blob_data(digest)
@@ -283,6 +334,22 @@ class PullThrough:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def read_manifest(driver: Driver, digest: Digest) -> bytes:
+    """The manifest ``digest`` as ``driver`` holds it, read only when it is within the
+    manifest cap (known before reading) and returned only when its bytes hash to it:
+    PathNotFound when absent or other bytes, ManifestTooLarge when it is bigger."""
+    key = layout.blob_data(digest)
+    try:
+        raw = await driver.get(key, limit=MAX_MANIFEST_BYTES)
+    except TooLarge as exc:
+        raise ManifestTooLarge(
+            f"{digest} holds {exc.size or 'more'} bytes; no manifest is over {exc.limit}"
+        ) from exc
+    if Digest.of(raw, digest.algorithm) != digest:
+        raise PathNotFound(f"{driver.name} holds other bytes for manifest {digest}")
+    return raw
 
 
 def cache_name(route: Route) -> str:

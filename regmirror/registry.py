@@ -5,12 +5,20 @@ always holds what this host serves; when S3 is configured it is the shared
 truth behind local disk: pushes are written through to it before they are
 acknowledged, and local misses are filled from it. A blob is served under a
 repository only when the repository links it, as registry:2 does, so a digest
-known from one image does not leak through another name.
+known from one image does not leak through another name: pushed links of that
+name, or (for a name routed to an upstream) links recorded for digests the upstream
+confirmed for it (:mod:`regmirror.pullthrough`). No read is by digest alone.
+
+Pushes never depend on upstreams: a blob probe (HEAD) answers from what is held
+here, and an upstream that is down, refuses or hangs makes it a 404, not an error
+(:meth:`Registry.blob`). Names matching an upstream's ``push_only`` globs are never
+routed to it at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -26,22 +34,28 @@ from regmirror.errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    TooManyRequests,
     Unavailable,
+    UpstreamDenied,
+    UpstreamUnavailable,
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills
 from regmirror.links import LinkStore
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
-from regmirror.pullthrough import PullThrough
-from regmirror.storage.driver import Driver, PathNotFound
+from regmirror.pullthrough import PullThrough, read_manifest
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import RemoteBlob, StoredBlob
-from regmirror.upstream import UpstreamRouter
+from regmirror.upstream import Route, UpstreamRouter
 
 log = logging.getLogger(__name__)
 
 # Parsed manifests by digest (immutable), bounded by their total size in bytes.
 MANIFEST_CACHE_BYTES = 64 * 1024 * 1024
+# The longest a blob probe (HEAD) waits for an upstream before answering 404: clients
+# probe every layer before pushing it and must not hang on an upstream they do not need.
+PROBE_TIMEOUT = 5.0
 
 
 class Registry:
@@ -64,6 +78,7 @@ class Registry:
         self.fills = fills
         self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
         self.router = router
+        self._on_upstream_error = on_upstream_error
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_CACHE_BYTES, getsizeof=lambda m: len(m.raw)
         )
@@ -83,6 +98,15 @@ class Registry:
         """Where the truth lives: S3 when configured, else local disk."""
         return self.shared or self.local
 
+    def route(self, name: str, ns: str | None = None) -> Route | None:
+        """The upstream serving ``name``, unless ``name`` is one of its push-only names."""
+        route = self.router.route(name, ns) if self.router else None
+        if route is None:
+            return None
+        if any(fnmatch.fnmatchcase(name, glob) for glob in route.upstream.settings.push_only):
+            return None
+        return route
+
     # -- blobs ---------------------------------------------------------------
 
     async def blob(
@@ -91,18 +115,31 @@ class Registry:
         """The blob ``digest`` as seen from repository ``name``: on local disk, or its fill
         in flight from S3 or an upstream (only its size, without ``fetch``: a HEAD must not
         copy gigabytes). Pushed content answers before upstreams."""
-        route = self.router.route(name, ns) if self.router else None
+        route = self.route(name, ns)
+        if route is not None:
+            # Confirmed upstream for this name and on local disk: the very bytes a pushed
+            # link would give, served without asking S3 (which may be slow, or hung).
+            held = await self.pullthrough.held_blob(route, digest)
+            if held is not None:
+                return held
         try:
             linked = await self.is_linked(name, digest)
         except Unavailable:
-            if route is None:
+            if route is None and fetch:
                 raise
+            if route is None:  # a probe: the client uploads, and its PUT tries S3 anew
+                raise BlobUnknown(
+                    f"blob {digest} is not known here while S3 is unavailable",
+                    {"digest": str(digest)},
+                ) from None
             log.warning("shared store down; %s@%s goes to the upstream", name, digest)
             linked = False
         if not linked:
             if route is None:
                 raise BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
-            return await self.pullthrough.blob(route, digest, fetch=fetch)
+            if not fetch:
+                return await self._probe(name, route, digest)
+            return await self.pullthrough.blob(route, digest)
         key = layout.blob_data(digest)
         try:
             return StoredBlob(self.local.path(key), await self.local.stat(key))
@@ -124,6 +161,39 @@ class Registry:
                 raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
 
         return await self.fills.fetch(digest, from_shared)
+
+    async def _probe(self, name: str, route: Route, digest: Digest) -> StoredBlob | RemoteBlob:
+        """A HEAD of a blob ``name`` has not linked, as docker, podman and skopeo send for
+        every layer before pushing it. The upstream is asked only when this name has
+        nothing pushed (a first push building on an upstream image finds its base layers
+        there, and the manifest PUT adopts them: :meth:`_adopt`), and whatever goes wrong
+        there is a 404, counted, so the client uploads: pushes never depend on upstreams.
+        """
+        unknown = BlobUnknown(f"blob {digest} is not known in {name}", {"digest": str(digest)})
+        if not await self.pullthrough.confirmed(route, digest) and await self._has_pushed(name):
+            raise unknown
+        try:
+            found = await asyncio.wait_for(
+                self.pullthrough.blob(route, digest, fetch=False), PROBE_TIMEOUT
+            )
+        except TimeoutError as exc:  # the upstream request goes on, shielded, for others
+            if self._on_upstream_error is not None:
+                self._on_upstream_error(route.upstream.registry_host, "unavailable")
+            log.warning("blob probe %s@%s: upstream %s timed out", name, digest, route.upstream)
+            raise unknown from exc
+        except (UpstreamUnavailable, UpstreamDenied, TooManyRequests) as exc:  # counted there
+            log.info("blob probe %s@%s: upstream %s failed: %s", name, digest, route.upstream, exc)
+            raise unknown from exc
+        assert not isinstance(found, Fill)  # not fetched
+        return found
+
+    async def _has_pushed(self, name: str) -> bool:
+        """Whether ``name`` holds pushed content (registry:2: it has layer or manifest links)."""
+        try:
+            children = await self.links.list(layout.repository(name))
+        except Unavailable:
+            return False  # unknown: the upstream may still answer the probe
+        return "_layers" in children or "_manifests" in children
 
     async def is_linked(self, name: str, digest: Digest) -> bool:
         return await self.links.exists(layout.layer_link(name, digest)) or await self.links.exists(
@@ -147,8 +217,14 @@ class Registry:
 
     async def _to_shared(self, key: str, source: Path) -> None:
         """With S3, make sure it holds ``key``: a pushed blob is durable there first."""
-        if self.shared is not None and not await _exists(self.shared, key):
-            await self.shared.put_file(key, source)
+        if self.shared is None:
+            return
+        try:
+            if await _exists(self.shared, key):
+                return
+        except StorageUnavailable:
+            pass  # not known (reads may be skipping S3 after a failure): the write is tried
+        await self.shared.put_file(key, source)
 
     async def _link_pushed(self, name: str, digest: Digest) -> None:
         """Link a blob now on local disk into ``name`` and record it in the cache: without
@@ -158,10 +234,15 @@ class Registry:
         self.cache.added(digest, size, evictable=self.shared is not None)
 
     async def mount(self, name: str, source: str, digest: Digest) -> bool:
-        """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it."""
-        if not await self.is_linked(source, digest):
-            return False
-        if not await _exists(self.primary, layout.blob_data(digest)):
+        """Link a blob that ``source`` holds into ``name``; False when ``source`` lacks it,
+        or when S3 cannot tell now (the client then uploads: a push does not wait on a
+        read S3 cannot answer; its upload tries S3 anew)."""
+        try:
+            if not await self.is_linked(source, digest):
+                return False
+            if not await _exists(self.primary, layout.blob_data(digest)):
+                return False
+        except (Unavailable, StorageUnavailable):
             return False
         await self.links.write(layout.layer_link(name, digest), digest)
         return True
@@ -183,7 +264,12 @@ class Registry:
         accept: Sequence[str] = (),
     ) -> Manifest:
         """A pushed manifest, else (when an upstream serves ``name``) a pulled one."""
-        route = self.router.route(name, ns) if self.router else None
+        route = self.route(name, ns)
+        if route is not None and isinstance(reference, Digest):
+            # Same bytes whoever holds them: what was pulled here needs no S3 read.
+            held = await self.pullthrough.held_manifest(route, reference)
+            if held is not None:
+                return held
         try:
             return await self.pushed_manifest(name, reference)
         except ManifestUnknown:
@@ -288,13 +374,13 @@ class Registry:
         said exist (base layers, typically): they are copied into the pushed store, to
         S3 as well, so the pushed manifest never names a blob the store lacks.
         """
-        route = self.router.route(name) if self.router else None
+        route = self.route(name)
         if route is None:
             return False
         try:
             found = await self.pullthrough.blob(route, digest)
-        except BlobUnknown:
-            return False
+        except (BlobUnknown, UpstreamDenied):
+            return False  # an upstream outage stays a 503: the client may retry
         assert not isinstance(found, RemoteBlob)  # fetched: local, or filling
         async with self.cache.holding(digest):
             path = found.path if isinstance(found, StoredBlob) else await found.wait()
@@ -307,11 +393,10 @@ class Registry:
         cached = self._manifests.get(digest)
         if cached is not None:
             return cached
-        key = layout.blob_data(digest)
         try:
-            raw = await self.local.get(key)  # evicted: read again from S3
-        except PathNotFound:
-            raw = await self._fetch_manifest(key, digest)
+            raw = await read_manifest(self.local, digest)
+        except PathNotFound:  # evicted: read again from S3
+            raw = await self._fetch_manifest(digest)
         try:
             manifest = parse(raw, None, digest)
         except ManifestInvalid:
@@ -320,16 +405,15 @@ class Registry:
         self._manifests[digest] = manifest
         return manifest
 
-    async def _fetch_manifest(self, key: str, digest: Digest) -> bytes:
+    async def _fetch_manifest(self, digest: Digest) -> bytes:
+        """A linked manifest from S3: bounded by the cap and verified (read_manifest)."""
         if self.shared is None:
             raise ManifestUnknown(f"manifest {digest} is not stored")
         try:
-            raw = await self.shared.get(key)
+            raw = await read_manifest(self.shared, digest)
         except PathNotFound as exc:
             raise ManifestUnknown(f"manifest {digest} is not stored") from exc
-        if Digest.of(raw, digest.algorithm) != digest:
-            raise ManifestUnknown(f"the shared store holds other bytes for manifest {digest}")
-        await self.local.put(key, raw)
+        await self.local.put(layout.blob_data(digest), raw)
         self.cache.added(digest, len(raw), evictable=True)  # S3 holds it
         return raw
 

@@ -729,7 +729,7 @@ async def test_a_tag_served_within_its_ttl_writes_nothing(
 class UnreachableS3:
     """A shared store that is down: every call fails as an S3 outage does."""
 
-    async def _down(self, *_: object) -> Any:
+    async def _down(self, *_: object, **__: object) -> Any:
         raise StorageUnavailable("S3 is down (test)")
 
     get = put = stat = put_file = _down

@@ -20,12 +20,24 @@ class StorageUnavailable(Exception):
     """The backend could not be reached or failed; the request may succeed later."""
 
 
+class TooLarge(Exception):
+    """The content at the key is larger than the caller's limit; it was not read."""
+
+    def __init__(self, key: str, size: int | None, limit: int):
+        over = f"{size} bytes" if size is not None else "more bytes"
+        super().__init__(f"{key} holds {over}; at most {limit} are read")
+        self.size = size
+        self.limit = limit
+
+
 class Driver(ABC):
     name: str
 
     @abstractmethod
-    async def get(self, key: str) -> bytes:
-        """The whole (small) content at ``key``."""
+    async def get(self, key: str, *, limit: int | None = None) -> bytes:
+        """The whole (small) content at ``key``. With ``limit``, :class:`TooLarge` when
+        it holds more than ``limit`` bytes, known before they are read: never more than
+        ``limit + 1`` bytes are held in memory."""
 
     @abstractmethod
     async def put(self, key: str, data: bytes) -> None:

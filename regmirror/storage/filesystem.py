@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 
 CHUNK = 1024 * 1024
 TEMP_PREFIX = ".tmp-"
@@ -35,8 +35,8 @@ class FilesystemDriver(Driver):
             raise ValueError(f"invalid storage key {key!r}")
         return self.root.joinpath(*parts)
 
-    async def get(self, key: str) -> bytes:
-        return await asyncio.to_thread(self._get, self.path(key))
+    async def get(self, key: str, *, limit: int | None = None) -> bytes:
+        return await asyncio.to_thread(self._get, self.path(key), limit)
 
     async def put(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(write_atomic, self.path(key), data)
@@ -75,11 +75,20 @@ class FilesystemDriver(Driver):
             handle.close()
 
     @staticmethod
-    def _get(path: Path) -> bytes:
+    def _get(path: Path, limit: int | None) -> bytes:
         try:
-            return path.read_bytes()
+            with open(path, "rb") as handle:
+                if limit is None:
+                    return handle.read()
+                size = os.fstat(handle.fileno()).st_size
+                if size > limit:
+                    raise TooLarge(str(path), size, limit)
+                data = handle.read(limit + 1)  # the file may have grown since fstat
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise PathNotFound(str(path)) from exc
+        if len(data) > limit:
+            raise TooLarge(str(path), None, limit)
+        return data
 
     @staticmethod
     def _stat(path: Path) -> int:

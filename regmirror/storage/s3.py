@@ -36,7 +36,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from regmirror.config import S3Settings
-from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,31 @@ class S3Driver(Driver):
             raise ValueError(f"invalid storage key {key!r}")
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, limit: int | None = None) -> bytes:
         def get() -> bytes:
-            response = self._client.get_object(Bucket=self.bucket, Key=self.key(key))
+            args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(key)}
+            if limit is not None:  # one request, and at most limit + 1 bytes come back
+                args["Range"] = f"bytes=0-{limit}"
+            try:
+                response = self._client.get_object(**args)
+            except ClientError as exc:
+                if (
+                    limit is not None
+                    and exc.response.get("Error", {}).get("Code") == "InvalidRange"
+                ):
+                    return b""  # S3 refuses any range of an empty object
+                raise
             with response["Body"] as body:
+                # A store that ignored the Range says the whole size in Content-Length.
+                total = _content_range_total(response.get("ContentRange"))
+                if total is None:
+                    total = response.get("ContentLength")
+                if limit is not None and total is not None and total > limit:
+                    raise TooLarge(key, total, limit)  # the body is not read
                 data: bytes = body.read()
-                return data
+            if limit is not None and len(data) > limit:
+                raise TooLarge(key, None, limit)  # a store that ignored the Range
+            return data
 
         return await self._run(key, get)
 
@@ -262,7 +281,7 @@ class S3Driver(Driver):
                 if not self._clock.correct(client_error(exc)):
                     raise
             return call()  # once more, signed with the corrected clock
-        except PathNotFound:
+        except (PathNotFound, TooLarge):
             raise
         except (ClientError, S3UploadFailedError) as exc:
             error = client_error(exc)
@@ -271,6 +290,12 @@ class S3Driver(Driver):
             raise StorageUnavailable(f"s3: {describe(error or exc)}") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable(f"s3: {exc}") from exc
+
+
+def _content_range_total(header: str | None) -> int | None:
+    """The object's full size from ``Content-Range: bytes 0-9/1234``."""
+    total = (header or "").rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
 
 
 def client_error(exc: BaseException) -> ClientError | None:
