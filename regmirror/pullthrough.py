@@ -2,10 +2,12 @@
 
 Tags are mutable: a tag's digest is trusted for the upstream's ``tag_ttl``, then
 revalidated with a HEAD (cheap, and not counted against Docker Hub's pull limit);
-when the upstream fails, the last known digest is served (stale-if-error).
+when the upstream fails, the last known digest is served (stale-if-error). One tag
+has one digest per representation (what the upstream answers a given ``Accept``, see
+:mod:`regmirror.negotiation`), and each is cached, revalidated and recorded on its own.
 Digests are immutable and kept until evicted. Identical concurrent requests
-share one upstream request: manifests by (repository, reference), blobs by
-digest (through :class:`~regmirror.fill.Fills`).
+share one upstream request: manifests by (repository, reference, representation),
+blobs by digest (through :class:`~regmirror.fill.Fills`).
 
 What was pulled is recorded under its own link tree (``<data>/proxy``, registry:2's
 layout, keyed by upstream host and upstream repository name), apart from pushed
@@ -35,6 +37,7 @@ from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
 from regmirror.manifest import Manifest, media_type_of, parse
+from regmirror.negotiation import EVERYTHING, Representation, negotiate
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import RemoteBlob, StoredBlob
@@ -67,8 +70,8 @@ class PullThrough:
         self.shared = shared
         self.write_back = write_back and shared is not None
         self._on_upstream_error = on_upstream_error
-        # (cache name, tag) -> (digest, when last confirmed upstream)
-        self._tags: LRUCache[tuple[str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
+        # (cache name, tag, representation) -> (digest, when last confirmed upstream)
+        self._tags: LRUCache[tuple[str, str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -77,50 +80,67 @@ class PullThrough:
     async def manifest(
         self, route: Route, reference: str | Digest, accept: Sequence[str]
     ) -> Manifest:
+        """The manifest ``reference`` names upstream. A tag is resolved, cached, coalesced
+        and recorded per representation (see :mod:`regmirror.negotiation`): what the
+        upstream answers a client with this ``Accept``, never another client's answer."""
         name = cache_name(route)
-        return await self._once(
-            ("manifest", name, str(reference)),
-            lambda: self._manifest(route, name, reference, accept),
-        )
+        key: tuple[str, ...]
+        if isinstance(reference, Digest):
+            wanted, key = EVERYTHING, ("manifest", name, str(reference))
+        else:
+            wanted = negotiate(accept)
+            key = ("manifest", name, reference, wanted.key)
+        return await self._once(key, lambda: self._manifest(route, name, reference, wanted))
 
     async def _manifest(
-        self, route: Route, name: str, reference: str | Digest, accept: Sequence[str]
+        self, route: Route, name: str, reference: str | Digest, wanted: Representation
     ) -> Manifest:
+        # A digest names one representation: there is nothing to negotiate, and what is
+        # served must not depend on whether it was cached, so the upstream is offered
+        # every type (registry:2 refuses an OCI digest to an Accept without its type).
         if isinstance(reference, Digest):
-            return await self._by_digest(route, name, reference, accept)
-        digest, confirmed = await self._resolve_tag(route, name, reference, accept)
-        manifest = await self._by_digest(route, name, digest, accept)
+            return await self._by_digest(route, name, reference, EVERYTHING.accept)
+        digest, confirmed = await self._resolve_tag(route, name, reference, wanted)
+        manifest = await self._by_digest(route, name, digest, EVERYTHING.accept)
         if confirmed:  # recorded once per revalidation, not on every pull
-            await self.links.write(layout.tag_current_link(name, reference), digest)
+            await self.links.write(tag_link(name, reference, wanted), digest)
         return manifest
 
     async def _resolve_tag(
-        self, route: Route, name: str, tag: str, accept: Sequence[str]
+        self, route: Route, name: str, tag: str, wanted: Representation
     ) -> tuple[Digest, bool]:
-        """The tag's digest, and whether the upstream has just confirmed it."""
-        known = self._tags.get((name, tag))
+        """The tag's digest in representation ``wanted``, and whether the upstream has
+        just confirmed it."""
+        known = self._tags.get((name, tag, wanted.key))
         now = time.monotonic()
         if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
             return known[0], False
         try:
-            head = await self._ask(route, route.upstream.head_manifest(route.name, tag, accept))
+            head = await self._ask(
+                route, route.upstream.head_manifest(route.name, tag, wanted.accept)
+            )
         except (UpstreamUnavailable, TooManyRequests) as exc:
-            stale = known[0] if known is not None else await self._last_known(name, tag)
+            stale = known[0] if known is not None else await self._last_known(name, tag, wanted)
             if stale is None:
                 raise
             log.warning(
-                "upstream %s failed (%s); serving %s:%s stale", route.upstream, exc, name, tag
+                "upstream %s failed (%s); serving %s:%s stale (to clients accepting %s)",
+                route.upstream,
+                exc,
+                name,
+                tag,
+                wanted,
             )
             # Asked again after another TTL, so that a hung upstream delays one pull
             # per TTL instead of every pull.
-            self._tags[(name, tag)] = (stale, time.monotonic())
+            self._tags[(name, tag, wanted.key)] = (stale, time.monotonic())
             return stale, False
-        self._tags[(name, tag)] = (head.digest, now)
+        self._tags[(name, tag, wanted.key)] = (head.digest, now)
         return head.digest, True
 
-    async def _last_known(self, name: str, tag: str) -> Digest | None:
+    async def _last_known(self, name: str, tag: str, wanted: Representation) -> Digest | None:
         try:
-            return await self.links.read(layout.tag_current_link(name, tag))
+            return await self.links.read(tag_link(name, tag, wanted))
         except PathNotFound:
             return None
 
@@ -283,6 +303,15 @@ class PullThrough:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def tag_link(name: str, tag: str, wanted: Representation) -> str:
+    """Where a tag's digest in one representation is recorded (proxy tree): registry:2's
+    ``current/link`` for the representation of every type, which is what registry:2
+    would serve from it; ``accept/<representation>/link`` beside it for the others."""
+    if wanted.everything:
+        return layout.tag_current_link(name, tag)
+    return f"{layout.tag(name, tag)}/accept/{wanted.key}/link"
 
 
 def cache_name(route: Route) -> str:
