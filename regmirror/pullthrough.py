@@ -18,6 +18,7 @@ local content-addressed store.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAG_ENTRIES = 100_000
+TAG_LIST_TAGS = 1_000_000  # tags kept in memory across every cached tag list
 
 
 class PullThrough:
@@ -72,6 +74,10 @@ class PullThrough:
         self._on_upstream_error = on_upstream_error
         # (cache name, tag, representation) -> (digest, when last confirmed upstream)
         self._tags: LRUCache[tuple[str, str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
+        # cache name -> (its tags upstream, sorted; when last fetched)
+        self._tag_lists: LRUCache[str, tuple[list[str], float]] = LRUCache(
+            TAG_LIST_TAGS, getsizeof=lambda entry: len(entry[0]) + 1
+        )
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -201,6 +207,52 @@ class PullThrough:
         self.manifests[digest] = manifest
         return manifest
 
+    # -- tag lists -----------------------------------------------------------
+
+    async def tags(self, route: Route) -> list[str]:
+        """The upstream's tags of the route's repository, sorted: fetched whole (every
+        ``Link`` page) once per ``tag_ttl`` for all concurrent callers, and when the
+        upstream fails the last list fetched (also by a previous process) is served."""
+        name = cache_name(route)
+        known = self._tag_lists.get(name)
+        if known is not None and time.monotonic() - known[1] < route.upstream.settings.tag_ttl:
+            return known[0]
+        return await self._once(("tags", name), lambda: self._fetch_tags(route, name))
+
+    async def _fetch_tags(self, route: Route, name: str) -> list[str]:
+        known = self._tag_lists.get(name)
+        now = time.monotonic()
+        if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
+            return known[0]  # fetched while this caller waited for its turn
+        try:
+            tags = sorted(set(await self._ask(route, route.upstream.list_tags(route.name))))
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            stale = known[0] if known is not None else await self._last_tag_list(name)
+            if stale is None:
+                raise
+            log.warning(
+                "upstream %s failed (%s); serving the tags of %s stale", route.upstream, exc, name
+            )
+            self._tag_lists[name] = (stale, time.monotonic())  # ask again after a TTL
+            return stale
+        self._tag_lists[name] = (tags, now)
+        if known is None or known[0] != tags:
+            await self.links.primary.put(tag_list_key(name), json.dumps(tags).encode())
+        return tags
+
+    async def _last_tag_list(self, name: str) -> list[str] | None:
+        try:
+            raw = await self.links.primary.get(tag_list_key(name))
+        except PathNotFound:
+            return None
+        try:
+            tags = json.loads(raw)
+        except ValueError:
+            return None  # not a list we wrote: as good as none
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            return None
+        return tags
+
     # -- blobs ---------------------------------------------------------------
 
     async def blob(
@@ -312,6 +364,12 @@ def tag_link(name: str, tag: str, wanted: Representation) -> str:
     if wanted.everything:
         return layout.tag_current_link(name, tag)
     return f"{layout.tag(name, tag)}/accept/{wanted.key}/link"
+
+
+def tag_list_key(name: str) -> str:
+    """Where the last tag list fetched for a cache name is kept (proxy tree; no
+    repository name component can start with ``_``)."""
+    return f"{layout.repository(name)}/_tags/list.json"
 
 
 def cache_name(route: Route) -> str:
