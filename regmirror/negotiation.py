@@ -12,13 +12,20 @@ exactly that set.
 An ``Accept`` that names none of them (absent, ``*/*``, only other types) accepts any
 type (RFC 9110 §12.5.1): it is the representation of every type, the one a client
 that understands everything gets. Quality values are ignored, as registry:2 does.
+
+An upstream that ignores ``Accept`` and answers a list or index to a client that
+reads neither gets the same treatment registry:2 and Docker Hub give such a client:
+the linux/amd64 image of it (:func:`default_image`), or nothing.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from regmirror.digest import Digest
+from regmirror.errors import DigestInvalid
 from regmirror.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
 # In the order they are offered upstream: the richest first.
@@ -62,3 +69,30 @@ def negotiate(accept: Iterable[str]) -> Representation:
     """The representation a request's ``Accept`` media types (parameters stripped) ask for."""
     named = frozenset(t.strip().lower() for t in accept) & EVERYTHING.types
     return Representation(named) if named else EVERYTHING
+
+
+# The platform registry:2 (its build's) and Docker Hub pick from a list for a client
+# that cannot read lists.
+DEFAULT_PLATFORM = {"os": "linux", "architecture": "amd64"}
+
+
+def default_image(index: bytes) -> tuple[str, Digest] | None:
+    """The media type and digest of the linux/amd64 image an index or list names;
+    None when it names none (or is not one)."""
+    try:
+        body = json.loads(index)
+    except ValueError:
+        return None
+    entries = body.get("manifests") if isinstance(body, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("platform"), dict):
+            continue
+        platform = entry["platform"]
+        if all(platform.get(k) == v for k, v in DEFAULT_PLATFORM.items()):
+            media_type, digest = entry.get("mediaType"), entry.get("digest")
+            if isinstance(media_type, str) and isinstance(digest, str):
+                try:
+                    return media_type, Digest.parse(digest)
+                except DigestInvalid:
+                    return None
+    return None

@@ -30,6 +30,7 @@ from regmirror import layout
 from regmirror.digest import Digest
 from regmirror.errors import (
     ManifestInvalid,
+    ManifestUnknown,
     TooManyRequests,
     UpstreamDenied,
     UpstreamUnavailable,
@@ -37,8 +38,8 @@ from regmirror.errors import (
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
-from regmirror.manifest import Manifest, media_type_of, parse
-from regmirror.negotiation import EVERYTHING, Representation, negotiate
+from regmirror.manifest import INDEX_TYPES, Manifest, media_type_of, parse
+from regmirror.negotiation import EVERYTHING, Representation, default_image, negotiate
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import RemoteBlob, StoredBlob
@@ -110,7 +111,24 @@ class PullThrough:
         manifest = await self._by_digest(route, name, digest, EVERYTHING.accept)
         if confirmed:  # recorded once per revalidation, not on every pull
             await self.links.write(tag_link(name, reference, wanted), digest)
+        if manifest.media_type in INDEX_TYPES and manifest.media_type not in wanted.types:
+            return await self._default_image(route, name, reference, manifest, wanted)
         return manifest
+
+    async def _default_image(
+        self, route: Route, name: str, tag: str, index: Manifest, wanted: Representation
+    ) -> Manifest:
+        """The upstream ignored the client's ``Accept`` and answered a list or index it
+        cannot read: its linux/amd64 image instead, as registry:2 and Docker Hub answer
+        such a client, when the client reads that; else nothing."""
+        image = default_image(index.raw)
+        if image is None or image[0] not in wanted.types:
+            raise ManifestUnknown(
+                f"{name}:{tag} is a {index.media_type}, and it names no linux/amd64 image "
+                f"of a type the client accepts ({wanted})",
+                {"tag": tag},
+            )
+        return await self._by_digest(route, name, image[1], EVERYTHING.accept)
 
     async def _resolve_tag(
         self, route: Route, name: str, tag: str, wanted: Representation

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
 from regmirror.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from tests.support.oci_layout import Blob, Image, build_image
@@ -64,6 +66,19 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
     async with upstream_proxy(upstream_registry.url) as running:
         yield running
+
+
+@dataclass
+class AcceptIgnoringProxy(UpstreamProxy):
+    """An upstream that ignores ``Accept``: every manifest request reaches registry:2
+    as if the client accepted every type, so a tag is always its list or index."""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if "/manifests/" in request.path:
+            headers = CIMultiDict(request.headers)
+            headers["Accept"] = ", ".join(EVERYTHING)
+            request = request.clone(headers=headers)
+        return await super()._handle(request)
 
 
 # -- content --------------------------------------------------------------------------
@@ -278,6 +293,42 @@ async def test_stale_if_error_serves_each_representation_its_own_digest_also_aft
             assert_served(
                 await ask(http, restarted.url, repo, "v1", accept), wanted[accept], accept
             )
+
+
+@pytest.mark.parametrize("kind", ["docker", "oci"])
+async def test_an_index_from_an_upstream_that_ignores_accept_is_never_served_to_an_old_client(
+    regmirror_server: Start,
+    upstream_registry: ServerProcess,
+    http: aiohttp.ClientSession,
+    kind: str,
+) -> None:
+    """The upstream has what the old client reads (the linux/amd64 image); the client
+    gets that, as registry:2 and Docker Hub would answer it, never the index."""
+    repo = f"neg/ignoring-{kind}"
+    pushed = await push_multi_platform(http, upstream_registry.url, repo, "v1", kind=kind, seed=47)
+    amd64 = pushed.children["linux/amd64"]
+    async with aiohttp.ClientSession() as session:
+        ignoring = AcceptIgnoringProxy(target=upstream_registry.url, session=session)
+        await ignoring.start()
+        try:
+            server = regmirror_server(env=upstream_env(ignoring.url))
+            only = (amd64.media_type,)
+            for accept in (only, EVERYTHING, only):
+                wanted = pushed.top if accept == EVERYTHING else amd64
+                for method in ("GET", "HEAD"):
+                    got = await ask(http, server.url, repo, "v1", accept, method)
+                    assert (got.status, got.digest, got.media_type) == (
+                        200,
+                        wanted.digest,
+                        wanted.media_type,
+                    )
+                    assert got.body == (wanted.data if method == "GET" else b"")
+            # A client that reads neither the index nor its images: nothing to serve.
+            other = DOCKER_MANIFEST if kind == "oci" else OCI_MANIFEST
+            got = await ask(http, server.url, repo, "v1", (other,))
+            assert got.status == 404
+        finally:
+            await ignoring.stop()
 
 
 @pytest.mark.parametrize("kind", ["docker", "oci"])
