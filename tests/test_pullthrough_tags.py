@@ -9,6 +9,7 @@ hold tag list requests until a herd is in. Clients are aiohttp and skopeo.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -21,6 +22,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from regmirror.config import UpstreamSettings
+from regmirror.errors import NameUnknown, UpstreamUnavailable
+from regmirror.upstream import Upstream
 from tests.support.oci_layout import build_image
 from tests.support.processes import ServerProcess, regmirror_server, run_regmirror
 from tests.support.pullthrough import (
@@ -34,7 +38,7 @@ from tests.support.pullthrough import (
     upstream_env,
 )
 from tests.support.skopeo import Skopeo
-from tests.support.upstream import upstream_registry
+from tests.support.upstream import serve, upstream_registry
 
 __all__ = ["regmirror_server", "upstream_registry"]
 
@@ -362,3 +366,106 @@ async def test_skopeo_syncs_a_whole_mirrored_repository(
     assert sorted(synced) == ["sync:v1", "sync:v2", "sync:v3"], sorted(out.rglob("*"))
     for tag, image in images.items():
         assert (synced[f"sync:{tag}"] / "manifest.json").read_bytes() == image.manifest.data
+
+
+# -- the upstream client's tag list, against a fake upstream of these tests' own -------
+
+
+@dataclass
+class FakeTagPages:
+    """A registry front that only lists tags: each page (by path and query) is a body
+    and an optional ``Link``; every request needs the token ``/token`` hands out."""
+
+    pages: dict[str, tuple[bytes, str | None]]
+    url: str = ""
+    scopes: list[str] = field(default_factory=list)
+    asked: list[str] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/token", self._token)
+        app.router.add_get("/v2/{path:.*}", self._page)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.scopes += request.query.getall("scope", [])
+        return web.json_response({"token": "t0k", "expires_in": 300})
+
+    async def _page(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer t0k":
+            scope = "repository:lt/fake:pull"
+            challenge = f'Bearer realm="{self.url}/token",service="fake",scope="{scope}"'
+            return web.json_response({}, status=401, headers={"WWW-Authenticate": challenge})
+        self.asked.append(request.path_qs)
+        if request.path_qs not in self.pages:
+            return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
+        body, link = self.pages[request.path_qs]
+        return web.Response(body=body, headers={"Link": link} if link else {})
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream(
+    pages: dict[str, tuple[bytes, str | None]],
+) -> AsyncIterator[tuple[Upstream, FakeTagPages]]:
+    fake = FakeTagPages(pages)
+    async with serve(fake.app()) as url, aiohttp.ClientSession() as session:
+        fake.url = url
+        yield Upstream(UpstreamSettings(url=url), session), fake
+
+
+def page(*tags: object) -> bytes:
+    return json.dumps({"name": "lt/fake", "tags": list(tags)}).encode()
+
+
+LIST = "/v2/lt/fake/tags/list"
+
+
+async def test_the_upstream_client_follows_link_pages_with_its_token() -> None:
+    async with fake_upstream({}) as (upstream, fake):
+        fake.pages.update(
+            {
+                LIST: (page("a", "b"), f'<{fake.url}{LIST}?n=2&last=b>; rel="next"'),
+                f"{LIST}?n=2&last=b": (
+                    page("c", "../up", 7, "d"),
+                    f'<{LIST}?n=2&last=d>; rel="next"',
+                ),
+                f"{LIST}?n=2&last=d": (page("e"), None),
+            }
+        )
+        assert await upstream.list_tags("lt/fake") == ["a", "b", "c", "d", "e"]
+    assert fake.asked == [LIST, f"{LIST}?n=2&last=b", f"{LIST}?n=2&last=d"]
+    assert set(fake.scopes) == {"repository:lt/fake:pull"}
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        {LIST: (page("a"), '<http://elsewhere.test/v2/lt/fake/tags/list?last=a>; rel="next"')},
+        {LIST: (page("a"), '</v2/lt/other/tags/list?last=a>; rel="next"')},
+        {
+            LIST: (page("a"), f'<{LIST}?last=a>; rel="next"'),
+            f"{LIST}?last=a": (page("b"), f'<{LIST}?last=a>; rel="next"'),
+        },
+        {LIST: (b"<html>not json</html>", None)},
+        {LIST: (json.dumps({"tags": "a"}).encode(), None)},
+    ],
+    ids=["other-origin", "other-repository", "loop", "not-json", "not-a-list"],
+)
+async def test_the_upstream_client_refuses_tag_pages_it_cannot_trust(
+    pages: dict[str, tuple[bytes, str | None]],
+) -> None:
+    async with fake_upstream(pages) as (upstream, _):
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.list_tags("lt/fake")
+
+
+async def test_the_upstream_client_lists_no_tags_for_null_and_none_for_an_unknown_name() -> None:
+    async with fake_upstream(
+        {LIST: (json.dumps({"name": "lt/fake", "tags": None}).encode(), None)}
+    ) as (
+        upstream,
+        _,
+    ):
+        assert await upstream.list_tags("lt/fake") == []
+        with pytest.raises(NameUnknown):
+            await upstream.list_tags("lt/unknown")
