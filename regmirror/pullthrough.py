@@ -255,7 +255,10 @@ class PullThrough:
             return stale
         self._tag_lists[name] = (tags, now)
         if known is None or known[0] != tags:
-            await self.links.primary.put(tag_list_key(name), json.dumps(tags).encode())
+            try:  # for stale-if-error after a restart; this answer does not depend on it
+                await self.links.primary.put(tag_list_key(name), json.dumps(tags).encode())
+            except (OSError, StorageUnavailable) as exc:
+                log.warning("recording the tags of %s failed: %s", name, exc)
         return tags
 
     async def _last_tag_list(self, name: str) -> list[str] | None:

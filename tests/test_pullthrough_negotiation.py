@@ -370,3 +370,30 @@ def test_accept_headers_normalise_to_the_manifest_types_they_name() -> None:
     # Every representation has its own key, fit for a path component; keys are stable.
     keys = {negotiate([t]).key for t in EVERYTHING} | {single.key, everything.key}
     assert len(keys) == 6 and all("/" not in k and k not in ("", ".", "..") for k in keys)
+
+
+def test_the_default_image_of_an_index_is_its_linux_amd64_entry_or_none() -> None:
+    from regmirror.digest import Digest
+    from regmirror.negotiation import default_image
+
+    amd64 = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "a" * 64, "size": 1}
+    arm64 = {**amd64, "digest": "sha256:" + "b" * 64}
+
+    def index(*entries: object) -> bytes:
+        return json.dumps({"schemaVersion": 2, "manifests": list(entries)}).encode()
+
+    found = index(
+        {**arm64, "platform": {"os": "linux", "architecture": "arm64"}},
+        {**amd64, "platform": {"os": "linux", "architecture": "amd64", "variant": "v3"}},
+    )
+    assert default_image(found) == (OCI_MANIFEST, Digest.parse(amd64["digest"]))
+    for garbage in (
+        b"not json",
+        b"[]",
+        json.dumps({"manifests": "x"}).encode(),
+        index({**arm64, "platform": {"os": "linux", "architecture": "arm64"}}),
+        index(amd64),  # no platform
+        index({**amd64, "digest": "md5:x", "platform": {"os": "linux", "architecture": "amd64"}}),
+        index("entry", 5),
+    ):
+        assert default_image(garbage) is None, garbage
