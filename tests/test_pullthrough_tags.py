@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,11 +218,16 @@ async def test_a_tag_list_is_cached_for_the_ttl_then_asked_again(
     proxy: PagingProxy,
     http: aiohttp.ClientSession,
 ) -> None:
-    await tag_upstream(http, upstream_registry, "lt/ttl", ["a", "b"], seed=3)
-    server = regmirror_server(env=upstream_env(proxy.url, tag_ttl=2))
+    ttl = 3.0
+    image = build_image(seed=3, layers=({"f": 10},))
+    await push_image_to(http, upstream_registry.url, "lt/ttl", image, "a")
+    await put_manifest(http, upstream_registry.url, "lt/ttl", "b", image.manifest)
+    server = regmirror_server(env=upstream_env(proxy.url, tag_ttl=ttl))
+    listed = time.monotonic()  # the list is fetched no earlier than this
     assert (await list_tags(http, server, "lt/ttl"))[1] == ["a", "b"]
-    await tag_upstream(http, upstream_registry, "lt/ttl", ["c"], seed=3)
-    assert (await list_tags(http, server, "lt/ttl"))[1] == ["a", "b"]  # within the TTL
+    await put_manifest(http, upstream_registry.url, "lt/ttl", "c", image.manifest)
+    assert (await list_tags(http, server, "lt/ttl"))[1] == ["a", "b"]
+    assert time.monotonic() - listed < ttl, "tagging took longer than the TTL"
     assert proxy.count("GET", "tags") == 1
 
     async def listed_c() -> bool:
