@@ -10,7 +10,11 @@ it answers for one tag depends on the client's ``Accept``:
 
 Each test asks the upstream itself first and expects regmirror to give every client what
 the upstream gives that client, whatever other clients asked before, within the TTL,
-under a herd, from the stale cache and after a restart.
+under a herd, from the stale cache and after a restart. Two choices of regmirror's own:
+a digest is served as stored whatever the Accept (a digest has one representation;
+registry:2's 404 for OCI types by digest is not copied, and the answer must not depend
+on whether it was cached), and an upstream that ignores Accept does not make an old
+client get an index (:class:`AcceptIgnoringProxy`).
 """
 
 from __future__ import annotations
