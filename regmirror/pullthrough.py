@@ -2,10 +2,12 @@
 
 Tags are mutable: a tag's digest is trusted for the upstream's ``tag_ttl``, then
 revalidated with a HEAD (cheap, and not counted against Docker Hub's pull limit);
-when the upstream fails, the last known digest is served (stale-if-error).
+when the upstream fails, the last known digest is served (stale-if-error). One tag
+has one digest per representation (what the upstream answers a given ``Accept``, see
+:mod:`regmirror.negotiation`), and each is cached, revalidated and recorded on its own.
 Digests are immutable and kept until evicted. Identical concurrent requests
-share one upstream request: manifests by (repository, reference), blobs by
-digest (through :class:`~regmirror.fill.Fills`).
+share one upstream request: manifests by (repository, reference, representation),
+blobs by digest (through :class:`~regmirror.fill.Fills`).
 
 What was pulled is recorded under its own link tree (``<data>/proxy``, registry:2's
 layout, keyed by upstream host and upstream repository name), apart from pushed
@@ -22,6 +24,7 @@ digest alone would serve pushed content under any name routed to an upstream.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -34,6 +37,7 @@ from regmirror.digest import Digest
 from regmirror.errors import (
     ManifestInvalid,
     ManifestTooLarge,
+    ManifestUnknown,
     TooManyRequests,
     UpstreamDenied,
     UpstreamUnavailable,
@@ -41,7 +45,8 @@ from regmirror.errors import (
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
 from regmirror.links import LinkStore
-from regmirror.manifest import MAX_MANIFEST_BYTES, Manifest, media_type_of, parse
+from regmirror.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, Manifest, media_type_of, parse
+from regmirror.negotiation import EVERYTHING, Representation, default_image, negotiate
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.stored import RemoteBlob, StoredBlob
@@ -51,6 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TAG_ENTRIES = 100_000
+TAG_LIST_TAGS = 1_000_000  # tags kept in memory across every cached tag list
 
 
 class PullThrough:
@@ -74,8 +80,12 @@ class PullThrough:
         self.shared = shared
         self.write_back = write_back and shared is not None
         self._on_upstream_error = on_upstream_error
-        # (cache name, tag) -> (digest, when last confirmed upstream)
-        self._tags: LRUCache[tuple[str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
+        # (cache name, tag, representation) -> (digest, when last confirmed upstream)
+        self._tags: LRUCache[tuple[str, str, str], tuple[Digest, float]] = LRUCache(TAG_ENTRIES)
+        # cache name -> (its tags upstream, sorted; when last fetched)
+        self._tag_lists: LRUCache[str, tuple[list[str], float]] = LRUCache(
+            TAG_LIST_TAGS, getsizeof=lambda entry: len(entry[0]) + 1
+        )
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -84,51 +94,85 @@ class PullThrough:
     async def manifest(
         self, route: Route, reference: str | Digest, accept: Sequence[str]
     ) -> Manifest:
+        """The manifest ``reference`` names upstream. A tag is resolved, cached, coalesced
+        and recorded per representation (see :mod:`regmirror.negotiation`): what the
+        upstream answers a client with this ``Accept``, never another client's answer."""
         name = cache_name(route)
-        return await self._once(
-            ("manifest", name, str(reference)),
-            lambda: self._manifest(route, name, reference, accept),
-        )
+        key: tuple[str, ...]
+        if isinstance(reference, Digest):
+            wanted, key = EVERYTHING, ("manifest", name, str(reference))
+        else:
+            wanted = negotiate(accept)
+            key = ("manifest", name, reference, wanted.key)
+        return await self._once(key, lambda: self._manifest(route, name, reference, wanted))
 
     async def _manifest(
-        self, route: Route, name: str, reference: str | Digest, accept: Sequence[str]
+        self, route: Route, name: str, reference: str | Digest, wanted: Representation
     ) -> Manifest:
+        # A digest names one representation: there is nothing to negotiate, and what is
+        # served must not depend on whether it was cached, so the upstream is offered
+        # every type (registry:2 refuses an OCI digest to an Accept without its type).
         if isinstance(reference, Digest):
-            return await self._by_digest(route, name, reference, accept)
-        digest, confirmed = await self._resolve_tag(route, name, reference, accept)
+            return await self._by_digest(route, name, reference, EVERYTHING.accept)
+        digest, confirmed = await self._resolve_tag(route, name, reference, wanted)
         # The upstream named this digest for the tag (now, or when it was cached).
-        manifest = await self._by_digest(route, name, digest, accept, named=True)
+        manifest = await self._by_digest(route, name, digest, EVERYTHING.accept, named=True)
         if confirmed:  # recorded once per revalidation, not on every pull
-            await self.links.write(layout.tag_current_link(name, reference), digest)
+            await self.links.write(tag_link(name, reference, wanted), digest)
+        if manifest.media_type in INDEX_TYPES and manifest.media_type not in wanted.types:
+            return await self._default_image(route, name, reference, manifest, wanted)
         return manifest
 
+    async def _default_image(
+        self, route: Route, name: str, tag: str, index: Manifest, wanted: Representation
+    ) -> Manifest:
+        """The upstream ignored the client's ``Accept`` and answered a list or index it
+        cannot read: its linux/amd64 image instead, as registry:2 and Docker Hub answer
+        such a client, when the client reads that; else nothing."""
+        image = default_image(index.raw)
+        if image is None or image[0] not in wanted.types:
+            raise ManifestUnknown(
+                f"{name}:{tag} is a {index.media_type}, and it names no linux/amd64 image "
+                f"of a type the client accepts ({wanted})",
+                {"tag": tag},
+            )
+        return await self._by_digest(route, name, image[1], EVERYTHING.accept, named=True)
+
     async def _resolve_tag(
-        self, route: Route, name: str, tag: str, accept: Sequence[str]
+        self, route: Route, name: str, tag: str, wanted: Representation
     ) -> tuple[Digest, bool]:
-        """The tag's digest, and whether the upstream has just confirmed it."""
-        known = self._tags.get((name, tag))
+        """The tag's digest in representation ``wanted``, and whether the upstream has
+        just confirmed it."""
+        known = self._tags.get((name, tag, wanted.key))
         now = time.monotonic()
         if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
             return known[0], False
         try:
-            head = await self._ask(route, route.upstream.head_manifest(route.name, tag, accept))
+            head = await self._ask(
+                route, route.upstream.head_manifest(route.name, tag, wanted.accept)
+            )
         except (UpstreamUnavailable, TooManyRequests) as exc:
-            stale = known[0] if known is not None else await self._last_known(name, tag)
+            stale = known[0] if known is not None else await self._last_known(name, tag, wanted)
             if stale is None:
                 raise
             log.warning(
-                "upstream %s failed (%s); serving %s:%s stale", route.upstream, exc, name, tag
+                "upstream %s failed (%s); serving %s:%s stale (to clients accepting %s)",
+                route.upstream,
+                exc,
+                name,
+                tag,
+                wanted,
             )
             # Asked again after another TTL, so that a hung upstream delays one pull
             # per TTL instead of every pull.
-            self._tags[(name, tag)] = (stale, time.monotonic())
+            self._tags[(name, tag, wanted.key)] = (stale, time.monotonic())
             return stale, False
-        self._tags[(name, tag)] = (head.digest, now)
+        self._tags[(name, tag, wanted.key)] = (head.digest, now)
         return head.digest, True
 
-    async def _last_known(self, name: str, tag: str) -> Digest | None:
+    async def _last_known(self, name: str, tag: str, wanted: Representation) -> Digest | None:
         try:
-            return await self.links.read(layout.tag_current_link(name, tag))
+            return await self.links.read(tag_link(name, tag, wanted))
         except PathNotFound:
             return None
 
@@ -213,6 +257,55 @@ class PullThrough:
             )
         self.manifests[digest] = manifest
         return manifest
+
+    # -- tag lists -----------------------------------------------------------
+
+    async def tags(self, route: Route) -> list[str]:
+        """The upstream's tags of the route's repository, sorted: fetched whole (every
+        ``Link`` page) once per ``tag_ttl`` for all concurrent callers, and when the
+        upstream fails the last list fetched (also by a previous process) is served."""
+        name = cache_name(route)
+        known = self._tag_lists.get(name)
+        if known is not None and time.monotonic() - known[1] < route.upstream.settings.tag_ttl:
+            return known[0]
+        return await self._once(("tags", name), lambda: self._fetch_tags(route, name))
+
+    async def _fetch_tags(self, route: Route, name: str) -> list[str]:
+        known = self._tag_lists.get(name)
+        now = time.monotonic()
+        if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
+            return known[0]  # fetched while this caller waited for its turn
+        try:
+            tags = sorted(set(await self._ask(route, route.upstream.list_tags(route.name))))
+        except (UpstreamUnavailable, TooManyRequests) as exc:
+            stale = known[0] if known is not None else await self._last_tag_list(name)
+            if stale is None:
+                raise
+            log.warning(
+                "upstream %s failed (%s); serving the tags of %s stale", route.upstream, exc, name
+            )
+            self._tag_lists[name] = (stale, time.monotonic())  # ask again after a TTL
+            return stale
+        self._tag_lists[name] = (tags, now)
+        if known is None or known[0] != tags:
+            try:  # for stale-if-error after a restart; this answer does not depend on it
+                await self.links.primary.put(tag_list_key(name), json.dumps(tags).encode())
+            except (OSError, StorageUnavailable) as exc:
+                log.warning("recording the tags of %s failed: %s", name, exc)
+        return tags
+
+    async def _last_tag_list(self, name: str) -> list[str] | None:
+        try:
+            raw = await self.links.primary.get(tag_list_key(name))
+        except PathNotFound:
+            return None
+        try:
+            tags = json.loads(raw)
+        except ValueError:
+            return None  # not a list we wrote: as good as none
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            return None
+        return tags
 
     # -- blobs ---------------------------------------------------------------
 
@@ -350,6 +443,21 @@ async def read_manifest(driver: Driver, digest: Digest) -> bytes:
     if Digest.of(raw, digest.algorithm) != digest:
         raise PathNotFound(f"{driver.name} holds other bytes for manifest {digest}")
     return raw
+
+
+def tag_link(name: str, tag: str, wanted: Representation) -> str:
+    """Where a tag's digest in one representation is recorded (proxy tree): registry:2's
+    ``current/link`` for the representation of every type, which is what registry:2
+    would serve from it; ``accept/<representation>/link`` beside it for the others."""
+    if wanted.everything:
+        return layout.tag_current_link(name, tag)
+    return f"{layout.tag(name, tag)}/accept/{wanted.key}/link"
+
+
+def tag_list_key(name: str) -> str:
+    """Where the last tag list fetched for a cache name is kept (proxy tree; no
+    repository name component can start with ``_``)."""
+    return f"{layout.repository(name)}/_tags/list.json"
 
 
 def cache_name(route: Route) -> str:

@@ -419,10 +419,31 @@ class Registry:
 
     # -- listings ------------------------------------------------------------
 
-    async def tags(self, name: str) -> list[str]:
-        if not await self.links.list(layout.repository(name)):
-            raise NameUnknown(f"repository {name} is not known", {"name": name})
-        return await self.links.list(layout.tags(name))
+    async def tags(self, name: str, *, ns: str | None = None) -> list[str]:
+        """The tags of ``name`` in lexical order: those pushed here and, when an upstream
+        serves the name, the upstream's. A repository with pushed content is listed
+        even when its upstream fails or does not know the name."""
+        route = self.route(name, ns)
+        try:
+            pushed = await self.links.list(layout.tags(name))
+            known = bool(pushed) or bool(await self.links.list(layout.repository(name)))
+        except Unavailable:
+            if route is None:
+                raise
+            log.warning("shared store down; the tags of %s come from the upstream only", name)
+            pushed, known = [], False
+        if route is None:
+            if not known:
+                raise NameUnknown(f"repository {name} is not known", {"name": name})
+            return pushed
+        try:
+            pulled = await self.pullthrough.tags(route)
+        except (NameUnknown, UpstreamDenied, Unavailable, TooManyRequests) as exc:
+            if not known:
+                raise
+            log.info("listing only the pushed tags of %s: %s", name, exc)
+            return pushed
+        return sorted({*pushed, *pulled})
 
     async def catalog(self) -> list[str]:
         return sorted(await self._walk_repositories(layout.REPOSITORIES, ""))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +37,7 @@ from regmirror.errors import (
     DigestInvalid,
     ManifestTooLarge,
     ManifestUnknown,
+    NameUnknown,
     RegistryError,
     TooManyRequests,
     UpstreamDenied,
@@ -58,6 +60,13 @@ MAX_REDIRECTS = 5
 CHUNK = 256 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+# A tag list is followed through at most this many pages, of at most this many bytes
+# each, to at most this many tags: bounded work and memory whatever the upstream sends.
+MAX_TAG_PAGES = 1000
+MAX_TAG_PAGE_BYTES = 16 * 1024 * 1024
+MAX_TAGS = 100_000
+_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+_NEXT_LINK = re.compile(r'<([^>]*)>\s*;[^,]*?\brel="?next"?', re.IGNORECASE)
 
 
 class ManifestHead(NamedTuple):
@@ -218,6 +227,73 @@ class Upstream:
                 f"{self.url}: manifest {repo}:{reference} has digest {digest}, not {claimed}"
             )
         return FetchedManifest(raw, media_type, digest)
+
+    # -- tags ----------------------------------------------------------------
+
+    async def list_tags(self, repo: str) -> list[str]:
+        """Every tag of ``repo``, following the upstream's ``Link: <…>; rel="next"`` pages
+        (distribution-spec, "Listing Tags"); :class:`NameUnknown` when it has no such
+        repository. Only pages of the same repository on the upstream's own origin are
+        followed; strings that are not tags are dropped."""
+        name = self.remote_name(repo)
+        expected = URL(f"{self.url}/v2/{name}/tags/list")
+        path: str | None = "tags/list"
+        seen = {path}
+        tags: list[str] = []
+        while path is not None:
+            if len(seen) > MAX_TAG_PAGES:
+                raise UpstreamUnavailable(f"{self.url}: {repo} has over {MAX_TAG_PAGES} tag pages")
+            response = await self._request("GET", repo, path, {"Accept": "application/json"})
+            async with response:
+                self._expect_ok(response, NameUnknown, f"repository {repo}")
+                raw = await self._read_page(response, f"tags of {repo}")
+                link, url = response.headers.get("Link", ""), response.url
+            tags += self._tag_page(raw, repo)
+            if len(tags) > MAX_TAGS:
+                raise UpstreamUnavailable(f"{self.url}: {repo} has more than {MAX_TAGS} tags")
+            path = self._next_page(link, url, expected)
+            if path in seen:
+                raise UpstreamUnavailable(f"{self.url}: the tag pages of {repo} loop at {path}")
+            seen.add(path)
+        return tags
+
+    async def _read_page(self, response: aiohttp.ClientResponse, what: str) -> bytes:
+        if (response.content_length or 0) > MAX_TAG_PAGE_BYTES:
+            raise UpstreamUnavailable(f"{self.url}: {what} exceed {MAX_TAG_PAGE_BYTES} bytes")
+        raw = b""
+        try:
+            while len(raw) <= MAX_TAG_PAGE_BYTES and (
+                more := await response.content.read(MAX_TAG_PAGE_BYTES + 1 - len(raw))
+            ):
+                raw += more
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._unavailable(f"reading {what}", exc) from exc
+        if len(raw) > MAX_TAG_PAGE_BYTES:
+            raise UpstreamUnavailable(f"{self.url}: {what} exceed {MAX_TAG_PAGE_BYTES} bytes")
+        return raw
+
+    def _tag_page(self, raw: bytes, repo: str) -> list[str]:
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamUnavailable(f"{self.url}: tags of {repo} are not JSON") from exc
+        page = body.get("tags") if isinstance(body, dict) else None
+        if page is None and isinstance(body, dict):
+            return []  # registry:2 says "tags": null for a repository without tags
+        if not isinstance(page, list):
+            raise UpstreamUnavailable(f"{self.url}: tags of {repo} are not a list")
+        return [tag for tag in page if isinstance(tag, str) and _TAG.match(tag)]
+
+    def _next_page(self, link: str, url: URL, expected: URL) -> str | None:
+        """The next page's path below ``/v2/<name>/`` (with its query), from a ``Link``
+        header; None on the last page."""
+        match = _NEXT_LINK.search(link)
+        if match is None:
+            return None
+        target = url.join(URL(match[1]))
+        if target.origin() != self._origin or target.path != expected.path:
+            raise UpstreamUnavailable(f"{self.url}: a tag page links outside the list: {target}")
+        return f"tags/list?{target.raw_query_string}" if target.raw_query_string else "tags/list"
 
     # -- blobs ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from regmirror.manifest import OCI_INDEX
 
 async def list_tags(request: web.Request) -> web.Response:
     name = params.name(request)
-    tags = await request.app[REGISTRY].tags(name)
+    tags = await request.app[REGISTRY].tags(name, ns=request.query.get("ns"))
     items, link = _paginate(request, tags)
     return _listing({"name": name, "tags": items}, link)
 
@@ -53,7 +53,9 @@ def _paginate(request: web.Request, items: list[str]) -> tuple[list[str], str | 
     page = items[:limit]
     if not page:
         return page, None
-    query = urlencode({"n": limit, "last": page[-1]})
+    # The next page goes to the same repository: containerd's ?ns= routes it.
+    ns = {"ns": request.query["ns"]} if "ns" in request.query else {}
+    query = urlencode({"n": limit, "last": page[-1], **ns})
     return page, f'<{request.path}?{query}>; rel="next"'
 
 
