@@ -15,12 +15,12 @@ counted by scheme and reason.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
 
 from regmirror.auth import rules as rules_
@@ -79,14 +79,10 @@ class BasicController:
         header = request.headers.get("Authorization", "")
         if header[:6].lower() != "basic ":
             return None
-        try:
-            credentials = aiohttp.BasicAuth.decode(header, encoding="utf-8")
-        except ValueError as exc:
-            raise LoginFailed("malformed") from exc
-        verdict = await self.htpasswd.verify(credentials.login, credentials.password)
+        user, password = basic_credentials(header)
+        verdict = await self.htpasswd.verify(user, password)
         if not verdict.ok:
-            raise LoginFailed(verdict.reason, credentials.login)
-        user = credentials.login
+            raise LoginFailed(verdict.reason, user)
         return Principal(user, self.scheme, lambda access: rules_.grants(self.rules, user, access))
 
     def challenge(self, accesses: Sequence[Access], error: str | None = None) -> str:
@@ -98,6 +94,18 @@ class BasicController:
             f"{principal.name} may not {' '.join(refused)}",
             [_detail(a) for a in needs.required],
         )
+
+
+def basic_credentials(header: str) -> tuple[str, str]:
+    """``(user, password)`` of an ``Authorization: Basic`` value (RFC 7617, UTF-8)."""
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoginFailed("malformed") from exc
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        raise LoginFailed("malformed")
+    return user, password
 
 
 class TokenController:
