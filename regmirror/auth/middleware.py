@@ -171,7 +171,7 @@ class AccessPolicy:
             log.warning(
                 "failed login (%s) for user %r from %s: %s",
                 controller.scheme,
-                (exc.user or "-")[:100],
+                "-" if exc.user is None else exc.user[:100],
                 client,
                 exc.reason,
             )
