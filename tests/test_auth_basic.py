@@ -434,6 +434,21 @@ async def test_unknown_users_take_as_long_as_known_ones(make_client, tmp_path):
     assert 0.5 < unknown / known < 2.0, (known, unknown)
 
 
+async def test_a_successful_check_is_remembered_not_recomputed(make_client, tmp_path):
+    path = write_htpasswd(tmp_path / "htpasswd", {"ci": CI_PASSWORD}, cost=10)
+    client = await make_client(auth=AuthSettings(htpasswd=str(path), anonymous_pull=[]))
+
+    async def timed(headers) -> float:
+        started = time.perf_counter()
+        assert (await client.get("/v2/", headers=headers)).status == 200
+        return time.perf_counter() - started
+
+    first = await timed(CI)
+    again = statistics.median([await timed(CI) for _ in range(5)])
+
+    assert again < first / 3, (first, again)
+
+
 # -- logs and metrics ----------------------------------------------------------------------
 
 
@@ -454,3 +469,17 @@ async def test_failed_logins_are_logged_and_counted_without_secrets(auth_client,
         "'ci'" in line and "127.0.0.1" in line and "bad_password" in line for line in failures
     )
     assert any("'mallory'" in line and "unknown_user" in line for line in failures)
+
+
+async def test_a_password_longer_than_bcrypt_takes_is_401_not_a_500(make_client, tmp_path):
+    """bcrypt reads 72 bytes; registry:2 (Go's bcrypt) refuses longer ones, and so do we,
+    rather than let a password that only shares its first 72 bytes in."""
+    long_password = secret("p" * 72 + "-and-more")
+    path = tmp_path / "htpasswd"
+    path.write_text(f"ci:{bcrypt_hash('p' * 72)}\n")
+    client = await make_client(auth=AuthSettings(htpasswd=str(path), anonymous_pull=[]))
+
+    response = await client.get("/v2/", headers=basic("ci", long_password))
+
+    await assert_error(response, 401, "UNAUTHORIZED")
+    assert (await client.get("/v2/", headers=basic("nobody", long_password))).status == 401

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 BCRYPT_PREFIXES = ("$2y$", "$2a$", "$2b$")
 CACHE_SIZE = 1024
+MAX_PASSWORD_BYTES = 72  # what bcrypt reads
 _DEFAULT_COST = 10
 # For an empty file: any valid hash will do, nobody can log in anyway.
 _FALLBACK_DUMMY = b"$2b$10$" + b"." * 53
@@ -110,15 +112,18 @@ class Htpasswd:
         await self._refresh()
         if self._invalid:
             return Verdict(False, "htpasswd_invalid")
+        secret = password.encode()
+        if len(secret) > MAX_PASSWORD_BYTES:
+            # bcrypt reads no further; Go's bcrypt (registry:2) refuses such passwords.
+            return Verdict(False, "password_too_long")
         stored = self._users.get(user)
         hashed = stored if stored is not None else self._dummy()
-        key = hmac.new(
-            self._key, b"\0".join([user.encode(), hashed, password.encode()]), hashlib.sha256
-        ).digest()
+        entry = json.dumps([user, hashed.decode(), password]).encode()
+        key = hmac.new(self._key, entry, hashlib.sha256).digest()
         if stored is not None and key in self._verified:
             self._verified.move_to_end(key)
             return Verdict(True, "ok")
-        matches = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        matches = await asyncio.to_thread(bcrypt.checkpw, secret, hashed)
         if stored is None:
             return Verdict(False, "unknown_user")
         if not matches:
