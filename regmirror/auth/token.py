@@ -108,7 +108,9 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise InvalidToken("malformed", f"not a JWT: {exc}") from exc
-        alg = header.get("alg")
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or not isinstance(kid, str | None):
+            raise InvalidToken("malformed", "the token's alg or kid is not a string")
         if alg not in self.algorithms:
             raise InvalidToken("algorithm", f"signing algorithm {str(alg)[:20]!r} is not allowed")
         candidates = [k for k in self._keys_for(header, now) if alg in k.algorithms]
