@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,7 @@ from regmirror.config import AuthSettings, ConfigError, TokenSettings
 from regmirror.errors import Denied, RegistryError, Unauthorized
 
 log = logging.getLogger(__name__)
+_QUOTABLE = re.compile(r'[^"\\\x00-\x1f\x7f]*')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Called on every refused login or permission: (scheme, reason). Bounded values only.
@@ -192,7 +194,7 @@ class AccessPolicy:
         if all(principal.grants(a) for a in needs.required) or anonymous_ok:
             return principal  # credentials never give less than anonymous pull
         log.warning(
-            "refused %s %s to %s from %s: not granted",
+            "refused %s %s to %r from %s: not granted",
             request.method,
             " ".join(a.scope for a in needs.required)[:300],
             principal.name[:100],
@@ -224,6 +226,13 @@ def build(settings: AuthSettings, on_failure: OnFailure | None = None) -> Access
         return None
     if settings.htpasswd is not None and settings.token != TokenSettings():
         raise ConfigError("auth: set auth.htpasswd or auth.token, not both")
+    for setting, value in (
+        ("auth.realm", settings.realm),
+        ("auth.token.realm", settings.token.realm),
+        ("auth.token.service", settings.token.service),
+    ):
+        if value is not None and not _QUOTABLE.fullmatch(value):
+            raise ConfigError(f"{setting}: {value!r} cannot go in a challenge (quotes, controls)")
     controller: AccessController
     if settings.htpasswd is not None:
         rules = rules_.build(settings.rules)
