@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regmirror.auth.clients import client_address, networks
-from regmirror.auth.middleware import LoginFailed, basic_credentials
+from regmirror.auth.controllers import LoginFailed, basic_credentials
 from regmirror.auth.token import InvalidToken, TokenVerifier
 from regmirror.config import TokenSettings
 from tests.support.token_server import ISSUER, SERVICE, TokenIssuer
