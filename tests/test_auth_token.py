@@ -407,6 +407,24 @@ async def test_keys_from_a_jwks_file(make_client, tmp_path):
     await assert_invalid_token(await client.post(UPLOAD, data=DATA, headers=bearer(other)))
 
 
+async def test_a_rotated_signing_key_is_trusted_without_restart(token_client, tmp_path, issuer):
+    client = await token_client()
+    assert (
+        await client.post(UPLOAD, data=DATA, headers=bearer(issuer.issue(PUSH_LIB_APP)))
+    ).status == 201
+
+    rotated = TokenIssuer()
+    rotated.write_rootcertbundle(tmp_path / "root.pem")
+
+    new = rotated.issue(PUSH_LIB_APP)
+    assert (await client.post(UPLOAD, data=DATA, headers=bearer(new))).status == 201
+    old = issuer.issue(PUSH_LIB_APP)
+    await assert_invalid_token(await client.post(UPLOAD, data=DATA, headers=bearer(old)))
+
+    (tmp_path / "root.pem").write_text("not a certificate")
+    await assert_invalid_token(await client.post(UPLOAD, data=DATA, headers=bearer(new)))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
