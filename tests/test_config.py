@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -352,10 +353,91 @@ def test_serve_with_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "cache.max_byte" in capsys.readouterr().err
 
 
-def test_an_htpasswd_file_is_refused_until_authentication_is_enforced(tmp_path: Path) -> None:
-    from regmirror.app import create_app
+def test_auth_settings_from_the_environment_including_lists_and_rules() -> None:
+    settings = load(
+        environ={
+            "REGMIRROR_AUTH__HTPASSWD": "/etc/regmirror/htpasswd",
+            "REGMIRROR_AUTH__REALM": "0123",
+            "REGMIRROR_AUTH__ANONYMOUS_PULL": "[]",
+            "REGMIRROR_AUTH__TRUSTED_PROXIES": "[10.0.0.5/32, 10.0.0.6/32]",
+            "REGMIRROR_AUTH__RULES__0__USER": "ci",
+            "REGMIRROR_AUTH__RULES__0__REPOSITORIES": "[team/*, base/*]",
+            "REGMIRROR_AUTH__RULES__0__ACTIONS": "[pull, push]",
+            "REGMIRROR_AUTH__RULES__1__USER": "*",
+            "REGMIRROR_AUTH__RULES__1__REPOSITORIES": '["*"]',
+            "REGMIRROR_AUTH__RULES__1__ACTIONS": "[pull]",
+            "REGMIRROR_AUTH__TOKEN__SIGNING_ALGORITHMS__0": "ES256",
+        }
+    )
 
-    settings = load(environ={"REGMIRROR_AUTH__HTPASSWD": "/etc/regmirror/htpasswd"})
-    settings.data_dir = str(tmp_path)
-    with pytest.raises(ConfigError, match="does not enforce authentication"):
-        create_app(settings)
+    auth = settings.auth
+    assert (auth.htpasswd, auth.realm, auth.anonymous_pull) == (
+        "/etc/regmirror/htpasswd",
+        "0123",
+        [],
+    )
+    assert auth.trusted_proxies == ["10.0.0.5/32", "10.0.0.6/32"]
+    assert [(r.user, r.repositories, r.actions) for r in auth.rules] == [
+        ("ci", ["team/*", "base/*"], ["pull", "push"]),
+        ("*", ["*"], ["pull"]),
+    ]
+    assert auth.token.signing_algorithms == ["ES256"]
+    assert auth.enabled
+
+
+def test_anonymous_pull_items_from_the_environment_replace_the_default() -> None:
+    settings = load(environ={"REGMIRROR_AUTH__ANONYMOUS_PULL__0": "10.0.0.0/8"})
+
+    assert settings.auth.anonymous_pull == ["10.0.0.0/8"]
+    assert not settings.auth.enabled
+
+
+def test_token_settings_from_a_file(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+auth:
+  token:
+    realm: https://auth.example.com/token
+    service: registry.example.com
+    issuer: auth.example.com
+    rootcertbundle: /etc/regmirror/token.pem
+""",
+    )
+
+    token = load(path, environ={}).auth.token
+
+    assert (token.realm, token.service, token.issuer) == (
+        "https://auth.example.com/token",
+        "registry.example.com",
+        "auth.example.com",
+    )
+    assert token.rootcertbundle == "/etc/regmirror/token.pem"
+    assert "RS256" in token.signing_algorithms and "HS256" not in token.signing_algorithms
+
+
+@pytest.mark.parametrize("with_auth", [False, True])
+def test_serve_warns_beyond_loopback_only_without_auth(tmp_path, monkeypatch, caplog, with_auth):
+    monkeypatch.setattr("regmirror.cli.serve.web.run_app", lambda app, **kwargs: None)
+    for key in [k for k in os.environ if k.startswith("REGMIRROR_")]:
+        monkeypatch.delenv(key)
+    if with_auth:
+        (tmp_path / "htpasswd").write_text("")
+        monkeypatch.setenv("REGMIRROR_AUTH__HTPASSWD", str(tmp_path / "htpasswd"))
+    caplog.set_level("INFO", logger="regmirror")
+
+    status = cli.main(["serve", "--listen", "0.0.0.0:5004", "--data-dir", str(tmp_path / "d")])
+
+    assert status == 0
+    warned = "with no authentication" in caplog.text
+    assert warned is not with_auth
+    assert ("access control: htpasswd" in caplog.text) is with_auth
+
+
+def test_serve_with_a_non_bcrypt_htpasswd_exits_2_naming_the_line(tmp_path, capsys):
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:$apr1$abcdefgh$0123456789abcdefghijkl\n")
+    path = write_config(tmp_path, f"auth:\n  htpasswd: {htpasswd}\ndata_dir: {tmp_path / 'd'}\n")
+
+    assert cli.main(["serve", "--config", str(path)]) == 2
+    assert f"{htpasswd} line 1" in capsys.readouterr().err

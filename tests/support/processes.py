@@ -227,6 +227,7 @@ def run_regmirror(
     args: Sequence[str] = (),
     log_level: str = "INFO",
     ready_timeout: float = READY_TIMEOUT,
+    ready_status: int = 200,
 ) -> Iterator[ServerProcess]:
     """Run ``python -m regmirror serve`` on a free port of 127.0.0.1.
 
@@ -240,6 +241,8 @@ def run_regmirror(
       to test restarts or processes sharing a cache.
     - ``args``: more CLI arguments; ``log_level`` goes to ``--log-level`` (DEBUG shows
       what clients send).
+    - ``ready_status``: what ``GET /v2/`` answers once it is up (401 when anonymous pull
+      from loopback is off).
     """
     base_dir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or base_dir / "data"
@@ -264,6 +267,7 @@ def run_regmirror(
         work_dir=base_dir,
         data_dir=data_dir,
         ready_timeout=ready_timeout,
+        ready_status=ready_status,
     ) as server:
         yield server
 
