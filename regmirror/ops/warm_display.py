@@ -1,0 +1,162 @@
+"""What ``regmirror warm`` shows a person: live bars on a terminal, plain lines elsewhere.
+
+On a terminal (rich): a bar per image and one for the total, with bytes, rate and ETA,
+then a summary table. Elsewhere (a log, CI, a pipe): one line when an image's manifests
+are read, one when it is done or failed, a total line at most every ``PLAIN_INTERVAL``
+seconds, then one summary line per image. Both implement
+:class:`~regmirror.ops.warm.WarmProgress`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Self
+
+from rich.console import Console
+from rich.filesize import decimal
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from regmirror.ops.warm import ImageResult
+
+PLAIN_INTERVAL = 10.0  # seconds between total lines when not on a terminal
+
+
+class TerminalProgress:
+    """Live bars; use as a context manager around the warm."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("{task.description}", table_column=None),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.total = self.progress.add_task("[bold]total", total=0)
+        self._tasks: dict[int, TaskID] = {}
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def planned(self, image: ImageResult) -> None:
+        self._tasks[id(image)] = self.progress.add_task(image.reference, total=image.total_bytes)
+        total = self.progress.tasks[self.total].total or 0
+        self.progress.update(self.total, total=total + image.total_bytes)
+
+    def advanced(self, image: ImageResult, nbytes: int) -> None:
+        task = self._tasks.get(id(image))
+        if task is not None:
+            self.progress.advance(task, nbytes)
+        self.progress.advance(self.total, nbytes)
+
+    def finished(self, image: ImageResult) -> None:
+        task = self._tasks.get(id(image))
+        mark = "[green]✓" if image.ok else "[red]✗"
+        if task is None:  # failed before its manifests were read
+            task = self._tasks[id(image)] = self.progress.add_task(image.reference, total=0)
+        self.progress.update(task, description=f"{mark} {image.reference}")
+
+
+class PlainProgress:
+    """Lines for logs and pipes: nothing that redraws."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.started = time.monotonic()
+        self.total = 0
+        self.done = 0
+        self._said = self.started
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def planned(self, image: ImageResult) -> None:
+        self.total += image.total_bytes
+        platforms = f" ({', '.join(image.platforms)})" if image.platforms else ""
+        self._say(
+            f"{image.reference}: {image.manifests} manifests{platforms}, {image.blobs} blobs, "
+            f"{decimal(image.total_bytes)}"
+        )
+
+    def advanced(self, image: ImageResult, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if now - self._said >= PLAIN_INTERVAL:
+            self._said = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            self._say(
+                f"total: {decimal(self.done)} of {decimal(self.total)}, "
+                f"{decimal(int(rate))}/s, about {eta:.0f}s left"
+            )
+
+    def finished(self, image: ImageResult) -> None:
+        if image.ok:
+            self._say(f"{image.reference}: warm, {_amount(image)}")
+        else:
+            self._say(f"{image.reference}: FAILED: {image.error}")
+
+    def _say(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_summary(console: Console, results: Sequence[ImageResult], seconds: float) -> None:
+    """A table on a terminal; one grep-able line per image elsewhere. Then the totals."""
+    failed = [r for r in results if not r.ok]
+    if console.is_terminal:
+        table = Table(title="regmirror warm")
+        for column in ("image", "result", "platforms", "manifests", "blobs", "bytes", "time"):
+            table.add_column(column, justify="right" if column in ("blobs", "bytes") else "left")
+        for r in results:
+            table.add_row(
+                r.reference,
+                "[green]warm" if r.ok else f"[red]FAILED[/red]: {r.error}",
+                ", ".join(r.platforms) or "-",
+                str(r.manifests),
+                str(r.blobs),
+                decimal(r.total_bytes),
+                f"{r.seconds:.1f}s",
+            )
+        console.print(table)
+    else:
+        for r in results:
+            state = "warm  " if r.ok else "FAILED"
+            detail = _amount(r) if r.ok else str(r.error)
+            console.print(
+                f"{state} {r.reference}: {detail}", markup=False, highlight=False, soft_wrap=True
+            )
+    total = sum(r.total_bytes for r in results if r.ok)
+    console.print(
+        f"{len(results) - len(failed)} of {len(results)} images warm, {decimal(total)} "
+        f"in {seconds:.1f}s"
+        + (f"; failed: {', '.join(r.reference for r in failed)}" if failed else ""),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _amount(image: ImageResult) -> str:
+    rate = image.total_bytes / image.seconds if image.seconds > 0 else 0.0
+    return (
+        f"{image.manifests} manifests, {image.blobs} blobs, {decimal(image.total_bytes)} "
+        f"in {image.seconds:.1f}s ({decimal(int(rate))}/s)"
+    )
