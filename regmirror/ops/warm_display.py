@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Self
 
 from rich.console import Console
-from rich.filesize import decimal
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from regmirror.ops.units import size_text
 from regmirror.ops.warm import ImageResult
 
 PLAIN_INTERVAL = 10.0  # seconds between total lines when not on a terminal
@@ -38,7 +38,7 @@ class TerminalProgress:
         self.progress = Progress(
             TextColumn("{task.description}", table_column=None),
             BarColumn(),
-            DownloadColumn(),
+            DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=console,
@@ -93,7 +93,7 @@ class PlainProgress:
         platforms = f" ({', '.join(image.platforms)})" if image.platforms else ""
         self._say(
             f"{image.reference}: {image.manifests} manifests{platforms}, {image.blobs} blobs, "
-            f"{decimal(image.total_bytes)}"
+            f"{size_text(image.total_bytes)}"
         )
 
     def advanced(self, image: ImageResult, nbytes: int) -> None:
@@ -104,8 +104,8 @@ class PlainProgress:
             rate = self.done / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else 0.0
             self._say(
-                f"total: {decimal(self.done)} of {decimal(self.total)}, "
-                f"{decimal(int(rate))}/s, about {eta:.0f}s left"
+                f"total: {size_text(self.done)} of {size_text(self.total)}, "
+                f"{size_text(int(rate))}/s, about {eta:.0f}s left"
             )
 
     def finished(self, image: ImageResult) -> None:
@@ -132,7 +132,7 @@ def print_summary(console: Console, results: Sequence[ImageResult], seconds: flo
                 ", ".join(r.platforms) or "-",
                 str(r.manifests),
                 str(r.blobs),
-                decimal(r.total_bytes),
+                size_text(r.total_bytes),
                 f"{r.seconds:.1f}s",
             )
         console.print(table)
@@ -145,7 +145,7 @@ def print_summary(console: Console, results: Sequence[ImageResult], seconds: flo
             )
     total = sum(r.total_bytes for r in results if r.ok)
     console.print(
-        f"{len(results) - len(failed)} of {len(results)} images warm, {decimal(total)} "
+        f"{len(results) - len(failed)} of {len(results)} images warm, {size_text(total)} "
         f"in {seconds:.1f}s"
         + (f"; failed: {', '.join(r.reference for r in failed)}" if failed else ""),
         markup=False,
@@ -157,6 +157,6 @@ def print_summary(console: Console, results: Sequence[ImageResult], seconds: flo
 def _amount(image: ImageResult) -> str:
     rate = image.total_bytes / image.seconds if image.seconds > 0 else 0.0
     return (
-        f"{image.manifests} manifests, {image.blobs} blobs, {decimal(image.total_bytes)} "
-        f"in {image.seconds:.1f}s ({decimal(int(rate))}/s)"
+        f"{image.manifests} manifests, {image.blobs} blobs, {size_text(image.total_bytes)} "
+        f"in {image.seconds:.1f}s ({size_text(int(rate))}/s)"
     )
