@@ -267,7 +267,10 @@ async def test_a_failing_image_fails_the_run_and_the_summary_names_it(
     assert document["ok"] is False
     good, missing = document["images"]  # type: ignore[misc]
     assert good["ok"] is True
-    assert missing["ok"] is False and "not known" in missing["error"]
+    assert missing["ok"] is False
+    assert (
+        missing["error"] == f"no manifest fail/missing:nope at {mirror.url} (nor at its upstream)"
+    )
 
 
 async def test_a_bad_reference_is_a_usage_error(mirror: ServerProcess) -> None:

@@ -148,6 +148,8 @@ class Warmer:
             if errors:
                 more = f" (and {len(errors) - 1} more blobs failed)" if len(errors) > 1 else ""
                 raise WarmFailed(_describe(errors[0]) + more) from errors[0]
+        except ManifestUnknown:
+            result.error = f"no manifest {ref.text} at {self.url} (nor at its upstream)"
         except (WarmFailed, RegistryError, aiohttp.ClientError, TimeoutError, OSError) as exc:
             result.error = _describe(exc)
         result.seconds = time.monotonic() - started
