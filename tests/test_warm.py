@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -367,3 +368,35 @@ async def test_warm_fetches_a_bearer_token_with_its_credentials(
     assert run.code == 0, run.stdout + run.stderr
     assert front.unauthorized >= 1
     assert ["repository:auth/token:pull"] in front.token_scopes
+
+
+async def test_a_blob_two_references_share_is_downloaded_once(
+    mirror: ServerProcess, upstream_registry: ServerProcess, http: aiohttp.ClientSession
+) -> None:
+    image = build_image(seed=280, layers=({"a": 3000}, {"b": 4000}))
+    await push_image_to(http, upstream_registry.url, "dedupe/app", image, "v1")
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        counting = CountingProxy(target=mirror.url, session=session)
+        async with serve(counting.app()) as url:
+            run = await warm("--url", url, "dedupe/app:v1", f"dedupe/app@{image.manifest.digest}")
+
+    assert run.code == 0, run.stdout + run.stderr
+    assert "2 of 2 images warm" in run.stdout
+    assert counting.blob_gets == len(image.blobs)
+
+
+async def test_on_a_terminal_it_draws_bars_and_a_table(
+    mirror: ServerProcess, upstream_registry: ServerProcess, http: aiohttp.ClientSession
+) -> None:
+    image = build_image(seed=290, layers=({"a": 3000},))
+    await push_image_to(http, upstream_registry.url, "tty/app", image, "v1")
+
+    # rich's switch for "treat this pipe as a terminal".
+    env = {"TTY_COMPATIBLE": "1", "COLUMNS": "160"}
+    run = await warm("--url", mirror.url, "tty/app:v1", "tty/missing:1", env=env)
+
+    assert run.code == 1
+    screen = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", run.stdout)  # colours and cursor moves
+    assert "━" in screen  # progress bars
+    assert "┃ image" in screen and "│ tty/app:v1" in screen  # the summary table
+    assert "✓ tty/app:v1" in screen and "✗ tty/missing:1" in screen

@@ -7,8 +7,9 @@ same image is served from local disk. The client is :class:`~regmirror.upstream.
 manifest digests verified); blob bodies are read to the end and verified here, so an
 image reported warm was seen, byte for byte, with the digests its manifests name.
 
-Images are warmed concurrently; at most ``jobs`` blob downloads are in flight overall,
-and a blob shared by several images (or platforms) is downloaded once.
+Images are warmed concurrently: at most ``jobs`` images read their manifests at once and
+at most ``jobs`` blob downloads are in flight overall; a blob shared by several images
+(or platforms) is downloaded once.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class Warmer:
         self.password = password
         self.platforms = list(platforms)
         self.progress: WarmProgress = progress or _Quiet()
-        self._slots = asyncio.Semaphore(max(1, jobs))
+        self._slots = asyncio.Semaphore(max(1, jobs))  # blob downloads in flight
+        self._planning = asyncio.Semaphore(max(1, jobs))  # images reading their manifests
         self._clients: dict[str | None, Upstream] = {}
         # One download per (registry, repository, digest), however many images share it.
         self._downloads: dict[tuple[str | None, str, Digest], asyncio.Task[None]] = {}
@@ -137,7 +139,8 @@ class Warmer:
     async def _warm(self, ref: ImageReference, result: ImageResult) -> None:
         started = time.monotonic()
         try:
-            client, name, blobs = await self._plan(ref, result)
+            async with self._planning:
+                client, name, blobs = await self._plan(ref, result)
             result.blobs = len(blobs)
             result.total_bytes = sum(d.size for d in blobs)
             self.progress.planned(result)
