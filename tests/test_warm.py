@@ -400,3 +400,23 @@ async def test_on_a_terminal_it_draws_bars_and_a_table(
     assert "━" in screen  # progress bars
     assert "┃ image" in screen and "│ tty/app:v1" in screen  # the summary table
     assert "✓ tty/app:v1" in screen and "✗ tty/missing:1" in screen
+
+
+async def test_a_prefix_route_spelt_like_a_host_is_found_without_ns(
+    regmirror_server: Start,
+    upstream_registry: ServerProcess,
+    proxy: UpstreamProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    image = build_image(seed=300, layers=({"p": 999},))
+    await push_image_to(http, upstream_registry.url, "team/app", image, "v1")
+    # localhost:5000/mirror.test/team/app -> the upstream's team/app; no ns answers mirror.test.
+    server = regmirror_server(env=upstream_env(proxy.url, prefix="mirror.test"))
+
+    run = await warm("--url", server.url, "mirror.test/team/app:v1")
+
+    assert run.code == 0, run.stdout + run.stderr
+    assert proxy.count("GET", "blobs") == len(image.blobs)
+    proxy.requests.clear()
+    await pull(http, server, "mirror.test/team/app", image)
+    assert proxy.requests == []
