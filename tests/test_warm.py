@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.support.oci_layout import Image, build_image, build_index, read_layout
 from tests.support.processes import REPO_ROOT, ServerProcess, regmirror_server
@@ -420,3 +421,41 @@ async def test_a_prefix_route_spelt_like_a_host_is_found_without_ns(
     proxy.requests.clear()
     await pull(http, server, "mirror.test/team/app", image)
     assert proxy.requests == []
+
+
+class ConcurrencyProbe(CountingProxy):
+    """A counting proxy that records the most blob GETs it had in flight at once; each
+    answer takes a little while (a slow link), so that downloads overlap if allowed to."""
+
+    in_flight = 0
+    most = 0
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if "/blobs/" not in request.path:
+            return await super()._handle(request)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            return await super()._handle(request)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+async def test_jobs_bounds_the_downloads_in_flight(
+    jobs: int,
+    mirror: ServerProcess,
+    upstream_registry: ServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    image = build_image(seed=310 + jobs, layers=tuple({f"f{i}": 2000 + i} for i in range(9)))
+    await push_image_to(http, upstream_registry.url, f"jobs/app{jobs}", image, "v1")
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        probe = ConcurrencyProbe(target=mirror.url, session=session)
+        async with serve(probe.app()) as url:
+            run = await warm("--url", url, "--jobs", str(jobs), f"jobs/app{jobs}:v1")
+
+    assert run.code == 0, run.stdout + run.stderr
+    assert probe.blob_gets == len(image.blobs) == 10
+    assert probe.most == jobs
