@@ -24,6 +24,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from regmirror.ops.units import size_text
 from regmirror.ops.warm import ImageResult
@@ -36,14 +37,14 @@ class TerminalProgress:
 
     def __init__(self, console: Console):
         self.progress = Progress(
-            TextColumn("{task.description}", table_column=None),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             console=console,
         )
-        self.total = self.progress.add_task("[bold]total", total=0)
+        self.total = self.progress.add_task("total", total=0)
         self._tasks: dict[int, TaskID] = {}
 
     def __enter__(self) -> Self:
@@ -65,11 +66,15 @@ class TerminalProgress:
         self.progress.advance(self.total, nbytes)
 
     def finished(self, image: ImageResult) -> None:
-        task = self._tasks.get(id(image))
-        mark = "[green]✓" if image.ok else "[red]✗"
-        if task is None:  # failed before its manifests were read
-            task = self._tasks[id(image)] = self.progress.add_task(image.reference, total=0)
-        self.progress.update(task, description=f"{mark} {image.reference}")
+        """The image's bar gives way to one line above the bars, so that only the images
+        still downloading (and the total) stay live, however long the list."""
+        task = self._tasks.pop(id(image), None)
+        if task is not None:
+            self.progress.remove_task(task)
+        line = Text.assemble(("✓ ", "green"), image.reference, f": {_amount(image)}")
+        if not image.ok:
+            line = Text.assemble(("✗ ", "red"), image.reference, ": ", (str(image.error), "red"))
+        self.progress.console.print(line)
 
 
 class PlainProgress:
@@ -128,7 +133,7 @@ def print_summary(console: Console, results: Sequence[ImageResult], seconds: flo
         for r in results:
             table.add_row(
                 r.reference,
-                "[green]warm" if r.ok else f"[red]FAILED[/red]: {r.error}",
+                Text("warm", "green") if r.ok else Text(f"FAILED: {r.error}", "red"),
                 ", ".join(r.platforms) or "-",
                 str(r.manifests),
                 str(r.blobs),
