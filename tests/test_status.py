@@ -192,3 +192,26 @@ async def test_status_shows_s3_health(
 async def test_status_of_nothing_listening_is_exit_2() -> None:
     code, _, stderr = await status("--url", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and "regmirror status:" in stderr
+
+
+async def test_the_status_endpoint_never_shows_credentials(
+    regmirror_server: Start, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    env = upstream_env(f"http://urluser:url-secret@127.0.0.1:{port}", password="env-secret")
+    server = regmirror_server(env={**env, "REGMIRROR_UPSTREAMS__0__USERNAME": "ci"})
+
+    async with http.get(f"{server.url}/-/status") as response:
+        assert response.status == 200
+        assert response.headers["Cache-Control"] == "no-store"
+        text = await response.text()
+        body = await response.json()
+    assert "secret" not in text
+    assert body["upstreams"] == [
+        {
+            "url": f"http://127.0.0.1:{port}",
+            "prefix": None,
+            "ns": None,
+            "registry": f"127.0.0.1:{port}",
+        }
+    ]

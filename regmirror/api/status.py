@@ -59,7 +59,7 @@ async def status(request: web.Request) -> web.Response:
         "fills": [_fill(fill) for fill in registry.fills._inflight.values()],
         "upstreams": [
             {
-                "url": str(upstream.url),
+                "url": str(upstream.url.with_user(None)),  # never credentials in a URL
                 "prefix": upstream.settings.prefix,
                 "ns": upstream.settings.ns,
                 "registry": upstream.registry_host,
