@@ -350,6 +350,14 @@ async def test_warm_answers_a_basic_challenge_with_its_credentials(
     )
     assert run.code == 1
 
+    # Credentials in the URL are used, and appear in no message.
+    host = basic_registry.host_port
+    run = await warm("--url", f"http://{BASIC_USER}:{BASIC_PASSWORD}@{host}", "auth/basic:v1")
+    assert run.code == 0, run.stdout + run.stderr
+    run = await warm("--url", f"http://{BASIC_USER}:not-{BASIC_PASSWORD}@{host}", "auth/nope:1")
+    assert run.code == 1
+    assert BASIC_PASSWORD not in run.stdout + run.stderr
+
 
 async def test_warm_fetches_a_bearer_token_with_its_credentials(
     mirror: ServerProcess,

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 from rich.console import Console
+from yarl import URL
 
 from regmirror.ops.reference import BadReference, parse_platform, parse_reference, read_references
 from regmirror.ops.warm import ImageResult, Warmer
@@ -67,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         references = [parse_reference(text) for text in texts]
         platforms = [parse_platform(text) for text in args.platform]
         username, password = _credentials(args.creds or os.environ.get(CREDS_ENV))
+        url = URL(args.url)
+        if url.user is not None:  # http://user:pass@host: used, and kept out of every message
+            if username is None:
+                username, password = url.user, url.password or ""
+            url = url.with_user(None)
         if args.jobs < 1:
             raise BadReference("--jobs must be at least 1")
     except (BadReference, OSError) as exc:
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     async def warm() -> list[ImageResult]:
         async with aiohttp.ClientSession(auto_decompress=False) as session:
             warmer = Warmer(
-                args.url,
+                str(url),
                 session,
                 username=username,
                 password=password,
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document = {
             "ok": all(r.ok for r in results),
-            "url": args.url,
+            "url": str(url),
             "images": [r.to_json() for r in results],
             "bytes": sum(r.total_bytes for r in results if r.ok),
             "seconds": round(seconds, 3),
