@@ -23,7 +23,7 @@ import base64
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -145,8 +145,12 @@ class Upstream:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        query: Mapping[str, str] | None = None,
     ):
         self.settings = settings
+        # Sent with every /v2/ request: ``{"ns": "docker.io"}`` when the registry is a
+        # mirror that routes by containerd's ?ns= (regmirror warm talking to regmirror).
+        self.query = dict(query or {})
         self.session = session
         self.url = _base_url(settings.url)
         self.docker_hub = self.url.host is not None and is_docker_hub(self.url.host)
@@ -335,7 +339,7 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """An authenticated request for ``/v2/<repo>/<path>``; never a 401/403/429/5xx."""
         name = self.remote_name(repo)
-        url = URL(f"{self.url}/v2/{name}/{path}")
+        url = URL(f"{self.url}/v2/{name}/{path}").with_query(self.query)
         scope = f"repository:{name}:pull"
         sent: str | None = None
         for attempt in range(2):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from regmirror.api import base, blobs, listing, manifests, uploads
+from regmirror.api import base, blobs, listing, manifests, status, uploads
 
 NAME = "/v2/{name:.+}"
 
@@ -31,3 +31,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/metrics", base.metrics)
     r.add_get("/healthz", base.healthz)
     r.add_get("/readyz", base.readyz)
+    status.setup(app)  # GET /-/status, with /metrics's access
