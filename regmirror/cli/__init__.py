@@ -11,10 +11,10 @@ import logging
 from types import ModuleType
 
 from regmirror import __version__
-from regmirror.cli import serve
+from regmirror.cli import fsck, serve
 
 # Subcommands in the order ``--help`` lists them.
-COMMANDS: tuple[ModuleType, ...] = (serve,)
+COMMANDS: tuple[ModuleType, ...] = (serve, fsck)
 
 
 def main(argv: list[str] | None = None) -> int:
