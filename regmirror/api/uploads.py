@@ -8,12 +8,14 @@ DELETE cancels.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from regmirror.api import params
 from regmirror.api.keys import REGISTRY, UPLOADS
 from regmirror.digest import Digest
-from regmirror.errors import SizeInvalid
+from regmirror.errors import BlobUploadUnknown, SizeInvalid
 from regmirror.names import check_name
 from regmirror.uploads import Upload
 
@@ -34,7 +36,8 @@ async def start_upload(request: web.Request) -> web.Response:
             await _append(request, upload)
             await _commit(request, upload, whole)
         except BaseException:
-            await uploads.cancel(upload)
+            with contextlib.suppress(BlobUploadUnknown):  # the commit already dropped it
+                await uploads.cancel(upload)
             raise
         return _created(name, whole)
     return _progress(upload, 0, status=202)
@@ -87,9 +90,9 @@ async def _append(request: web.Request, upload: Upload) -> int:
 
 
 async def _commit(request: web.Request, upload: Upload, digest: Digest) -> None:
-    data = await request.app[UPLOADS].finish(upload, digest)
-    await request.app[REGISTRY].commit_blob(upload.name, digest, data)
-    await request.app[UPLOADS].cancel(upload)
+    """Only the bytes the session held when it was frozen and verified reach the store."""
+    async with request.app[UPLOADS].commit(upload, digest) as verified:
+        await request.app[REGISTRY].commit_blob(upload.name, digest, verified)
 
 
 def _progress(upload: Upload, size: int, *, status: int) -> web.Response:
