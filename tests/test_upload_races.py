@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from regmirror.api.keys import UPLOADS
+from regmirror.api.keys import REGISTRY, UPLOADS
+from regmirror.errors import Unavailable
 from regmirror.fsck import check_store
 from tests.support.api import (  # noqa: F401  (fixtures)
     blob_bytes,
@@ -200,3 +201,86 @@ async def test_expiry_leaves_a_session_alone_while_a_chunk_streams_in(client, da
     put = await client.put(f"{location}?digest={sha256(first + second)}")
     assert put.status == 201, await put.text()
     assert_store_sound(data_dir)
+
+
+class HeldCommit:
+    """Wraps the registry's ``commit_blob`` so a test can hold a commit mid-flight."""
+
+    def __init__(self, registry, *, fail_first: Exception | None = None):
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self._commit = registry.commit_blob
+        self._fail = fail_first
+
+    async def __call__(self, name, digest, data):
+        self.entered.set()
+        await self.release.wait()
+        if self._fail is not None:
+            failure, self._fail = self._fail, None
+            raise failure
+        await self._commit(name, digest, data)
+
+
+async def test_requests_on_a_committing_session_are_unknown_at_once(client, data_dir, monkeypatch):
+    registry = client.app[REGISTRY]
+    held = HeldCommit(registry)
+    monkeypatch.setattr(registry, "commit_blob", held)
+    data = blob_bytes(100_000, seed=5)
+    location = await start_upload(client, NAME)
+    assert (await client.patch(location, data=data)).status == 202
+    put = asyncio.create_task(client.put(f"{location}?digest={sha256(data)}"))
+    await held.entered.wait()
+
+    others = [
+        client.patch(location, data=b"late"),
+        client.get(location),
+        client.delete(location),
+        client.put(f"{location}?digest={sha256(data)}"),
+    ]
+    responses = await asyncio.wait_for(asyncio.gather(*others), timeout=10)
+    held.release.set()
+
+    for response in responses:
+        assert await outcome(response) == (404, "BLOB_UPLOAD_UNKNOWN")
+    assert (await put).status == 201
+    assert await (await client.get(f"/v2/{NAME}/blobs/{sha256(data)}")).read() == data
+    assert_store_sound(data_dir)
+
+
+async def test_expiry_leaves_a_committing_session_alone(client, data_dir, monkeypatch):
+    registry = client.app[REGISTRY]
+    held = HeldCommit(registry)
+    monkeypatch.setattr(registry, "commit_blob", held)
+    data = blob_bytes(100_000, seed=6)
+    location = await start_upload(client, NAME)
+    assert (await client.patch(location, data=data)).status == 202
+    make_stale(client, data_dir / "uploads" / location.rsplit("/", 1)[1])
+    put = asyncio.create_task(client.put(f"{location}?digest={sha256(data)}"))
+    await held.entered.wait()
+
+    expired = await client.app[UPLOADS].expire()
+    held.release.set()
+
+    assert expired == 0
+    assert (await put).status == 201
+    assert await (await client.get(f"/v2/{NAME}/blobs/{sha256(data)}")).read() == data
+
+
+async def test_a_commit_the_store_refuses_leaves_the_session_to_retry(
+    client, data_dir, monkeypatch
+):
+    registry = client.app[REGISTRY]
+    held = HeldCommit(registry, fail_first=Unavailable("S3 is down"))
+    held.release.set()
+    monkeypatch.setattr(registry, "commit_blob", held)
+    data = blob_bytes(100_000, seed=8)
+    location = await start_upload(client, NAME)
+    assert (await client.patch(location, data=data)).status == 202
+
+    failed = await client.put(f"{location}?digest={sha256(data)}")
+
+    assert await outcome(failed) == (503, "UNAVAILABLE")
+    status = await client.get(location)
+    assert status.status == 204 and status.headers["Range"] == f"0-{len(data) - 1}"
+    retried = await client.put(f"{location}?digest={sha256(data)}")
+    assert retried.status == 201, await retried.text()
+    assert await (await client.get(f"/v2/{NAME}/blobs/{sha256(data)}")).read() == data
