@@ -68,22 +68,30 @@ def check_store(
     chosen = blobs
     if sample is not None and sample < len(blobs):
         chosen = sorted((rng or random.Random()).sample(blobs, sample))
+    # The file each finding is about, so quarantine never moves a file that replaced it
+    # since (a fill or push renaming verified bytes into place).
+    identities: dict[str, tuple[int, int] | None] = {}
     for relative in malformed:
         report.bad.append(Finding(relative, MALFORMED))
+        identities[relative] = None
     for relative, algorithm, encoded in chosen:
         digest = f"{algorithm}:{encoded}"
         try:
-            actual, size = _hash_file(root / relative, algorithm)
+            actual, size, identity = _hash_file(root / relative, algorithm)
         except OSError as exc:
             report.bad.append(Finding(relative, UNREADABLE, digest, exc.strerror))
+            identities[relative] = None
             continue
         report.checked += 1
         report.bytes_checked += size
         if actual != encoded:
             report.bad.append(Finding(relative, MISMATCH, digest, f"{algorithm}:{actual}"))
+            identities[relative] = identity
     if quarantine:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        report.bad = [_quarantine(root, finding, stamp) for finding in report.bad]
+        report.bad = [
+            _quarantine(root, finding, stamp, identities[finding.path]) for finding in report.bad
+        ]
     return report
 
 
@@ -126,21 +134,31 @@ def _blob_name(parts: tuple[str, ...], name: str) -> tuple[str, str] | None:
     return algorithm, encoded
 
 
-def _hash_file(path: Path, algorithm: str) -> tuple[str, int]:
+def _hash_file(path: Path, algorithm: str) -> tuple[str, int, tuple[int, int]]:
+    """The file's digest (hex), size and identity (device, inode), read in chunks."""
     hasher = hashlib.new(algorithm)
     size = 0
     # O_NOFOLLOW: a file swapped for a symlink since the scan is not followed out of the store.
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with open(fd, "rb") as handle:
+        info = os.fstat(fd)
         while chunk := handle.read(CHUNK):
             hasher.update(chunk)
             size += len(chunk)
-    return hasher.hexdigest(), size
+    return hasher.hexdigest(), size, (info.st_dev, info.st_ino)
 
 
-def _quarantine(root: Path, finding: Finding, stamp: str) -> Finding:
+def _quarantine(
+    root: Path, finding: Finding, stamp: str, identity: tuple[int, int] | None
+) -> Finding:
     """Move the bad file (a symlink itself, never its target) to ``quarantine/<stamp>/``."""
     source = root / finding.path
+    try:
+        info = os.lstat(source)
+    except FileNotFoundError:
+        return finding  # gone since the scan (evicted or replaced): nothing to move
+    if identity is not None and (info.st_dev, info.st_ino) != identity:
+        return finding  # replaced since it was hashed: the new file is not what was found bad
     target = root / QUARANTINE / stamp / finding.path
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = 0

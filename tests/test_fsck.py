@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from regmirror import fsck as fsck_module
 from regmirror.fsck import MALFORMED, MISMATCH, QUARANTINE, check_store
 from tests.support.api import (  # noqa: F401  (fixtures)
     blob_bytes,
@@ -30,12 +31,13 @@ def blob_file(data_dir: Path, digest: str) -> Path:
     return data_dir / "docker/registry/v2/blobs" / algorithm / hex_[:2] / hex_ / "data"
 
 
-def fsck(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def fsck(data_dir: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
     """The real command line, as an operator runs it."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith("REGMIRROR_")}
+    where = ["--data-dir", str(data_dir)] if data_dir is not None else []
     return subprocess.run(
-        [sys.executable, "-m", "regmirror", "fsck", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "regmirror", "fsck", *where, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -169,3 +171,37 @@ def test_missing_data_dir_is_a_usage_error(tmp_path):
 
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+async def test_quarantine_leaves_a_blob_replaced_since_it_was_hashed(client, data_dir, monkeypatch):
+    data = blob_bytes(6000, seed=5)
+    digest = await push_blob(client, NAME, data)
+    stored = blob_file(data_dir, digest)
+    stored.write_bytes(b"corrupt")
+    hash_file = fsck_module._hash_file
+
+    def hash_then_repair(path, algorithm):
+        found = hash_file(path, algorithm)
+        fixed = path.with_name(".tmp-fixed")  # a push renames verified bytes into place
+        fixed.write_bytes(data)
+        os.replace(fixed, path)
+        return found
+
+    monkeypatch.setattr(fsck_module, "_hash_file", hash_then_repair)
+    report = check_store(data_dir, quarantine=True)
+
+    assert [bad.problem for bad in report.bad] == [MISMATCH]
+    assert report.bad[0].quarantined_to is None
+    assert stored.read_bytes() == data
+
+
+async def test_data_dir_comes_from_the_config_file(client, data_dir, tmp_path):
+    digests = await push_some(client, 2)
+    blob_file(data_dir, digests[0]).write_bytes(b"bad")
+    config = tmp_path / "regmirror.yml"
+    config.write_text(f"data_dir: {data_dir}\n")
+
+    result = fsck(None, "--config", str(config), "--json")
+
+    assert result.returncode == 1, result.stderr
+    assert [bad["digest"] for bad in json.loads(result.stdout)["bad"]] == [digests[0]]
