@@ -83,7 +83,7 @@ class Uploads:
         upload_id = uuid.uuid4().hex
         upload = Upload(upload_id, name, self.root / upload_id)
         info = json.dumps({"name": name, "started_at": time.time()}).encode()
-        with _disk_full("open an upload session"):
+        with disk_full("open an upload session"):
             try:
                 await asyncio.to_thread(self._create, upload, info)
             except BaseException:
@@ -133,7 +133,7 @@ class Uploads:
             handle = await asyncio.to_thread(open, upload.data, "ab", buffering=0)
             received = 0
             try:
-                with _disk_full("store this chunk; the upload keeps what it held before it"):
+                with disk_full("store this chunk; the upload keeps what it held before it"):
                     batch = bytearray()
                     async for chunk in body:
                         batch += chunk
@@ -184,7 +184,7 @@ class Uploads:
                     {"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"},
                 )
             try:
-                with _disk_full("commit this upload"):
+                with disk_full("commit this upload"):
                     await asyncio.to_thread(_fsync, frozen)
                     yield frozen
             except BaseException:
@@ -289,7 +289,7 @@ class Uploads:
 
 
 @contextlib.contextmanager
-def _disk_full(what: str) -> Iterator[None]:
+def disk_full(what: str) -> Iterator[None]:
     """ENOSPC (or a quota) becomes the registry's 507, not an internal error."""
     try:
         yield

@@ -9,6 +9,7 @@ permitted the test skips rather than pretend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import subprocess
@@ -100,3 +101,32 @@ async def test_monolithic_push_too_big_for_the_disk_is_507_and_leaves_nothing(cl
     small = blob_bytes(1000, seed=7)  # the space came back
     ok = await client.post(f"/v2/{NAME}/blobs/uploads/?digest={sha256(small)}", data=small)
     assert ok.status == 201, await ok.text()
+
+
+def fill_disk(data_dir: Path) -> Path:
+    """Write a file beside the store until the tmpfs has no block left."""
+    filler = data_dir / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+async def test_mount_on_a_full_disk_is_507_and_works_once_there_is_room(client, data_dir):
+    data = blob_bytes(1000, seed=8)
+    digest = sha256(data)
+    assert (
+        await client.post(f"/v2/{NAME}/blobs/uploads/?digest={digest}", data=data)
+    ).status == 201
+    filler = await asyncio.to_thread(fill_disk, data_dir)
+    mount = f"/v2/other/app/blobs/uploads/?mount={digest}&from={NAME}"
+
+    await assert_error(await client.post(mount), 507, "UNAVAILABLE")
+    filler.unlink()
+
+    assert (await client.post(mount)).status == 201
+    assert await get_blob_bytes(client, "other/app", digest) == data

@@ -17,7 +17,7 @@ from regmirror.api.keys import REGISTRY, UPLOADS
 from regmirror.digest import Digest
 from regmirror.errors import BlobUploadUnknown, SizeInvalid
 from regmirror.names import check_name
-from regmirror.uploads import Upload
+from regmirror.uploads import Upload, disk_full
 
 
 async def start_upload(request: web.Request) -> web.Response:
@@ -26,8 +26,10 @@ async def start_upload(request: web.Request) -> web.Response:
     if "mount" in request.query:
         digest = params.digest(request.query["mount"], "mount")
         source = request.query.get("from")
-        if source is not None and await registry.mount(name, check_name(source), digest):
-            return _created(name, digest)
+        if source is not None:
+            with disk_full("link the mounted blob"):
+                if await registry.mount(name, check_name(source), digest):
+                    return _created(name, digest)
     # Parse the digest before opening a session, so a bad one leaves no session behind.
     whole = params.digest(request.query["digest"]) if "digest" in request.query else None
     upload = await uploads.start(name)
