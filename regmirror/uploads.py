@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -121,41 +122,45 @@ class Uploads:
         has no room for, is rolled back: the session keeps exactly what it held before.
         """
         async with self._lock(upload):
-            offset = await self.size(upload)  # BLOB_UPLOAD_UNKNOWN once frozen or cancelled
-            if start is not None and start != offset:
-                raise RangeInvalid(
-                    f"chunk starts at {start} but the upload holds {offset} bytes",
-                    {"expected": offset, "got": start},
-                    headers=_range_headers(offset),
-                )
-            state = await self._hash(upload, offset)
-            # Unbuffered: a failed write leaves nothing behind in a buffer to land later.
-            handle = await asyncio.to_thread(open, upload.data, "ab", buffering=0)
-            received = 0
+            self._check_not_committing(upload.id)
             try:
-                with disk_full("store this chunk; the upload keeps what it held before it"):
-                    batch = bytearray()
-                    async for chunk in body:
-                        batch += chunk
-                        received += len(chunk)
-                        if length is not None and received > length:
-                            break
-                        if len(batch) >= BATCH:
+                handle = await asyncio.to_thread(_open_for_append, upload.data)
+            except FileNotFoundError as exc:  # frozen, cancelled or expired
+                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+            try:
+                offset = os.fstat(handle.fileno()).st_size
+                if start is not None and start != offset:
+                    raise RangeInvalid(
+                        f"chunk starts at {start} but the upload holds {offset} bytes",
+                        {"expected": offset, "got": start},
+                        headers=_range_headers(offset),
+                    )
+                state = await self._hash(upload, offset)
+                received = 0
+                try:
+                    with disk_full("store this chunk; the upload keeps what it held before it"):
+                        batch = bytearray()
+                        async for chunk in body:
+                            batch += chunk
+                            received += len(chunk)
+                            if length is not None and received > length:
+                                break
+                            if len(batch) >= BATCH:
+                                await asyncio.to_thread(_write, handle, state, bytes(batch))
+                                batch.clear()
+                        if batch and (length is None or received <= length):
                             await asyncio.to_thread(_write, handle, state, bytes(batch))
-                            batch.clear()
-                    if batch and (length is None or received <= length):
-                        await asyncio.to_thread(_write, handle, state, bytes(batch))
-                    if length is not None and received != length:
-                        raise SizeInvalid(
-                            f"chunk announced {length} bytes but carried {received}",
-                            {"expected": length, "received": received},
-                        )
-            except BaseException:
-                await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
-                self._hashes.pop(upload.id, None)
-                raise
+                        if length is not None and received != length:
+                            raise SizeInvalid(
+                                f"chunk announced {length} bytes but carried {received}",
+                                {"expected": length, "received": received},
+                            )
+                except BaseException:
+                    await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
+                    self._hashes.pop(upload.id, None)
+                    raise
             finally:
-                handle.close()
+                handle.close()  # and with it the file lock
             return offset + received
 
     @contextlib.asynccontextmanager
@@ -242,7 +247,7 @@ class Uploads:
             self._check_not_committing(upload.id)
             frozen = self.root / f"{upload.id}{FROZEN_SUFFIX}"
             try:
-                await asyncio.to_thread(os.rename, upload.directory, frozen)
+                await asyncio.to_thread(_freeze_locked, upload.directory, frozen)
             except FileNotFoundError as exc:
                 raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
             self._committing.add(upload.id)
@@ -297,6 +302,34 @@ def disk_full(what: str) -> Iterator[None]:
         if exc.errno not in _DISK_FULL:
             raise
         raise InsufficientStorage(f"the registry's disk is full: could not {what}") from exc
+
+
+def _open_for_append(data: Path) -> BinaryIO:
+    """Open a session's data file to append, holding its file lock.
+
+    The lock (flock) keeps writers and a freeze in other processes sharing the data
+    directory apart, as the session's asyncio lock does within this one. Unbuffered: a
+    failed write leaves nothing in a buffer to land after the rollback.
+    """
+    fd = os.open(data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.samestat(os.fstat(fd), os.stat(data)):
+            raise FileNotFoundError(errno.ENOENT, "session frozen or cancelled", str(data))
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "ab", buffering=0)
+
+
+def _freeze_locked(directory: Path, frozen: Path) -> None:
+    """Rename the session away once no process is appending to it (see _open_for_append)."""
+    fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(directory, frozen)
+    finally:
+        os.close(fd)
 
 
 def _stale_entries(root: Path, cutoff: float) -> list[str]:

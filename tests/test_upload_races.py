@@ -284,3 +284,36 @@ async def test_a_commit_the_store_refuses_leaves_the_session_to_retry(
     retried = await client.put(f"{location}?digest={sha256(data)}")
     assert retried.status == 201, await retried.text()
     assert await (await client.get(f"/v2/{NAME}/blobs/{sha256(data)}")).read() == data
+
+
+async def test_commit_in_one_process_waits_for_a_chunk_streaming_in_another(make_client, data_dir):
+    # Two apps on one data directory stand for two worker processes: their asyncio locks
+    # are separate, so only the file lock keeps the freeze from overtaking the append.
+    first, second = await make_client(), await make_client()
+    base = blob_bytes(10_000, seed=20)
+    head, tail = blob_bytes(2 * 1024 * 1024, seed=21), blob_bytes(1000, seed=22)
+    location = await start_upload(first, NAME)
+    assert (await first.patch(location, data=base)).status == 202
+    session = data_dir / "uploads" / location.rsplit("/", 1)[1]
+    resume = asyncio.Event()
+
+    async def slow_body():
+        yield head
+        await resume.wait()
+        yield tail
+
+    patch = asyncio.create_task(second.patch(location, data=slow_body()))
+    deadline = time.monotonic() + 10
+    while (session / "data").stat().st_size <= len(base):
+        assert time.monotonic() < deadline, "the first batch never reached the session"
+        await asyncio.sleep(0.01)  # the other app writes it; nothing to await here
+    # The digest of what the file holds right now: a commit that froze it mid-chunk
+    # would verify and store it, then the rest of the chunk would land in the store.
+    put = asyncio.create_task(first.put(f"{location}?digest={sha256(base + head)}"))
+    done, _ = await asyncio.wait({put}, timeout=1.0)
+    resume.set()
+
+    assert not done, "the commit did not wait for the chunk being appended"
+    assert (await patch).status == 202
+    assert await outcome(await put) == (400, "DIGEST_INVALID")
+    assert_store_sound(data_dir)
