@@ -357,12 +357,25 @@ def _last_used(directory: Path) -> float:
 
 
 def _remove_if_stale(directory: Path, cutoff: float) -> bool:
+    """Delete a stale session, unless a process is appending to it or freezing it."""
     if _last_used(directory) >= cutoff or not directory.exists():
         return False
-    if directory.is_dir() and not directory.is_symlink():
-        shutil.rmtree(directory, ignore_errors=True)
-    else:
+    if directory.is_symlink() or not directory.is_dir():
         directory.unlink(missing_ok=True)
+        return True
+    try:
+        fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(directory, ignore_errors=True)
+    except BlockingIOError:
+        return False  # in use by another process
+    finally:
+        if fd is not None:
+            os.close(fd)
     return True
 
 

@@ -317,3 +317,33 @@ async def test_commit_in_one_process_waits_for_a_chunk_streaming_in_another(make
     assert (await patch).status == 202
     assert await outcome(await put) == (400, "DIGEST_INVALID")
     assert_store_sound(data_dir)
+
+
+async def test_expiry_in_one_process_leaves_a_session_another_is_appending_to(
+    make_client, data_dir
+):
+    first, second = await make_client(), await make_client()
+    location = await start_upload(first, NAME)
+    session = data_dir / "uploads" / location.rsplit("/", 1)[1]
+    head, tail = blob_bytes(2 * 1024 * 1024, seed=30), blob_bytes(1000, seed=31)
+    resume = asyncio.Event()
+
+    async def slow_body():
+        yield head
+        await resume.wait()
+        yield tail
+
+    patch = asyncio.create_task(second.patch(location, data=slow_body()))
+    deadline = time.monotonic() + 10
+    while (session / "data").stat().st_size == 0:
+        assert time.monotonic() < deadline, "the first batch never reached the session"
+        await asyncio.sleep(0.01)  # the other app writes it; nothing to await here
+    make_stale(first, session)
+
+    expired = await first.app[UPLOADS].expire()
+    resume.set()
+
+    assert expired == 0
+    assert (await patch).status == 202
+    put = await first.put(f"{location}?digest={sha256(head + tail)}")
+    assert put.status == 201, await put.text()
