@@ -5,12 +5,13 @@ bytes so far) and ``info.json`` (the repository and start time). The sha256 stat
 of each session is kept in memory while the process lives; after a restart, or
 when a chunk landed in another process, it is rebuilt from ``data``.
 
-Every change to a session (append, commit, cancel, expiry) happens under its lock.
-Closing an upload first *freezes* it: under the lock the session directory is
-renamed to ``<uuid>.commit``, so from that instant no request can reach it (each gets
-BLOB_UPLOAD_UNKNOWN) and its bytes can no longer change; only then are they verified
-and handed to the store. A blob therefore enters the store only as the bytes that
-were verified (issue 7).
+Every change to a session (append, commit, cancel, expiry) happens under its lock
+(an asyncio lock within the process, and a file lock on ``data`` between an append
+and a freeze or expiry in processes sharing the directory). Closing an upload first
+*freezes* it: under the lock the session directory is renamed to ``<uuid>.commit``,
+so from that instant no request can reach it (each gets BLOB_UPLOAD_UNKNOWN) and its
+bytes can no longer change; only then are they verified and handed to the store. A
+blob therefore enters the store only as the bytes that were verified (issue 7).
 """
 
 from __future__ import annotations
