@@ -172,7 +172,7 @@ class Uploads:
         Should that fail, the session is restored as it was, so the client can retry the
         PUT. Bytes that do not match cancel the session (as registry:2 does).
         """
-        frozen, state = await self._freeze(upload)
+        frozen, state, locked = await self._freeze(upload)
         try:
             try:
                 if digest.algorithm == "sha256" and state is not None:
@@ -198,6 +198,7 @@ class Uploads:
                 raise
             await asyncio.to_thread(shutil.rmtree, frozen.parent, True)
         finally:
+            os.close(locked)
             self._committing.discard(upload.id)
 
     async def cancel(self, upload: Upload) -> None:
@@ -239,32 +240,23 @@ class Uploads:
                 log.exception("expiring upload sessions failed")
             await asyncio.sleep(interval)
 
-    async def _freeze(self, upload: Upload) -> tuple[Path, _Hash | None]:
+    async def _freeze(self, upload: Upload) -> tuple[Path, _Hash | None, int]:
         """Under the session's lock, take the session away from every other request.
 
-        Returns the frozen data file and the running hash if it covers exactly that file.
+        Returns the frozen data file, the running hash if it covers exactly that file, and
+        a descriptor holding the file's lock until the commit closes it.
         """
         async with self._lock(upload):
             self._check_not_committing(upload.id)
             frozen = self.root / f"{upload.id}{FROZEN_SUFFIX}"
             try:
-                await asyncio.to_thread(_freeze_locked, upload.directory, frozen)
+                fd = await asyncio.to_thread(_freeze_locked, upload.directory, frozen)
             except FileNotFoundError as exc:
                 raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
             self._committing.add(upload.id)
             state = self._hashes.pop(upload.id, None)
-        data = frozen / "data"
-        try:
-            size = (await asyncio.to_thread(os.stat, data)).st_size
-        except FileNotFoundError as exc:  # a session with no data file is no session
-            await asyncio.to_thread(shutil.rmtree, frozen, True)
-            self._committing.discard(upload.id)
-            raise BlobUploadUnknown(f"upload {upload.id} holds no data") from exc
-        except BaseException:
-            await asyncio.to_thread(_thaw, frozen, upload.directory)
-            self._committing.discard(upload.id)
-            raise
-        return data, state if state is not None and state.offset == size else None
+        size = os.fstat(fd).st_size
+        return frozen / "data", state if state is not None and state.offset == size else None, fd
 
     def _check_not_committing(self, upload_id: str) -> None:
         if upload_id in self._committing:
@@ -323,14 +315,20 @@ def _open_for_append(data: Path) -> BinaryIO:
     return open(fd, "ab", buffering=0)
 
 
-def _freeze_locked(directory: Path, frozen: Path) -> None:
-    """Rename the session away once no process is appending to it (see _open_for_append)."""
+def _freeze_locked(directory: Path, frozen: Path) -> int:
+    """Rename the session away once no process is appending to it (see _open_for_append).
+
+    Returns a descriptor on its data that holds the file lock until closed, so expiry in
+    another process leaves the frozen session alone while it is committed.
+    """
     fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.rename(directory, frozen)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def _stale_entries(root: Path, cutoff: float) -> list[str]:

@@ -347,3 +347,25 @@ async def test_expiry_in_one_process_leaves_a_session_another_is_appending_to(
     assert (await patch).status == 202
     put = await first.put(f"{location}?digest={sha256(head + tail)}")
     assert put.status == 201, await put.text()
+
+
+async def test_expiry_in_one_process_leaves_a_session_another_is_committing(
+    make_client, data_dir, monkeypatch
+):
+    first, second = await make_client(), await make_client()
+    registry = first.app[REGISTRY]
+    held = HeldCommit(registry)
+    monkeypatch.setattr(registry, "commit_blob", held)
+    data = blob_bytes(100_000, seed=40)
+    location = await start_upload(first, NAME)
+    assert (await first.patch(location, data=data)).status == 202
+    make_stale(first, data_dir / "uploads" / location.rsplit("/", 1)[1])
+    put = asyncio.create_task(first.put(f"{location}?digest={sha256(data)}"))
+    await held.entered.wait()
+
+    expired = await second.app[UPLOADS].expire()
+    held.release.set()
+
+    assert expired == 0
+    assert (await put).status == 201
+    assert await (await first.get(f"/v2/{NAME}/blobs/{sha256(data)}")).read() == data
