@@ -133,6 +133,14 @@ class RangeInvalid(RegistryError):
     status = 416
 
 
+class InsufficientStorage(RegistryError):
+    """The registry's disk is full (RFC 4918's 507). UNAVAILABLE, a code every client
+    parses, says "try again later": space frees as the cache evicts."""
+
+    code = "UNAVAILABLE"
+    status = 507
+
+
 class RouteUnknown(RegistryError):
     code = "NOT_FOUND"
     status = 404

@@ -206,13 +206,23 @@ class Registry:
         With S3 the blob is durable in the bucket before this returns.
         """
         key = layout.blob_data(digest)
-        await self._to_shared(key, data)
-        # Held: a local copy found here is not evicted before it is linked and pinned.
+        shared = self.shared
+        if shared is not None:
+            # An object of another size under this digest is not this blob: the verified
+            # upload replaces it. (One of the same size is kept: hashing it again would
+            # read every pushed layer back from S3.)
+            size = (await asyncio.to_thread(data.stat)).st_size
+            try:
+                held = await shared.stat(key)
+            except PathNotFound:
+                held = None
+            if held != size:
+                await shared.put_file(key, data)
+        # The verified upload always becomes the local copy: one rename, and a file already
+        # there (from whatever wrote it) is never trusted over bytes just verified. Held: it
+        # is not evicted before it is linked and pinned.
         async with self.cache.holding(digest):
-            if await _exists(self.local, key):
-                await asyncio.to_thread(data.unlink, True)
-            else:
-                await self.local.move_in(key, data)
+            await self.local.move_in(key, data)
             await self._link_pushed(name, digest)
 
     async def _to_shared(self, key: str, source: Path) -> None:

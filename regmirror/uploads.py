@@ -4,11 +4,22 @@ A session is a directory ``<data_dir>/uploads/<uuid>/`` holding ``data`` (the
 bytes so far) and ``info.json`` (the repository and start time). The sha256 state
 of each session is kept in memory while the process lives; after a restart, or
 when a chunk landed in another process, it is rebuilt from ``data``.
+
+Every change to a session (append, commit, cancel, expiry) happens under its lock
+(an asyncio lock within the process, and a file lock on ``data`` between an append
+and a freeze or expiry in processes sharing the directory). Closing an upload first
+*freezes* it: under the lock the session directory is renamed to ``<uuid>.commit``,
+so from that instant no request can reach it (each gets BLOB_UPLOAD_UNKNOWN) and its
+bytes can no longer change; only then are they verified and handed to the store. A
+blob therefore enters the store only as the bytes that were verified (issue 7).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,19 +29,28 @@ import shutil
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from regmirror.digest import Digest
-from regmirror.errors import BlobUploadUnknown, DigestInvalid, RangeInvalid, SizeInvalid
+from regmirror.errors import (
+    BlobUploadUnknown,
+    DigestInvalid,
+    InsufficientStorage,
+    RangeInvalid,
+    SizeInvalid,
+)
 
 log = logging.getLogger(__name__)
 
 _UUID = re.compile(r"^[0-9a-f]{32}$")
 # Chunks are hashed and written off the event loop in batches of this size.
 BATCH = 1024 * 1024
+# A frozen session (being committed) is renamed to ``<uuid>`` + this suffix.
+FROZEN_SUFFIX = ".commit"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +78,26 @@ class Uploads:
         self.ttl = ttl
         self._hashes: dict[str, _Hash] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Sessions frozen by a closing PUT: gone for every other request.
+        self._committing: set[str] = set()
 
     async def start(self, name: str) -> Upload:
         upload_id = uuid.uuid4().hex
         upload = Upload(upload_id, name, self.root / upload_id)
         info = json.dumps({"name": name, "started_at": time.time()}).encode()
-        await asyncio.to_thread(self._create, upload, info)
+        with disk_full("open an upload session"):
+            try:
+                await asyncio.to_thread(self._create, upload, info)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, upload.directory, True)
+                raise
         return upload
 
     async def get(self, name: str, upload_id: str) -> Upload:
         """The session ``upload_id`` of repository ``name``; BLOB_UPLOAD_UNKNOWN otherwise."""
         if not _UUID.match(upload_id):
             raise BlobUploadUnknown("upload session id is not one this registry issued")
+        self._check_not_committing(upload_id)
         upload = Upload(upload_id, name, self.root / upload_id)
         try:
             info = json.loads(await asyncio.to_thread((upload.directory / "info.json").read_bytes))
@@ -80,6 +108,7 @@ class Uploads:
         return upload
 
     async def size(self, upload: Upload) -> int:
+        self._check_not_committing(upload.id)
         try:
             return (await asyncio.to_thread(os.stat, upload.data)).st_size
         except FileNotFoundError as exc:
@@ -90,77 +119,118 @@ class Uploads:
     ) -> int:
         """Append a chunk; ``start`` (from Content-Range) must be where the upload stands.
 
-        Returns the new size. A chunk shorter or longer than announced is rolled back.
+        Returns the new size. A chunk shorter or longer than announced, or one the disk
+        has no room for, is rolled back: the session keeps exactly what it held before.
         """
         async with self._lock(upload):
-            offset = await self.size(upload)
-            if start is not None and start != offset:
-                raise RangeInvalid(
-                    f"chunk starts at {start} but the upload holds {offset} bytes",
-                    {"expected": offset, "got": start},
-                    headers=_range_headers(offset),
-                )
-            state = await self._hash(upload, offset)
-            handle = await asyncio.to_thread(open, upload.data, "ab")
-            received = 0
+            self._check_not_committing(upload.id)
             try:
-                batch = bytearray()
-                async for chunk in body:
-                    batch += chunk
-                    received += len(chunk)
-                    if length is not None and received > length:
-                        break
-                    if len(batch) >= BATCH:
-                        await asyncio.to_thread(_write, handle, state, bytes(batch))
-                        batch.clear()
-                if batch and (length is None or received <= length):
-                    await asyncio.to_thread(_write, handle, state, bytes(batch))
-            except BaseException:
-                await asyncio.to_thread(_rollback, handle, offset)
-                self._hashes.pop(upload.id, None)
-                raise
+                handle = await asyncio.to_thread(_open_for_append, upload.data)
+            except FileNotFoundError as exc:  # frozen, cancelled or expired
+                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+            try:
+                offset = os.fstat(handle.fileno()).st_size
+                if start is not None and start != offset:
+                    raise RangeInvalid(
+                        f"chunk starts at {start} but the upload holds {offset} bytes",
+                        {"expected": offset, "got": start},
+                        headers=_range_headers(offset),
+                    )
+                state = await self._hash(upload, offset)
+                received = 0
+                try:
+                    with disk_full("store this chunk; the upload keeps what it held before it"):
+                        batch = bytearray()
+                        async for chunk in body:
+                            batch += chunk
+                            received += len(chunk)
+                            if length is not None and received > length:
+                                break
+                            if len(batch) >= BATCH:
+                                await asyncio.to_thread(_write, handle, state, bytes(batch))
+                                batch.clear()
+                        if batch and (length is None or received <= length):
+                            await asyncio.to_thread(_write, handle, state, bytes(batch))
+                        if length is not None and received != length:
+                            raise SizeInvalid(
+                                f"chunk announced {length} bytes but carried {received}",
+                                {"expected": length, "received": received},
+                            )
+                except BaseException:
+                    await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
+                    self._hashes.pop(upload.id, None)
+                    raise
             finally:
-                handle.close()
-            if length is not None and received != length:
-                await asyncio.to_thread(os.truncate, upload.data, offset)
-                self._hashes.pop(upload.id, None)
-                raise SizeInvalid(
-                    f"chunk announced {length} bytes but carried {received}",
-                    {"expected": length, "received": received},
-                )
+                handle.close()  # and with it the file lock
             return offset + received
 
-    async def finish(self, upload: Upload, digest: Digest) -> Path:
-        """Verify the whole upload against ``digest`` and return its fsynced data file."""
-        async with self._lock(upload):
-            offset = await self.size(upload)
-            state = self._hashes.get(upload.id)
-            if digest.algorithm == "sha256" and state is not None and state.offset == offset:
-                actual = state.hasher.hexdigest()
-            else:
-                hasher = await asyncio.to_thread(_hash_file, upload.data, digest.algorithm)
-                actual = hasher.hexdigest()
+    @contextlib.asynccontextmanager
+    async def commit(self, upload: Upload, digest: Digest) -> AsyncIterator[Path]:
+        """Freeze the session, verify its bytes against ``digest`` and yield the file.
+
+        The caller moves the yielded file into the store; the session is gone afterwards.
+        Should that fail, the session is restored as it was, so the client can retry the
+        PUT. Bytes that do not match cancel the session (as registry:2 does).
+        """
+        frozen, state, locked = await self._freeze(upload)
+        try:
+            try:
+                if digest.algorithm == "sha256" and state is not None:
+                    actual = state.hasher.hexdigest()
+                else:
+                    hasher = await asyncio.to_thread(_hash_file, frozen, digest.algorithm)
+                    actual = hasher.hexdigest()
+            except BaseException:
+                await asyncio.to_thread(_thaw, frozen.parent, upload.directory)
+                raise
             if actual != digest.hex:
-                await self.cancel(upload)
+                await asyncio.to_thread(shutil.rmtree, frozen.parent, True)
                 raise DigestInvalid(
                     f"uploaded content has digest {digest.algorithm}:{actual}, not {digest}",
                     {"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"},
                 )
-            await asyncio.to_thread(_fsync, upload.data)
-            return upload.data
+            try:
+                with disk_full("commit this upload"):
+                    await asyncio.to_thread(_fsync, frozen)
+                    yield frozen
+            except BaseException:
+                await asyncio.to_thread(_thaw, frozen.parent, upload.directory)
+                raise
+            await asyncio.to_thread(shutil.rmtree, frozen.parent, True)
+        finally:
+            os.close(locked)
+            self._committing.discard(upload.id)
 
     async def cancel(self, upload: Upload) -> None:
-        self._hashes.pop(upload.id, None)
-        await asyncio.to_thread(shutil.rmtree, upload.directory, True)
+        """Drop the session; BLOB_UPLOAD_UNKNOWN when it is gone or being committed."""
+        self._check_not_committing(upload.id)
+        async with self._lock(upload):
+            self._check_not_committing(upload.id)
+            self._hashes.pop(upload.id, None)
+            if not await asyncio.to_thread(_remove, upload.directory):
+                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired")
 
     async def expire(self) -> int:
-        """Delete sessions idle for longer than the TTL; returns how many."""
-        expired = await asyncio.to_thread(self._expire, time.time() - self.ttl)
-        for upload_id in expired:
-            self._hashes.pop(upload_id, None)
+        """Delete sessions idle for longer than the TTL; returns how many.
+
+        A session a request is working on (appending, committing) is never idle.
+        """
+        cutoff = time.time() - self.ttl
+        expired = 0
+        for name in await asyncio.to_thread(_stale_entries, self.root, cutoff):
+            upload_id = name.removesuffix(FROZEN_SUFFIX)
+            lock = self._locks.get(upload_id)
+            if upload_id in self._committing or (lock is not None and lock.locked()):
+                continue
+            async with self._lock_of(upload_id):
+                if upload_id in self._committing:
+                    continue
+                if await asyncio.to_thread(_remove_if_stale, self.root / name, cutoff):
+                    self._hashes.pop(upload_id, None)
+                    expired += 1
         if expired:
-            log.info("expired %d stale upload sessions", len(expired))
-        return len(expired)
+            log.info("expired %d stale upload sessions", expired)
+        return expired
 
     async def expire_forever(self, interval: float) -> None:
         while True:
@@ -170,10 +240,35 @@ class Uploads:
                 log.exception("expiring upload sessions failed")
             await asyncio.sleep(interval)
 
+    async def _freeze(self, upload: Upload) -> tuple[Path, _Hash | None, int]:
+        """Under the session's lock, take the session away from every other request.
+
+        Returns the frozen data file, the running hash if it covers exactly that file, and
+        a descriptor holding the file's lock until the commit closes it.
+        """
+        async with self._lock(upload):
+            self._check_not_committing(upload.id)
+            frozen = self.root / f"{upload.id}{FROZEN_SUFFIX}"
+            try:
+                fd = await asyncio.to_thread(_freeze_locked, upload.directory, frozen)
+            except FileNotFoundError as exc:
+                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+            self._committing.add(upload.id)
+            state = self._hashes.pop(upload.id, None)
+        size = os.fstat(fd).st_size
+        return frozen / "data", state if state is not None and state.offset == size else None, fd
+
+    def _check_not_committing(self, upload_id: str) -> None:
+        if upload_id in self._committing:
+            raise BlobUploadUnknown(f"upload {upload_id} is being committed; it takes no more")
+
     def _lock(self, upload: Upload) -> asyncio.Lock:
-        lock = self._locks.get(upload.id)
+        return self._lock_of(upload.id)
+
+    def _lock_of(self, upload_id: str) -> asyncio.Lock:
+        lock = self._locks.get(upload_id)
         if lock is None:
-            lock = self._locks[upload.id] = asyncio.Lock()
+            lock = self._locks[upload_id] = asyncio.Lock()
         return lock
 
     async def _hash(self, upload: Upload, offset: int) -> _Hash:
@@ -190,24 +285,112 @@ class Uploads:
         upload.data.touch()
         (upload.directory / "info.json").write_bytes(info)
 
-    def _expire(self, cutoff: float) -> list[str]:
-        expired = []
+
+@contextlib.contextmanager
+def disk_full(what: str) -> Iterator[None]:
+    """ENOSPC (or a quota) becomes the registry's 507, not an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise InsufficientStorage(f"the registry's disk is full: could not {what}") from exc
+
+
+def _open_for_append(data: Path) -> BinaryIO:
+    """Open a session's data file to append, holding its file lock.
+
+    The lock (flock) keeps writers and a freeze in other processes sharing the data
+    directory apart, as the session's asyncio lock does within this one. Unbuffered: a
+    failed write leaves nothing in a buffer to land after the rollback.
+    """
+    fd = os.open(data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not os.path.samestat(os.fstat(fd), os.stat(data)):
+            raise FileNotFoundError(errno.ENOENT, "session frozen or cancelled", str(data))
+    except BaseException:
+        os.close(fd)
+        raise
+    return open(fd, "ab", buffering=0)
+
+
+def _freeze_locked(directory: Path, frozen: Path) -> int:
+    """Rename the session away once no process is appending to it (see _open_for_append).
+
+    Returns a descriptor on its data that holds the file lock until closed, so expiry in
+    another process leaves the frozen session alone while it is committed.
+    """
+    fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(directory, frozen)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _stale_entries(root: Path, cutoff: float) -> list[str]:
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    return [entry.name for entry in entries if _last_used(Path(entry.path)) < cutoff]
+
+
+def _last_used(directory: Path) -> float:
+    """The newest mtime of the session's files, or of the directory while it is created."""
+    times = []
+    for path in (directory / "info.json", directory / "data"):
         try:
-            entries = list(os.scandir(self.root))
+            times.append(os.stat(path).st_mtime)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    if not times:
+        try:
+            return os.stat(directory).st_mtime
         except FileNotFoundError:
-            return []
-        for entry in entries:
-            try:
-                last = max(
-                    os.stat(os.path.join(entry.path, name)).st_mtime
-                    for name in ("info.json", "data")
-                )
-            except (FileNotFoundError, NotADirectoryError):
-                last = 0.0
-            if last < cutoff:
-                shutil.rmtree(entry.path, ignore_errors=True)
-                expired.append(entry.name)
-        return expired
+            return 0.0
+    return max(times)
+
+
+def _remove_if_stale(directory: Path, cutoff: float) -> bool:
+    """Delete a stale session, unless a process is appending to it or freezing it."""
+    if _last_used(directory) >= cutoff or not directory.exists():
+        return False
+    if directory.is_symlink() or not directory.is_dir():
+        directory.unlink(missing_ok=True)
+        return True
+    try:
+        fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(directory, ignore_errors=True)
+    except BlockingIOError:
+        return False  # in use by another process
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return True
+
+
+def _remove(directory: Path) -> bool:
+    """Delete a session directory; False when there was none."""
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _thaw(frozen: Path, directory: Path) -> None:
+    """Put a frozen session back where requests find it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(frozen, directory)
 
 
 def _range_headers(size: int) -> dict[str, str]:
@@ -215,14 +398,12 @@ def _range_headers(size: int) -> dict[str, str]:
 
 
 def _write(handle: BinaryIO, state: _Hash, data: bytes) -> None:
-    handle.write(data)
+    view = memoryview(data)
+    while view:  # an unbuffered write may take only part
+        written = handle.write(view)
+        view = view[written or 0 :]
     state.hasher.update(data)
     state.offset += len(data)
-
-
-def _rollback(handle: BinaryIO, offset: int) -> None:
-    handle.flush()
-    handle.truncate(offset)
 
 
 def _hash_file(path: Path, algorithm: str) -> hashlib._Hash:

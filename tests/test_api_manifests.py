@@ -501,10 +501,21 @@ async def test_put_invalid_tag_is_tag_invalid(client, tag):
     await assert_error(response, 400, "TAG_INVALID")
 
 
-async def test_get_invalid_tag_is_tag_invalid(client):
-    response = await client.get(f"/v2/{NAME}/manifests/-bad")
+@pytest.mark.parametrize(
+    "reference", ["-bad", ".dot", "x" * 129, "sha256:abc", "sha999:abcd", "sha256:" + "A" * 64]
+)
+async def test_get_invalid_reference_is_manifest_unknown(client, reference):
+    # A reference that cannot be spelled names no manifest: 404, as registry:2 and the
+    # distribution-spec conformance suite expect (issue 7, finding 11).
+    response = await client.get(f"/v2/{NAME}/manifests/{reference}")
 
-    await assert_error(response, 400, "TAG_INVALID")
+    await assert_error(response, 404, "MANIFEST_UNKNOWN")
+
+
+async def test_head_invalid_reference_is_404(client):
+    response = await client.head(f"/v2/{NAME}/manifests/-bad")
+
+    assert response.status == 404
 
 
 @pytest.mark.parametrize("name", ["UPPER/case", "a//b", "-lead", "trail-", "a" * 256])

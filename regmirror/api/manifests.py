@@ -8,12 +8,11 @@ from regmirror.api import params
 from regmirror.api.keys import REGISTRY
 from regmirror.errors import ManifestTooLarge
 from regmirror.manifest import MAX_MANIFEST_BYTES
-from regmirror.names import parse_reference
 
 
 async def get_manifest(request: web.Request) -> web.Response:
     name = params.name(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = params.known_reference(request)
     accept = [
         media_type.split(";")[0].strip()
         for header in request.headers.getall("Accept", [])
@@ -39,7 +38,7 @@ async def get_manifest(request: web.Request) -> web.Response:
 
 async def put_manifest(request: web.Request) -> web.Response:
     name = params.name(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = params.reference(request)
     raw = await _read_capped(request)
     manifest = await request.app[REGISTRY].put_manifest(
         name, reference, raw, request.headers.get("Content-Type")
@@ -55,7 +54,7 @@ async def put_manifest(request: web.Request) -> web.Response:
 
 async def delete_manifest(request: web.Request) -> web.Response:
     name = params.name(request)
-    reference = parse_reference(request.match_info["reference"])
+    reference = params.reference(request)
     await request.app[REGISTRY].delete_manifest(name, reference)
     return web.Response(status=202)
 

@@ -7,8 +7,15 @@ import re
 from aiohttp import web
 
 from regmirror.digest import Digest
-from regmirror.errors import DigestInvalid, PaginationInvalid, RangeInvalid, SizeInvalid
-from regmirror.names import check_name
+from regmirror.errors import (
+    DigestInvalid,
+    ManifestUnknown,
+    PaginationInvalid,
+    RangeInvalid,
+    SizeInvalid,
+    TagInvalid,
+)
+from regmirror.names import check_name, parse_reference
 
 # ASCII digits only (``\d`` and ``str.isdigit`` accept other scripts' digits, which
 # ``int`` then rejects or reads), and few enough of them that ``int`` never refuses.
@@ -18,6 +25,23 @@ _CONTENT_RANGE = re.compile(rf"^(?:bytes[ =])?({_NUMBER})-({_NUMBER})(?:/(?:{_NU
 
 def name(request: web.Request) -> str:
     return check_name(request.match_info["name"])
+
+
+def reference(request: web.Request) -> str | Digest:
+    """The manifest reference to store or delete under: a malformed tag is TAG_INVALID,
+    a malformed digest DIGEST_INVALID."""
+    return parse_reference(request.match_info["reference"])
+
+
+def known_reference(request: web.Request) -> str | Digest:
+    """The manifest reference to look up (GET, HEAD). One that cannot be spelled names no
+    manifest: MANIFEST_UNKNOWN (404), as the distribution spec's conformance suite and
+    registry:2 answer, not the 400 of a write."""
+    raw = request.match_info["reference"]
+    try:
+        return parse_reference(raw)
+    except (TagInvalid, DigestInvalid) as exc:
+        raise ManifestUnknown(f"manifest unknown: {exc.message}", {"reference": raw[:150]}) from exc
 
 
 def digest(text: str | None, what: str = "digest") -> Digest:

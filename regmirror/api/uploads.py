@@ -8,14 +8,16 @@ DELETE cancels.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from regmirror.api import params
 from regmirror.api.keys import REGISTRY, UPLOADS
 from regmirror.digest import Digest
-from regmirror.errors import SizeInvalid
+from regmirror.errors import BlobUploadUnknown, SizeInvalid
 from regmirror.names import check_name
-from regmirror.uploads import Upload
+from regmirror.uploads import Upload, disk_full
 
 
 async def start_upload(request: web.Request) -> web.Response:
@@ -24,8 +26,10 @@ async def start_upload(request: web.Request) -> web.Response:
     if "mount" in request.query:
         digest = params.digest(request.query["mount"], "mount")
         source = request.query.get("from")
-        if source is not None and await registry.mount(name, check_name(source), digest):
-            return _created(name, digest)
+        if source is not None:
+            with disk_full("link the mounted blob"):
+                if await registry.mount(name, check_name(source), digest):
+                    return _created(name, digest)
     # Parse the digest before opening a session, so a bad one leaves no session behind.
     whole = params.digest(request.query["digest"]) if "digest" in request.query else None
     upload = await uploads.start(name)
@@ -34,7 +38,8 @@ async def start_upload(request: web.Request) -> web.Response:
             await _append(request, upload)
             await _commit(request, upload, whole)
         except BaseException:
-            await uploads.cancel(upload)
+            with contextlib.suppress(BlobUploadUnknown):  # the commit already dropped it
+                await uploads.cancel(upload)
             raise
         return _created(name, whole)
     return _progress(upload, 0, status=202)
@@ -87,9 +92,9 @@ async def _append(request: web.Request, upload: Upload) -> int:
 
 
 async def _commit(request: web.Request, upload: Upload, digest: Digest) -> None:
-    data = await request.app[UPLOADS].finish(upload, digest)
-    await request.app[REGISTRY].commit_blob(upload.name, digest, data)
-    await request.app[UPLOADS].cancel(upload)
+    """Only the bytes the session held when it was frozen and verified reach the store."""
+    async with request.app[UPLOADS].commit(upload, digest) as verified:
+        await request.app[REGISTRY].commit_blob(upload.name, digest, verified)
 
 
 def _progress(upload: Upload, size: int, *, status: int) -> web.Response:
