@@ -8,11 +8,12 @@ import logging
 import sys
 from typing import Any
 
-from aiohttp import web
-
 from regmirror import __version__
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
+from regmirror.server import Listen
+from regmirror.server import run as run_server
+from regmirror.tls import server_tls
 
 log = logging.getLogger("regmirror")
 
@@ -33,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
         host, port = settings.host_port()
+        probes = settings.metrics_host_port()
+        tls = server_tls(settings.tls)
         app = create_app(settings)
     except (ConfigError, OSError) as exc:
         print(f"regmirror: {exc}", file=sys.stderr)
         return 2
-    log.info("regmirror %s serving http://%s:%d/v2/", __version__, host, port)
+    log.info("regmirror %s", __version__)
     log.info("data directory: %s", settings.data_dir)
     if not _is_loopback(host):
         log.warning(
@@ -45,14 +48,16 @@ def run(args: argparse.Namespace) -> int:
             "delete; firewall it or listen on 127.0.0.1",
             host,
         )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=30.0,
-    )
+    try:
+        run_server(
+            app,
+            Listen(host, port),
+            tls=tls,
+            probes=Listen(*probes) if probes is not None else None,
+        )
+    except OSError as exc:  # the port is taken, the address is not ours
+        print(f"regmirror: cannot listen: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
