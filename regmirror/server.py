@@ -77,7 +77,7 @@ async def serve(
         await stop.wait()
         log.info("stopping: draining requests in flight (up to %.0f s)", drain_timeout)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         for runner in runners:  # the registry first: the probes answer while it drains
             await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal changes nothing
+            loop.remove_signal_handler(signum)

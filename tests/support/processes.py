@@ -72,6 +72,8 @@ class ServerProcess:
     log_path: Path
     config_path: Path | None = None
     ssl_context: ssl.SSLContext | None = None  # what the readiness poll trusted (TLS)
+    stopped: bool = False  # stop() was called: an exit is expected
+
 
     @property
     def port(self) -> int:
@@ -89,6 +91,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``; its exit code."""
+        self.stopped = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -208,7 +211,7 @@ def _running(
     try:
         yield server
     finally:
-        died = server.process.poll()
+        died = None if server.stopped else server.process.poll()
         code = server.stop()
         if died is not None:
             # Printed so pytest shows it with the failure; raised so a crash is not missed.
