@@ -15,7 +15,8 @@ from aiohttp import web
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_probe_routes, add_routes
-from regmirror.config import ConfigError, Settings
+from regmirror.auth import middleware as auth
+from regmirror.config import Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.metrics import Metrics
@@ -35,17 +36,12 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings) -> web.Application:
-    if settings.auth.htpasswd is not None:
-        # Better not to start than to let an operator believe pushes need credentials.
-        raise ConfigError(
-            "auth.htpasswd is set, but this version of regmirror does not enforce "
-            "authentication yet; remove it, and keep regmirror on loopback or behind a "
-            "proxy that authenticates"
-        )
+    metrics = Metrics()
+    access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = web.Application(middlewares=[envelope])
-    metrics = app[METRICS] = Metrics()
+    app = web.Application(middlewares=[envelope, *([access.middleware] if access else [])])
+    app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None
     if settings.s3.bucket:

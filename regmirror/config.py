@@ -89,9 +89,44 @@ class UpstreamSettings:
 
 
 @dataclass
+class RuleSettings:
+    """Who (an htpasswd user, or ``*``) may do what (pull, push, delete) where (globs)."""
+
+    user: str
+    repositories: list[str]
+    actions: list[str]
+
+
+@dataclass
+class TokenSettings:
+    """Docker token auth, with registry:2's keys (``auth.token`` in its config)."""
+
+    realm: str | None = None  # the token service's URL clients are sent to
+    service: str | None = None  # this registry's name: tokens must carry it in ``aud``
+    issuer: str | None = None  # the token service's name: tokens must carry it in ``iss``
+    rootcertbundle: str | None = None  # PEM certificates whose keys may sign tokens
+    jwks: str | None = None  # a JWKS file of keys that may sign tokens
+    signing_algorithms: list[str] = field(
+        default_factory=lambda: [
+            *("RS256", "RS384", "RS512", "ES256", "ES384", "ES512"),
+            *("PS256", "PS384", "PS512", "EdDSA"),
+        ]
+    )
+
+
+@dataclass
 class AuthSettings:
     htpasswd: str | None = None
+    realm: str = "regmirror"  # the Basic challenge's realm
     anonymous_pull: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    trusted_proxies: list[str] = field(default_factory=list)
+    rules: list[RuleSettings] = field(default_factory=list)
+    token: TokenSettings = field(default_factory=TokenSettings)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests are checked at all: an htpasswd file or a token service is set."""
+        return self.htpasswd is not None or self.token != TokenSettings()
 
 
 @dataclass

@@ -155,3 +155,17 @@ class UpstreamDenied(RegistryError):
 
 class FillFailed(Unavailable):
     """A fill from the next tier failed; a body streamed from it must be aborted, not ended."""
+
+
+class Unauthorized(RegistryError):
+    """No credentials, or credentials that do not hold (spec: 401 with a challenge)."""
+
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Denied(RegistryError):
+    """Good credentials without the permission the request needs."""
+
+    code = "DENIED"
+    status = 403

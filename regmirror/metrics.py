@@ -32,6 +32,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.auth_failures = Counter(
+            "regmirror_auth_failures_total",
+            "Refused logins and permissions, by scheme (basic, bearer) and reason "
+            "(bad_password, unknown_user, expired, denied, ...).",
+            ["scheme", "reason"],
+            registry=self.registry,
+        )
         self.bytes_served = Counter(
             "regmirror_bytes_served_total",
             "Blob bytes sent to clients, by where they came from (local disk or a fill).",
@@ -135,6 +142,9 @@ class Metrics:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
+
+    def auth_failure(self, scheme: str, reason: str) -> None:
+        self.auth_failures.labels(scheme, reason).inc()
 
     # CacheObserver
     def cache_bytes(self, total: int) -> None:

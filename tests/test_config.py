@@ -352,10 +352,64 @@ def test_serve_with_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "cache.max_byte" in capsys.readouterr().err
 
 
-def test_an_htpasswd_file_is_refused_until_authentication_is_enforced(tmp_path: Path) -> None:
-    from regmirror.app import create_app
+def test_auth_settings_from_the_environment_including_lists_and_rules() -> None:
+    settings = load(
+        environ={
+            "REGMIRROR_AUTH__HTPASSWD": "/etc/regmirror/htpasswd",
+            "REGMIRROR_AUTH__REALM": "0123",
+            "REGMIRROR_AUTH__ANONYMOUS_PULL": "[]",
+            "REGMIRROR_AUTH__TRUSTED_PROXIES": "[10.0.0.5/32, 10.0.0.6/32]",
+            "REGMIRROR_AUTH__RULES__0__USER": "ci",
+            "REGMIRROR_AUTH__RULES__0__REPOSITORIES": "[team/*, base/*]",
+            "REGMIRROR_AUTH__RULES__0__ACTIONS": "[pull, push]",
+            "REGMIRROR_AUTH__RULES__1__USER": "*",
+            "REGMIRROR_AUTH__RULES__1__REPOSITORIES": '["*"]',
+            "REGMIRROR_AUTH__RULES__1__ACTIONS": "[pull]",
+            "REGMIRROR_AUTH__TOKEN__SIGNING_ALGORITHMS__0": "ES256",
+        }
+    )
 
-    settings = load(environ={"REGMIRROR_AUTH__HTPASSWD": "/etc/regmirror/htpasswd"})
-    settings.data_dir = str(tmp_path)
-    with pytest.raises(ConfigError, match="does not enforce authentication"):
-        create_app(settings)
+    auth = settings.auth
+    assert (auth.htpasswd, auth.realm, auth.anonymous_pull) == (
+        "/etc/regmirror/htpasswd",
+        "0123",
+        [],
+    )
+    assert auth.trusted_proxies == ["10.0.0.5/32", "10.0.0.6/32"]
+    assert [(r.user, r.repositories, r.actions) for r in auth.rules] == [
+        ("ci", ["team/*", "base/*"], ["pull", "push"]),
+        ("*", ["*"], ["pull"]),
+    ]
+    assert auth.token.signing_algorithms == ["ES256"]
+    assert auth.enabled
+
+
+def test_anonymous_pull_items_from_the_environment_replace_the_default() -> None:
+    settings = load(environ={"REGMIRROR_AUTH__ANONYMOUS_PULL__0": "10.0.0.0/8"})
+
+    assert settings.auth.anonymous_pull == ["10.0.0.0/8"]
+    assert not settings.auth.enabled
+
+
+def test_token_settings_from_a_file(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+auth:
+  token:
+    realm: https://auth.example.com/token
+    service: registry.example.com
+    issuer: auth.example.com
+    rootcertbundle: /etc/regmirror/token.pem
+""",
+    )
+
+    token = load(path, environ={}).auth.token
+
+    assert (token.realm, token.service, token.issuer) == (
+        "https://auth.example.com/token",
+        "registry.example.com",
+        "auth.example.com",
+    )
+    assert token.rootcertbundle == "/etc/regmirror/token.pem"
+    assert "RS256" in token.signing_algorithms and "HS256" not in token.signing_algorithms

@@ -126,11 +126,15 @@ async def test_sigterm_lets_a_pull_in_flight_finish_then_exits_cleanly(
 
 
 async def refused(session: aiohttp.ClientSession, url: str) -> None:
-    """Returns once ``url`` refuses connections (bounded by the caller)."""
+    """Returns once ``url`` refuses connections (bounded by the caller). A connection
+    accepted just before the signal may get no answer at all: it times out and we ask
+    again."""
     while True:
         try:
-            async with aiohttp.ClientSession() as fresh:  # no pooled connection
-                await get(fresh, url)
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as fresh:
+                await get(fresh, url)  # a session of its own: no pooled connection
         except aiohttp.ClientConnectionError:
             return
+        except TimeoutError:
+            continue
         await asyncio.sleep(0.05)

@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     log.info("regmirror %s", __version__)
     log.info("data directory: %s", settings.data_dir)
-    if not _is_loopback(host):
+    if settings.auth.enabled:
+        log.info("access control: %s", "htpasswd" if settings.auth.htpasswd else "token service")
+    elif not _is_loopback(host):
         log.warning(
             "listening on %s with no authentication: whoever reaches this port can push and "
             "delete; firewall it or listen on 127.0.0.1",
