@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from tests.support.certs import Issued, TestCA
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.skipif(
     reason="skopeo not installed (Debian package skopeo; tests/run.sh installs it)",
 )
 
+CI_USER, CI_PASSWORD = "ci", "docker-login-pass-41"
 StartServer = Callable[..., ServerProcess]
 StartDocker = Callable[..., Docker]
 LAYERS = ({"etc/hostname": 9, "usr/bin/tool": 4096}, {"opt/data.bin": 300 * 1024 + 7})
@@ -220,6 +222,44 @@ def test_docker_pulls_and_pushes_over_https_and_mutual_tls_with_certs_d(
         str(tls_server.skopeo_certs),
         f"docker://{tls_server.server.host_port}/ci/over-tls:v1",
     )
+
+
+def test_docker_login_push_and_pull_with_htpasswd(
+    regmirror_server: StartServer,  # noqa: F811
+    docker_engine: StartDocker,  # noqa: F811
+    skopeo: Skopeo,
+    image: Image,
+    tmp_path: Path,
+) -> None:
+    hashed = bcrypt.hashpw(CI_PASSWORD.encode(), bcrypt.gensalt(6)).decode()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"{CI_USER}:{hashed}\n")
+    auth = {"htpasswd": str(htpasswd), "anonymous_pull": []}  # every request authenticates
+    server = regmirror_server(config={"auth": auth}, ready_status=401)
+    reference = f"{server.host_port}/team/app:v1"
+    push(skopeo, tmp_path, image, reference, f"--dest-creds={CI_USER}:{CI_PASSWORD}")
+    docker = docker_engine()
+
+    def login(password: str, check: bool = True) -> int:
+        argv = ("login", "-u", CI_USER, "--password-stdin", server.host_port)
+        return docker.run(*argv, input=password, check=check).returncode
+
+    anonymous = docker.run("pull", reference, check=False)
+    assert anonymous.returncode != 0 and "no basic auth credentials" in anonymous.stderr
+    assert login("not-it", check=False) != 0
+    login(CI_PASSWORD)
+    docker.run("pull", reference)
+    assert diff_ids(docker, reference) == image.diff_ids
+    pushed = f"{server.host_port}/ci/logged-in:v1"
+    docker.run("tag", reference, pushed)
+    docker.run("push", pushed)
+    docker.run("logout", server.host_port)
+    docker.run("image", "rm", pushed, reference)
+    assert docker.run("pull", pushed, check=False).returncode != 0  # logged out
+    login(CI_PASSWORD)
+    docker.run("pull", pushed)
+    assert diff_ids(docker, pushed) == image.diff_ids
+    assert CI_PASSWORD not in server.logs(None) + docker.logs(100_000)
 
 
 # -- containerd -------------------------------------------------------------------------

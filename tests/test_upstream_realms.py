@@ -132,6 +132,25 @@ async def test_an_anonymous_upstream_may_use_a_token_realm_elsewhere(
     assert foreign.authorizations == [None]
 
 
+def test_token_realms_can_be_set_from_the_environment() -> None:
+    from regmirror.config import load
+
+    settings = load(
+        environ={
+            "REGMIRROR_UPSTREAMS__0__URL": "https://registry.gitlab.com",
+            "REGMIRROR_UPSTREAMS__0__TOKEN_REALMS": '["gitlab.com", "https://auth.example.com:8443"]',
+            "REGMIRROR_UPSTREAMS__1__URL": "https://nvcr.io",
+            "REGMIRROR_UPSTREAMS__1__TOKEN_REALMS__0": "authn.nvidia.com",
+        }
+    )
+    assert settings.upstreams[0].token_realms == ["gitlab.com", "https://auth.example.com:8443"]
+    assert settings.upstreams[1].token_realms == ["authn.nvidia.com"]
+    gitlab = Upstream(settings.upstreams[0], None)  # type: ignore[arg-type]
+    assert gitlab.trusts_realm(URL("https://gitlab.com/jwt/auth"))
+    assert gitlab.trusts_realm(URL("https://auth.example.com:8443/token"))
+    assert not gitlab.trusts_realm(URL("https://auth.example.com/token"))
+
+
 def test_docker_hub_trusts_its_own_token_service_only() -> None:
     hub = Upstream(UpstreamSettings(url="docker.io", username=USER, password=PASSWORD), None)  # type: ignore[arg-type]
     assert hub.trusts_realm(URL("https://auth.docker.io/token"))

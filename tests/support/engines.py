@@ -140,7 +140,7 @@ class Engine:
         return self.namespace.certs_d(host_port)
 
     def _run(
-        self, argv: list[str], check: bool, timeout: float
+        self, argv: list[str], check: bool, timeout: float, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             argv,
@@ -149,7 +149,7 @@ class Engine:
             text=True,
             env=self.client_env,
             timeout=timeout,
-            stdin=subprocess.DEVNULL,
+            input=input if input is not None else "",
         )
         if check and result.returncode != 0:
             pytest.fail(
@@ -173,10 +173,16 @@ class Docker(Engine):
     socket: Path = Path()
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = COMMAND_TIMEOUT
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """``docker -H unix://<socket> ARGS`` with this test's client config directory."""
-        return self._run(["docker", "-H", f"unix://{self.socket}", *args], check, timeout)
+        """``docker -H unix://<socket> ARGS`` with this test's client config directory
+        (``DOCKER_CONFIG``: what ``docker login`` stores); ``input`` goes to its stdin."""
+        argv = ["docker", "-H", f"unix://{self.socket}", *args]
+        return self._run(argv, check, timeout, input)
 
 
 @dataclass
