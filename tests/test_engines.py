@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
+import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -284,5 +285,39 @@ def test_containerd_pulls_docker_hub_images_through_the_shipped_hosts_toml(
     listed = containerd.ctr("images", "ls", "--quiet").stdout.split()
     assert "docker.io/library/testimg:v1" in listed
     assert requests_seen(server, "/v2/{name}/manifests/{reference}") > before
+    content = containerd.ctr("content", "ls", "--quiet").stdout.split()
+    assert {layer.digest for layer in image.layers} <= set(content)
+
+
+def test_containerd_pulls_over_https_and_mutual_tls_with_hosts_toml(
+    tls_server: TLSServer,
+    containerd_engine: Callable[..., Containerd],  # noqa: F811
+    skopeo: Skopeo,
+    image: Image,
+    tmp_path: Path,
+) -> None:
+    tls_server.push(skopeo, tmp_path, image, "team/app:v1")
+    containerd = containerd_engine()
+    registry = tls_server.server.host_port
+    pki = tls_server.ca.cert.parent
+
+    def pull() -> subprocess.CompletedProcess[str]:
+        return containerd.ctr(
+            "images", "pull", "--hosts-dir", str(containerd.hosts_dir), "--snapshotter", "native",
+            f"{registry}/team/app:v1", check=False,
+        )  # fmt: skip
+
+    host = f'server = "https://{registry}"\n[host."https://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
+    containerd.hosts_toml(registry, host)
+    untrusted = pull()
+    assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
+    host += f'  ca = "{tls_server.ca.cert}"\n'
+    if tls_server.mutual:
+        containerd.hosts_toml(registry, host)
+        assert pull().returncode != 0  # the CA is trusted, but no client certificate
+        host += f'  client = [["{pki / "client.crt"}", "{pki / "client.key"}"]]\n'
+    containerd.hosts_toml(registry, host)
+    pulled = pull()
+    assert pulled.returncode == 0, pulled.stderr
     content = containerd.ctr("content", "ls", "--quiet").stdout.split()
     assert {layer.digest for layer in image.layers} <= set(content)
