@@ -49,11 +49,10 @@ async def serve(
     tls: ServerTLS | None = None,
     probes: Listen | None = None,
     drain_timeout: float = DRAIN_TIMEOUT,
-    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve ``app`` on ``registry`` (and its probes on ``probes``) until ``stop`` is set
-    or a SIGTERM / SIGINT arrives."""
-    stop = stop or asyncio.Event()
+    """Serve ``app`` on ``registry`` (and its probes on ``probes``) until SIGTERM or
+    SIGINT."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -38,7 +38,7 @@ class ServerTLS:
         self._files = [p for p in (settings.cert, settings.key, settings.client_ca) if p]
         self._identity = self._stat()
         self._current = self._build()
-        self._refused: _Identity | None = None  # a renewal that failed to load, logged once
+        self._refused: object = None  # the files (or error) of a failed reload, logged once
         self.context = self._build()
         self.context.sni_callback = self._on_client_hello
 
@@ -52,8 +52,8 @@ class ServerTLS:
         """Rebuild the context if the files changed since it was built."""
         try:
             identity = self._stat()
-        except ConfigError as exc:
-            self._refuse(None, exc)
+        except ConfigError as exc:  # mid-rotation: a file is missing for a moment
+            self._refuse(str(exc), exc)
             return
         if identity == self._identity or identity == self._refused:
             return
@@ -65,10 +65,10 @@ class ServerTLS:
         self._current, self._identity, self._refused = context, identity, None
         log.info("TLS: loaded the renewed certificate from %s", self.settings.cert)
 
-    def _refuse(self, identity: _Identity | None, exc: ConfigError) -> None:
-        if identity is None or identity != self._refused:
+    def _refuse(self, what: object, exc: ConfigError) -> None:
+        if what != self._refused:
             log.warning("TLS: keeping the previous certificate: %s", exc)
-        self._refused = identity
+        self._refused = what
 
     def _on_client_hello(
         self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
