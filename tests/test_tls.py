@@ -213,6 +213,21 @@ def test_a_half_written_renewal_keeps_the_previous_certificate(
     assert served_serial(server, ca) == second.serial
 
 
+def test_a_file_missing_mid_rotation_keeps_the_previous_certificate(
+    regmirror_server: Start,  # noqa: F811
+    ca: TestCA,
+) -> None:
+    first = ca.server("first")
+    server = start_tls(regmirror_server, ca, first)
+    first.key.unlink()  # a renewal tool between its unlink and its rename
+    assert served_serial(server, ca) == first.serial
+    assert served_serial(server, ca) == first.serial
+    assert server.logs().count("keeping the previous certificate") == 1
+    second = ca.server("second")
+    replace(first, second)
+    assert served_serial(server, ca) == second.serial
+
+
 def test_a_renewed_client_ca_applies_to_the_next_connection(
     regmirror_server: Start,  # noqa: F811
     ca: TestCA,
