@@ -26,6 +26,7 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
 )
 from tests.support.upstream import (
     PushedImage,
+    RedirectingStorage,
     TokenProxy,
     push_image,
     serve,
@@ -177,3 +178,24 @@ async def test_regmirror_refuses_the_realm_and_says_why_in_its_log(
     assert f"token realm {foreign.realm_url}/token" in logs
     assert "token_realms" in logs
     assert PASSWORD not in logs
+
+
+async def test_redirects_never_carry_basic_credentials_to_another_origin(
+    upstream_registry: ServerProcess, session: aiohttp.ClientSession, image: PushedImage
+) -> None:
+    storage = RedirectingStorage(upstream_registry.url, session)
+    async with serve(storage.app()) as storage_url:
+
+        async def blobs(request: web.Request) -> web.Response:
+            if request.headers.get("Authorization") != CREDENTIALS:
+                return web.Response(status=401, headers={"WWW-Authenticate": 'Basic realm="t"'})
+            raise web.HTTPTemporaryRedirect(f"{storage_url}/{request.match_info['path']}")
+
+        front = web.Application()
+        front.router.add_get("/v2/{path:.*}", blobs)
+        async with serve(front) as url:
+            client = upstream(url, session, username=USER, password=PASSWORD)
+            size, chunks = await client.open_blob("team/app", image.layer_digest)
+            assert size == len(image.layer)
+            assert b"".join([chunk async for chunk in chunks]) == image.layer
+    assert storage.authorizations == [None]  # same host, another port: another origin
