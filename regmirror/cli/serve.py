@@ -42,13 +42,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     log.info("regmirror %s", __version__)
     log.info("data directory: %s", settings.data_dir)
+    if tls is not None:
+        log.info(
+            "TLS: certificate %s, key %s (reloaded when they change)",
+            tls.settings.cert,
+            tls.settings.key,
+        )
+        if tls.settings.client_ca:
+            log.info("mutual TLS: clients need a certificate from %s", tls.settings.client_ca)
     if settings.auth.enabled:
         log.info("access control: %s", "htpasswd" if settings.auth.htpasswd else "token service")
     elif not _is_loopback(host):
+        who = "whoever reaches this port"
+        if settings.tls.client_ca:
+            who = "every client with a certificate from tls.client_ca"
         log.warning(
-            "listening on %s with no authentication: whoever reaches this port can push and "
-            "delete; firewall it or listen on 127.0.0.1",
+            "listening on %s with no authentication: %s can push and delete; firewall it, "
+            "configure auth, or listen on 127.0.0.1",
             host,
+            who,
         )
     try:
         run_server(
