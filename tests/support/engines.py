@@ -7,7 +7,9 @@ Each engine runs in a private mount namespace (``unshare -m``) in which
   127.0.0.1, so an engine's fallback to the real registry stays on this machine and
   fails fast instead of reaching the internet;
 - ``/etc/docker`` is a temp directory: ``certs.d/<host:port>/`` (``ca.crt``,
-  ``client.cert``, ``client.key``) is the test's, and nothing is written to the host's.
+  ``client.cert``, ``client.key``) is the test's, and nothing is written to the host's
+  (dockerd writes ``/etc/docker/key.json``); ``/opt`` and ``/run`` are empty tmpfs
+  (containerd creates ``/opt/containerd``, dockerd ``/run/docker``).
 
 Docker treats every registry on 127.0.0.0/8 as insecure: it skips certificate checks
 there and never reads ``certs.d``. To test TLS as a remote host sees it, a test names the
@@ -59,8 +61,10 @@ SHIPPED_DAEMON_JSON = REPO_ROOT / "deploy" / "docker" / "daemon.json"
 SHIPPED_HOSTS_TOML = REPO_ROOT / "deploy" / "containerd" / "docker.io" / "hosts.toml"
 SHIPPED_MIRROR = "localhost:5000"  # the address the shipped snippets point at
 _PRIVATE = (
-    # $0: the hosts file, $1: the /etc/docker stand-in; then the command.
-    'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/docker && shift && exec "$@"'
+    # $0: the hosts file, $1: the /etc/docker stand-in; then the command. /opt and /run
+    # are empty tmpfs: containerd creates /opt/containerd, dockerd /run/docker/plugins.
+    'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/docker && '
+    "mount -t tmpfs tmpfs /opt && mount -t tmpfs tmpfs /run && shift && exec \"$@\""
 )
 
 
