@@ -404,6 +404,7 @@ def test_a_missing_htpasswd_file_is_refused_at_startup(tmp_path):
         (AuthSettings(htpasswd="x", anonymous_pull=["10.0.0.0/33"]), r"anonymous_pull\[0\]"),
         (AuthSettings(htpasswd="x", trusted_proxies=["proxy"]), r"trusted_proxies\[0\]"),
         (AuthSettings(htpasswd="x", rules=[rule("ci", ["*"], ["write"])]), "rules"),
+        (AuthSettings(htpasswd="x", realm='say "hi"'), "auth.realm"),
     ],
 )
 def test_auth_settings_that_cannot_work_are_refused(tmp_path, auth, message):
@@ -427,8 +428,8 @@ async def test_unknown_users_take_as_long_as_known_ones(make_client, tmp_path):
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    known = await median(basic("ci", "wrong"))
-    unknown = await median(basic("nobody", "wrong"))
+    known = await median(basic("ci", "wrong-Pa55-t1"))
+    unknown = await median(basic("nobody", "wrong-Pa55-t2"))
 
     assert known > 0.005  # bcrypt really ran
     assert 0.5 < unknown / known < 2.0, (known, unknown)
@@ -455,7 +456,7 @@ async def test_a_successful_check_is_remembered_not_recomputed(make_client, tmp_
 async def test_failed_logins_are_logged_and_counted_without_secrets(auth_client, secrets_watch):
     client = await auth_client(anonymous_pull=[])
     await client.get("/v2/", headers=basic("ci", "wrong-one"))
-    await client.get("/v2/", headers=basic("mallory", "guess"))
+    await client.get("/v2/", headers=basic("mallory", "guess-Pa55-m1"))
     await client.delete(f"/v2/lib/app/blobs/{DIGEST}", headers=CI)
 
     text = await (await client.get("/metrics")).text()

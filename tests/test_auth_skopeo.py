@@ -136,9 +136,15 @@ def issuer() -> TokenIssuer:
     return TokenIssuer()
 
 
+@pytest.mark.parametrize("keys", ["rootcertbundle", "jwks"])
 def test_skopeo_pushes_and_pulls_through_a_token_service(
-    skopeo, server_with, issuer, image, tmp_path
+    skopeo, server_with, issuer, image, tmp_path, keys
 ):
+    key_file = (
+        issuer.write_rootcertbundle(tmp_path / "root.pem")
+        if keys == "rootcertbundle"
+        else issuer.write_jwks(tmp_path / "jwks.json")
+    )
     users = {
         "ci": User(CI_PASSWORD, {"team/*": ["pull", "push"]}),
         "reader": User(READER_PASSWORD, {"*": ["pull"]}),
@@ -151,7 +157,7 @@ def test_skopeo_pushes_and_pulls_through_a_token_service(
                     "realm": tokens.url,
                     "service": SERVICE,
                     "issuer": ISSUER,
-                    "rootcertbundle": str(issuer.write_rootcertbundle(tmp_path / "root.pem")),
+                    keys: str(key_file),
                 },
             }
         )

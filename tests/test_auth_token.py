@@ -407,6 +407,49 @@ async def test_keys_from_a_jwks_file(make_client, tmp_path):
     await assert_invalid_token(await client.post(UPLOAD, data=DATA, headers=bearer(other)))
 
 
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_hmac_only_with_an_oct_key_and_only_when_listed(make_client, tmp_path, allowed):
+    shared = secret("hmac-shared-secret-0123456789abcdef")
+    jwk = {"kty": "oct", "k": base64.urlsafe_b64encode(shared.encode()).decode(), "kid": "h1"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    algorithms = ["RS256", "HS256"] if allowed else ["RS256"]
+    token_config = TokenSettings(
+        realm=REALM,
+        service=SERVICE,
+        issuer=ISSUER,
+        jwks=str(tmp_path / "jwks.json"),
+        signing_algorithms=algorithms,
+    )
+    if not allowed:
+        with pytest.raises(ConfigError, match="no configured key can sign"):
+            create_app(
+                Settings(data_dir=str(tmp_path / "d"), auth=AuthSettings(token=token_config))
+            )
+        return
+    client = await make_client(auth=AuthSettings(token=token_config))
+    token = secret(jwt.encode(claims(), shared.encode(), algorithm="HS256", headers={"kid": "h1"}))
+
+    assert (await client.post(UPLOAD, data=DATA, headers=bearer(token))).status == 201
+
+
+async def test_a_rotated_signing_key_is_trusted_without_restart(token_client, tmp_path, issuer):
+    client = await token_client()
+    assert (
+        await client.post(UPLOAD, data=DATA, headers=bearer(issuer.issue(PUSH_LIB_APP)))
+    ).status == 201
+
+    rotated = TokenIssuer()
+    rotated.write_rootcertbundle(tmp_path / "root.pem")
+
+    new = rotated.issue(PUSH_LIB_APP)
+    assert (await client.post(UPLOAD, data=DATA, headers=bearer(new))).status == 201
+    old = issuer.issue(PUSH_LIB_APP)
+    await assert_invalid_token(await client.post(UPLOAD, data=DATA, headers=bearer(old)))
+
+    (tmp_path / "root.pem").write_text("not a certificate")
+    await assert_invalid_token(await client.post(UPLOAD, data=DATA, headers=bearer(new)))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

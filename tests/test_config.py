@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,30 @@ auth:
     )
     assert token.rootcertbundle == "/etc/regmirror/token.pem"
     assert "RS256" in token.signing_algorithms and "HS256" not in token.signing_algorithms
+
+
+@pytest.mark.parametrize("with_auth", [False, True])
+def test_serve_warns_beyond_loopback_only_without_auth(tmp_path, monkeypatch, caplog, with_auth):
+    monkeypatch.setattr("regmirror.cli.serve.web.run_app", lambda app, **kwargs: None)
+    for key in [k for k in os.environ if k.startswith("REGMIRROR_")]:
+        monkeypatch.delenv(key)
+    if with_auth:
+        (tmp_path / "htpasswd").write_text("")
+        monkeypatch.setenv("REGMIRROR_AUTH__HTPASSWD", str(tmp_path / "htpasswd"))
+    caplog.set_level("INFO", logger="regmirror")
+
+    status = cli.main(["serve", "--listen", "0.0.0.0:5004", "--data-dir", str(tmp_path / "d")])
+
+    assert status == 0
+    warned = "with no authentication" in caplog.text
+    assert warned is not with_auth
+    assert ("access control: htpasswd" in caplog.text) is with_auth
+
+
+def test_serve_with_a_non_bcrypt_htpasswd_exits_2_naming_the_line(tmp_path, capsys):
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:$apr1$abcdefgh$0123456789abcdefghijkl\n")
+    path = write_config(tmp_path, f"auth:\n  htpasswd: {htpasswd}\ndata_dir: {tmp_path / 'd'}\n")
+
+    assert cli.main(["serve", "--config", str(path)]) == 2
+    assert f"{htpasswd} line 1" in capsys.readouterr().err

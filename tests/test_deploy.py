@@ -176,6 +176,7 @@ def test_prometheus_alerts_cover_the_failure_modes() -> None:
     assert "up{" in exprs["RegmirrorInstanceDown"]
     for alert, metric in [
         ("RegmirrorHigh5xxRate", "regmirror_http_requests_total"),
+        ("RegmirrorLoginFailuresHigh", "regmirror_auth_failures_total"),
         ("RegmirrorP99LatencyHigh", "regmirror_http_request_duration_seconds_bucket"),
         ("RegmirrorUpstreamErrorsRising", "regmirror_upstream_errors_total"),
         ("RegmirrorS3ErrorsRising", "regmirror_s3_errors_total"),

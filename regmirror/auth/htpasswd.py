@@ -31,9 +31,8 @@ log = logging.getLogger(__name__)
 BCRYPT_PREFIXES = ("$2y$", "$2a$", "$2b$")
 CACHE_SIZE = 1024
 MAX_PASSWORD_BYTES = 72  # what bcrypt reads
-_DEFAULT_COST = 10
-# For an empty file: any valid hash will do, nobody can log in anyway.
-_FALLBACK_DUMMY = b"$2b$10$" + b"." * 53
+_DEFAULT_COST = 10  # htpasswd -B's, for an empty file
+_FALLBACK_DUMMY = b"$2b$10$" + b"." * 53  # replaced when the file is first read
 
 
 class HtpasswdInvalid(ConfigError):
@@ -97,15 +96,11 @@ class Htpasswd:
         self._users: dict[str, bytes] = {}
         self._stamp: tuple[int, ...] | None = None
         self._invalid = False
-        self._dummies: dict[int, bytes] = {}
+        self._dummy = _FALLBACK_DUMMY
         self._key = secrets.token_bytes(32)
         self._verified: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._lock = asyncio.Lock()
         self._load(self._stat())  # at startup a bad file is a ConfigError: refuse to start
-
-    @property
-    def users(self) -> frozenset[str]:
-        return frozenset(self._users)
 
     async def verify(self, user: str, password: str) -> Verdict:
         """Whether ``password`` is ``user``'s, taking as long for unknown users."""
@@ -117,7 +112,7 @@ class Htpasswd:
             # bcrypt reads no further; Go's bcrypt (registry:2) refuses such passwords.
             return Verdict(False, "password_too_long")
         stored = self._users.get(user)
-        hashed = stored if stored is not None else self._dummy()
+        hashed = stored if stored is not None else self._dummy
         entry = json.dumps([user, hashed.decode(), password]).encode()
         key = hmac.new(self._key, entry, hashlib.sha256).digest()
         if stored is not None and key in self._verified:
@@ -133,12 +128,6 @@ class Htpasswd:
             self._verified.popitem(last=False)
         return Verdict(True, "ok")
 
-    def _dummy(self) -> bytes:
-        """A hash as costly as the file's usual one, for users not in it."""
-        costs = collections.Counter(_cost(h) for h in self._users.values())
-        cost = costs.most_common(1)[0][0] if costs else _DEFAULT_COST
-        return self._dummies.get(cost) or next(iter(self._dummies.values()), _FALLBACK_DUMMY)
-
     def _stat(self) -> tuple[int, ...]:
         try:
             st = self.path.stat()
@@ -149,20 +138,22 @@ class Htpasswd:
         return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
     def _load(self, stamp: tuple[int, ...]) -> None:
-        self._install(self._read(), stamp)
+        self._install(*self._read(), stamp)
 
-    def _read(self) -> dict[str, bytes]:
+    def _read(self) -> tuple[dict[str, bytes], bytes]:
+        """The users, and a dummy hash as costly as their usual one (for users not in
+        the file). Runs in a thread: touches nothing shared."""
         try:
             text = self.path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise HtpasswdInvalid(f"auth.htpasswd: cannot read {self.path}: {exc}") from exc
         users = parse(text, f"auth.htpasswd {self.path}")
-        for cost in {_cost(h) for h in users.values()} - set(self._dummies):
-            self._dummies[cost] = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
-        return users
+        costs = collections.Counter(_cost(h) for h in users.values())
+        cost = costs.most_common(1)[0][0] if costs else _DEFAULT_COST
+        return users, bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
 
-    def _install(self, users: dict[str, bytes], stamp: tuple[int, ...]) -> None:
-        self._users, self._stamp, self._invalid = users, stamp, False
+    def _install(self, users: dict[str, bytes], dummy: bytes, stamp: tuple[int, ...]) -> None:
+        self._users, self._dummy, self._stamp, self._invalid = users, dummy, stamp, False
         self._verified.clear()
 
     async def _refresh(self) -> None:
@@ -177,11 +168,11 @@ class Htpasswd:
             if stamp == self._stamp:
                 return
             try:
-                users = await asyncio.to_thread(self._read)
+                users, dummy = await asyncio.to_thread(self._read)
             except HtpasswdInvalid as exc:
                 self._fail(exc, stamp)
                 return
-            self._install(users, stamp)
+            self._install(users, dummy, stamp)
             log.info("auth.htpasswd %s re-read: %d users", self.path, len(self._users))
 
     def _fail(self, exc: HtpasswdInvalid, stamp: tuple[int, ...] | None) -> None:

@@ -15,128 +15,34 @@ counted by scheme and reason.
 
 from __future__ import annotations
 
-import base64
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 from aiohttp import web
 
 from regmirror.auth import rules as rules_
-from regmirror.auth.access import Access, Needed, needed
+from regmirror.auth.access import Needed, needed
 from regmirror.auth.clients import Address, Network, client_address, networks, within
+from regmirror.auth.controllers import (
+    AccessController,
+    BasicController,
+    LoginFailed,
+    Principal,
+    TokenController,
+    detail,
+)
 from regmirror.auth.htpasswd import Htpasswd
-from regmirror.auth.token import InvalidToken, TokenVerifier
+from regmirror.auth.token import TokenVerifier
 from regmirror.config import AuthSettings, ConfigError, TokenSettings
-from regmirror.errors import Denied, RegistryError, Unauthorized
+from regmirror.errors import Unauthorized
 
 log = logging.getLogger(__name__)
+_QUOTABLE = re.compile(r'[^"\\\x00-\x1f\x7f]*')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Called on every refused login or permission: (scheme, reason). Bounded values only.
 OnFailure = Callable[[str, str], None]
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request authenticated as, and what they may do."""
-
-    name: str
-    scheme: str
-    grants: Callable[[Access], bool]
-
-
-class LoginFailed(Exception):
-    def __init__(self, reason: str, user: str | None = None, *, error: str | None = None):
-        super().__init__(reason)
-        self.reason, self.user, self.error = reason, user, error
-
-
-class AccessController(Protocol):
-    """One way of checking credentials (Basic against htpasswd, Bearer tokens)."""
-
-    scheme: str
-
-    async def authenticate(self, request: web.Request) -> Principal | None:
-        """The principal of the request's credentials; None when it carries none of this
-        scheme; LoginFailed when they do not hold."""
-
-    def challenge(self, accesses: Sequence[Access], error: str | None = None) -> str:
-        """The ``WWW-Authenticate`` value asking for credentials that grant ``accesses``."""
-
-    def refuse(self, principal: Principal, needs: Needed) -> RegistryError:
-        """What to answer good credentials that do not grant what is needed."""
-
-
-class BasicController:
-    scheme = "basic"
-
-    def __init__(self, htpasswd: Htpasswd, rules: Sequence[rules_.Rule], realm: str) -> None:
-        self.htpasswd, self.rules, self.realm = htpasswd, tuple(rules), realm
-
-    async def authenticate(self, request: web.Request) -> Principal | None:
-        header = request.headers.get("Authorization", "")
-        if header[:6].lower() != "basic ":
-            return None
-        user, password = basic_credentials(header)
-        verdict = await self.htpasswd.verify(user, password)
-        if not verdict.ok:
-            raise LoginFailed(verdict.reason, user)
-        return Principal(user, self.scheme, lambda access: rules_.grants(self.rules, user, access))
-
-    def challenge(self, accesses: Sequence[Access], error: str | None = None) -> str:
-        return f'Basic realm="{self.realm}"'
-
-    def refuse(self, principal: Principal, needs: Needed) -> RegistryError:
-        refused = [a.scope for a in needs.required if not principal.grants(a)]
-        return Denied(
-            f"{principal.name} may not {' '.join(refused)}",
-            [_detail(a) for a in needs.required],
-        )
-
-
-def basic_credentials(header: str) -> tuple[str, str]:
-    """``(user, password)`` of an ``Authorization: Basic`` value (RFC 7617, UTF-8)."""
-    try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LoginFailed("malformed") from exc
-    user, sep, password = decoded.partition(":")
-    if not sep:
-        raise LoginFailed("malformed")
-    return user, password
-
-
-class TokenController:
-    scheme = "bearer"
-
-    def __init__(self, verifier: TokenVerifier) -> None:
-        self.verifier = verifier
-
-    async def authenticate(self, request: web.Request) -> Principal | None:
-        header = request.headers.get("Authorization", "")
-        if header[:7].lower() != "bearer ":
-            return None
-        try:
-            token = self.verifier.verify(header[7:].strip())
-        except InvalidToken as exc:
-            raise LoginFailed(exc.reason, error="invalid_token") from exc
-        return Principal(token.subject, self.scheme, token.grants)
-
-    def challenge(self, accesses: Sequence[Access], error: str | None = None) -> str:
-        return self.verifier.challenge(accesses, error)
-
-    def refuse(self, principal: Principal, needs: Needed) -> RegistryError:
-        return Unauthorized(
-            "the token does not grant the access this request needs (insufficient_scope)",
-            [_detail(a) for a in needs.required],
-            headers={"WWW-Authenticate": self.challenge(needs.all, "insufficient_scope")},
-        )
-
-
-def _detail(access: Access) -> dict[str, str]:
-    return {"Type": access.type, "Name": access.name, "Action": ",".join(access.actions)}
 
 
 class AccessPolicy:
@@ -178,7 +84,7 @@ class AccessPolicy:
             self.on_failure(controller.scheme, exc.reason)
             raise Unauthorized(
                 "authentication required: the credentials given do not hold",
-                [_detail(a) for a in needs.all],
+                [detail(a) for a in needs.all],
                 headers={"WWW-Authenticate": controller.challenge(needs.all, exc.error)},
             ) from None
         if principal is None:
@@ -186,13 +92,13 @@ class AccessPolicy:
                 return None
             raise Unauthorized(
                 "authentication required",
-                [_detail(a) for a in needs.all],
+                [detail(a) for a in needs.all],
                 headers={"WWW-Authenticate": controller.challenge(needs.all)},
             )
         if all(principal.grants(a) for a in needs.required) or anonymous_ok:
             return principal  # credentials never give less than anonymous pull
         log.warning(
-            "refused %s %s to %s from %s: not granted",
+            "refused %s %s to %r from %s: not granted",
             request.method,
             " ".join(a.scope for a in needs.required)[:300],
             principal.name[:100],
@@ -224,6 +130,13 @@ def build(settings: AuthSettings, on_failure: OnFailure | None = None) -> Access
         return None
     if settings.htpasswd is not None and settings.token != TokenSettings():
         raise ConfigError("auth: set auth.htpasswd or auth.token, not both")
+    for setting, value in (
+        ("auth.realm", settings.realm),
+        ("auth.token.realm", settings.token.realm),
+        ("auth.token.service", settings.token.service),
+    ):
+        if value is not None and not _QUOTABLE.fullmatch(value):
+            raise ConfigError(f"{setting}: {value!r} cannot go in a challenge (quotes, controls)")
     controller: AccessController
     if settings.htpasswd is not None:
         rules = rules_.build(settings.rules)

@@ -14,6 +14,8 @@ An embedded ``jwk`` is never key material. The algorithm must be one the operato
 (never ``none``; HMAC only when listed, with ``oct`` keys of the JWKS) and one that fits
 the key's type. Then PyJWT checks the signature, ``exp`` / ``nbf`` with ``LEEWAY``,
 ``iss`` and that ``aud`` names ``service``; the ``access`` claim says what it grants.
+
+The key files are re-read when they change, so a rotated signing key needs no restart.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import base64
 import datetime
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from regmirror.auth.access import ANY, Access
 from regmirror.config import ConfigError, TokenSettings
+
+log = logging.getLogger(__name__)
 
 LEEWAY = 60.0  # seconds of clock difference tolerated on exp and nbf (registry:2's)
 MAX_CHAIN = 8
@@ -89,26 +95,51 @@ class TokenVerifier:
         self.service: str = settings.service  # type: ignore[assignment]
         self.issuer: str = settings.issuer  # type: ignore[assignment]
         self.algorithms = _algorithms(settings.signing_algorithms)
-        self.roots: list[x509.Certificate] = []
+        self._files = [path for path in (settings.rootcertbundle, settings.jwks) if path]
+        self._bundle, self._jwks = settings.rootcertbundle, settings.jwks
+        self._stamps = _stamps(self._files)
+        self.roots, self.keys = self._load()  # at startup a bad file is a ConfigError
+
+    def _load(self) -> tuple[list[x509.Certificate], list[TrustedKey]]:
+        roots: list[x509.Certificate] = []
         keys: list[TrustedKey] = []
-        if settings.rootcertbundle:
-            self.roots = _load_certificates(settings.rootcertbundle)
-            keys += [self._trusted(cert.public_key(), ()) for cert in self.roots]
-        if settings.jwks:
-            keys += self._load_jwks(settings.jwks)
-        self.keys = [key for key in keys if key.algorithms]
-        if not self.keys:
+        if self._bundle:
+            roots = _load_certificates(self._bundle)
+            keys += [self._trusted(cert.public_key(), ()) for cert in roots]
+        if self._jwks:
+            keys += self._load_jwks(self._jwks)
+        keys = [key for key in keys if key.algorithms]
+        if not keys:
             raise ConfigError(
                 "auth.token: no configured key can sign with auth.token.signing_algorithms"
             )
+        return roots, keys
+
+    def _refresh(self) -> None:
+        """Re-read the key files when they change (a rotated signing key needs no
+        restart); files that turn unusable trust nothing until fixed."""
+        stamps = _stamps(self._files)
+        if stamps == self._stamps:
+            return
+        self._stamps = stamps
+        try:
+            self.roots, self.keys = self._load()
+        except ConfigError as exc:
+            log.error("%s; refusing every token until the key files are fixed", exc)
+            self.roots, self.keys = [], []
+            return
+        log.info("auth.token key files re-read: %d keys", len(self.keys))
 
     def verify(self, token: str, now: datetime.datetime | None = None) -> Token:
         """The token's grants, or InvalidToken saying why not."""
+        self._refresh()
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise InvalidToken("malformed", f"not a JWT: {exc}") from exc
-        alg = header.get("alg")
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or not isinstance(kid, str | None):
+            raise InvalidToken("malformed", "the token's alg or kid is not a string")
         if alg not in self.algorithms:
             raise InvalidToken("algorithm", f"signing algorithm {str(alg)[:20]!r} is not allowed")
         candidates = [k for k in self._keys_for(header, now) if alg in k.algorithms]
@@ -197,6 +228,18 @@ class TokenVerifier:
                 key = key.public_key()  # a private key in the file: only its public half
             keys.append(self._trusted(key, [jwk.key_id] if jwk.key_id else []))
         return keys
+
+
+def _stamps(paths: Sequence[str]) -> list[tuple[int, ...] | None]:
+    stamps: list[tuple[int, ...] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+    return stamps
 
 
 def _now() -> datetime.datetime:

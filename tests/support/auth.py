@@ -92,5 +92,5 @@ def secrets_watch() -> Iterator[list[str]]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-    found = [line for line in handler.lines if leaked(line)]
+    found = [(line, leaked(line)) for line in handler.lines if leaked(line)]
     assert not found, f"secrets in the log: {found[:5]}"

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import RSAAlgorithm
 
-from regmirror.auth.middleware import basic_credentials
+from regmirror.auth.controllers import basic_credentials
 from regmirror.auth.token import thumbprint
 from tests.support.auth import secret
 
