@@ -418,7 +418,7 @@ auth:
 
 @pytest.mark.parametrize("with_auth", [False, True])
 def test_serve_warns_beyond_loopback_only_without_auth(tmp_path, monkeypatch, caplog, with_auth):
-    monkeypatch.setattr("regmirror.cli.serve.web.run_app", lambda app, **kwargs: None)
+    monkeypatch.setattr("regmirror.cli.serve.run_server", lambda app, listen, **kwargs: None)
     for key in [k for k in os.environ if k.startswith("REGMIRROR_")]:
         monkeypatch.delenv(key)
     if with_auth:
