@@ -37,9 +37,10 @@ class ServerTLS:
         self.settings = settings
         self._files = [p for p in (settings.cert, settings.key, settings.client_ca) if p]
         self._identity = self._stat()
-        self._current = self._build()
         self._refused: object = None  # the files (or error) of a failed reload, logged once
-        self.context = self._build()
+        # Connections start on the context built at startup; each is moved to the
+        # current one (the same object until a renewal) when its ClientHello arrives.
+        self.context = self._current = self._build()
         self.context.sni_callback = self._on_client_hello
 
     @property
