@@ -37,7 +37,9 @@ EXPOSE 5000
 # fixed here; everything else comes from -e REGMIRROR_... or from an appended
 # `--config /etc/regmirror/config.yml` (mount the file read-only).
 STOPSIGNAL SIGTERM
+# With tls on the registry port, probe the plain-HTTP metrics_listen port instead:
+# -e REGMIRROR_METRICS_LISTEN=127.0.0.1:9105 -e HEALTHCHECK_URL=http://127.0.0.1:9105/healthz
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:5000/healthz', timeout=4).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(os.environ.get('HEALTHCHECK_URL', 'http://127.0.0.1:5000/healthz'), timeout=4).status == 200 else 1)"]
 ENTRYPOINT ["regmirror", "serve", "--listen", "0.0.0.0:5000", "--data-dir", "/var/lib/regmirror"]
 CMD []

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
-from regmirror.api.routes import add_routes
+from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.config import Settings
 from regmirror.eviction import BlobCache
@@ -79,8 +79,19 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstreams(settings, registry))
     app.cleanup_ctx.append(_close_stores(registry))
     app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
-    add_routes(app)
+    # With metrics_listen, /metrics is served there only; the probes stay here too, where
+    # load balancers and kubelets already look for them.
+    add_routes(app, metrics=settings.metrics_listen is None)
     return app
+
+
+def create_probe_app(app: web.Application) -> web.Application:
+    """``/metrics``, ``/-/status``, ``/healthz`` and ``/readyz`` of ``app``, for ``metrics_listen``."""
+    probes = web.Application(middlewares=[envelope])
+    probes[METRICS] = app[METRICS]
+    probes[REGISTRY] = app[REGISTRY]
+    add_probe_routes(probes)
+    return probes
 
 
 def _sweep_leftovers(data_dir: Path, fills: Fills) -> Context:

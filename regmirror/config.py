@@ -86,6 +86,9 @@ class UpstreamSettings:
     # Repository globs (fnmatch, ``*`` crosses ``/``) this upstream never hears of: names
     # only ever pushed here. ``REGMIRROR_UPSTREAMS__0__PUSH_ONLY='[ci/*, team/*]'``.
     push_only: list[str] = field(default_factory=list)
+    # Token realms on other hosts this upstream's challenges may name (``auth.docker.io``
+    # or ``https://auth.example.com``); our credentials go nowhere else.
+    token_realms: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +133,13 @@ class AuthSettings:
 
 
 @dataclass
+class TLSSettings:
+    cert: str | None = None  # PEM certificate chain; with ``key``, serve HTTPS
+    key: str | None = None
+    client_ca: str | None = None  # PEM CAs; set: clients must present a certificate
+
+
+@dataclass
 class UploadSettings:
     ttl: float = 24 * 3600.0  # idle seconds after which a session is dropped
 
@@ -143,12 +153,25 @@ class Settings:
     upstreams: list[UpstreamSettings] = field(default_factory=list)
     auth: AuthSettings = field(default_factory=AuthSettings)
     uploads: UploadSettings = field(default_factory=UploadSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port
+    # then stops serving /metrics. None: everything on ``listen``.
+    metrics_listen: str | None = None
 
     def host_port(self) -> tuple[str, int]:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
-        return host.strip("[]") or "0.0.0.0", int(port)
+        return _host_port(self.listen, "listen")
+
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        if self.metrics_listen is None:
+            return None
+        return _host_port(self.metrics_listen, "metrics_listen")
+
+
+def _host_port(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def load(

@@ -10,6 +10,13 @@ is cached per scope until it expires and the request is retried once with it).
 Redirects (blob storage, CDNs) are followed here, not by aiohttp, so credentials go
 to the upstream's own origin only, never to the host a redirect points at.
 
+Configured credentials go to a token realm only on the upstream's own origin or one
+listed in its ``token_realms`` (Docker Hub's ``auth.docker.io`` is built in): a challenge
+naming any other realm is refused, with nothing sent to it (CVE-2026-33540 was a registry
+that handed its upstream password to whatever realm a challenge named). An upstream
+without credentials may fetch its anonymous tokens from any realm: there is nothing of
+ours to leak, and Docker Hub, GitLab and NGC all keep their token service elsewhere.
+
 Errors are ours at this boundary: 404 is :class:`ManifestUnknown` / :class:`BlobUnknown`,
 401/403 after authenticating is :class:`UpstreamDenied`, 429 is :class:`TooManyRequests`,
 and connection errors, timeouts, 5xx and malformed answers are
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -54,11 +62,13 @@ from regmirror.manifest import (
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 DOCKER_HUB_NAME = "docker.io"  # how containerd's ?ns= names Docker Hub
+DOCKER_HUB_TOKEN_REALM = "https://auth.docker.io"
 DEFAULT_ACCEPT = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 DEFAULT_TOKEN_TTL = 60.0  # the token spec's default when expires_in is absent
 MAX_REDIRECTS = 5
 CHUNK = 256 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+log = logging.getLogger(__name__)
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 # A tag list is followed through at most this many pages, of at most this many bytes
 # each, to at most this many tags: bounded work and memory whatever the upstream sends.
@@ -169,6 +179,11 @@ class Upstream:
         self._bearer: Challenge | None = None  # the upstream's token realm, once seen
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
+        realms = list(settings.token_realms)
+        if self.docker_hub:
+            realms.append(DOCKER_HUB_TOKEN_REALM)
+        self._trusted_realms = [_realm_origin(entry) for entry in realms]
+        self._refused_realms: set[str] = set()  # each logged once
 
     def __repr__(self) -> str:
         return f"Upstream({str(self.url)!r})"
@@ -430,10 +445,27 @@ class Upstream:
             self._tokens[scope] = token
             return token.value
 
+    def trusts_realm(self, realm: URL) -> bool:
+        """May our credentials go to token realm ``realm``: on our own origin, or one
+        in ``token_realms`` (scheme, host and port all match)?"""
+        origin = _origin(realm)
+        return origin == _origin(self.url) or any(
+            trusted == origin or trusted == ("", *origin[1:]) for trusted in self._trusted_realms
+        )
+
     async def _fetch_token(self, challenge: Challenge, scope: str) -> _Token:
         realm = URL(challenge.params["realm"])
         if realm.scheme not in ("http", "https"):
             raise UpstreamUnavailable(f"{self.url}: token realm {realm} is not an http(s) URL")
+        if self._basic and not self.trusts_realm(realm):
+            reason = (
+                f"{self.url}: refusing to send its credentials to token realm {realm} (not "
+                f"its own host; list that host in the upstream's token_realms to trust it)"
+            )
+            if str(realm) not in self._refused_realms:
+                self._refused_realms.add(str(realm))
+                log.warning("%s", reason)
+            raise UpstreamDenied(reason)
         query: list[tuple[str, str]] = []
         if "service" in challenge.params:
             query.append(("service", challenge.params["service"]))
@@ -530,6 +562,18 @@ class BlobBody:
 
     async def aclose(self) -> None:
         self._response.release()
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return (url.scheme.lower(), (url.host or "").lower().rstrip("."), url.port)
+
+
+def _realm_origin(entry: str) -> tuple[str, str, int | None]:
+    """A ``token_realms`` entry as (scheme, host, port); scheme "" when the entry has none
+    (``auth.example.com`` and ``host:5001`` match http and https, on 443 when no port)."""
+    if "://" in entry:
+        return _origin(URL(entry))
+    return ("", *_origin(URL(f"https://{entry}"))[1:])
 
 
 def _media_type(response: aiohttp.ClientResponse) -> str:

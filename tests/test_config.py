@@ -333,10 +333,10 @@ def test_serve_flags_override_env_and_file_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("REGMIRROR_DATA_DIR", str(tmp_path / "env"))
     served = {}
 
-    def run_app(app, *, host, port, **kwargs):
-        served.update(host=host, port=port)
+    def run_server(app, listen, **kwargs):
+        served.update(host=listen.host, port=listen.port)
 
-    monkeypatch.setattr("regmirror.cli.serve.web.run_app", run_app)
+    monkeypatch.setattr("regmirror.cli.serve.run_server", run_server)
 
     status = cli.main(["serve", "--config", str(path), "--listen", "127.0.0.1:5003"])
 
@@ -418,7 +418,7 @@ auth:
 
 @pytest.mark.parametrize("with_auth", [False, True])
 def test_serve_warns_beyond_loopback_only_without_auth(tmp_path, monkeypatch, caplog, with_auth):
-    monkeypatch.setattr("regmirror.cli.serve.web.run_app", lambda app, **kwargs: None)
+    monkeypatch.setattr("regmirror.cli.serve.run_server", lambda app, listen, **kwargs: None)
     for key in [k for k in os.environ if k.startswith("REGMIRROR_")]:
         monkeypatch.delenv(key)
     if with_auth:

@@ -9,7 +9,8 @@ from regmirror.api import base, blobs, listing, manifests, status, uploads
 NAME = "/v2/{name:.+}"
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, metrics: bool = True) -> None:
+    """The registry API, the probes, and ``/metrics`` unless another port serves it."""
     r = app.router
     r.add_get("/v2/", base.version_check)
     r.add_get("/v2", base.version_check)
@@ -28,7 +29,14 @@ def add_routes(app: web.Application) -> None:
     r.add_delete(session, uploads.cancel_upload)
     r.add_get(f"{NAME}/blobs/{{digest}}", blobs.get_blob)  # and HEAD
     r.add_delete(f"{NAME}/blobs/{{digest}}", blobs.delete_blob)
-    r.add_get("/metrics", base.metrics)
-    r.add_get("/healthz", base.healthz)
-    r.add_get("/readyz", base.readyz)
-    status.setup(app)  # GET /-/status, with /metrics's access
+    add_probe_routes(app, metrics=metrics)
+
+
+def add_probe_routes(app: web.Application, *, metrics: bool = True) -> None:
+    """The unauthenticated operational endpoints (also all of ``metrics_listen``)."""
+    if metrics:
+        app.router.add_get("/metrics", base.metrics)
+    app.router.add_get("/healthz", base.healthz)
+    app.router.add_get("/readyz", base.readyz)
+    if metrics:
+        status.setup(app)  # GET /-/status goes wherever /metrics does

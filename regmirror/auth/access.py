@@ -21,7 +21,7 @@ PULL, PUSH, DELETE, ANY = "pull", "push", "delete", "*"
 REPOSITORY_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 # Routes anyone may reach: probes and metrics (bind them elsewhere with metrics_listen).
-OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/-/status"})
 CATALOG = "/v2/_catalog"
 _UPLOAD_SESSION = "/v2/{name}/blobs/uploads/{uuid}"
 _BY_METHOD = {

@@ -18,7 +18,10 @@ COMMANDS: tuple[ModuleType, ...] = (serve, warm, status, fsck)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="regmirror", description="Host-local Docker/OCI registry mirror and pull-through cache.")
+    parser = argparse.ArgumentParser(
+        prog="regmirror",
+        description="Host-local Docker/OCI registry mirror and pull-through cache.",
+    )
     parser.add_argument("--version", action="version", version=f"regmirror {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)

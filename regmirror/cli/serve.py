@@ -8,11 +8,12 @@ import logging
 import sys
 from typing import Any
 
-from aiohttp import web
-
 from regmirror import __version__
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
+from regmirror.server import Listen
+from regmirror.server import run as run_server
+from regmirror.tls import server_tls
 
 log = logging.getLogger("regmirror")
 
@@ -33,28 +34,44 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load(args.config, overrides={"listen": args.listen, "data_dir": args.data_dir})
         host, port = settings.host_port()
+        probes = settings.metrics_host_port()
+        tls = server_tls(settings.tls)
         app = create_app(settings)
     except (ConfigError, OSError) as exc:
         print(f"regmirror: {exc}", file=sys.stderr)
         return 2
-    log.info("regmirror %s serving http://%s:%d/v2/", __version__, host, port)
+    log.info("regmirror %s", __version__)
     log.info("data directory: %s", settings.data_dir)
+    if tls is not None:
+        log.info(
+            "TLS: certificate %s, key %s (reloaded when they change)",
+            tls.settings.cert,
+            tls.settings.key,
+        )
+        if tls.settings.client_ca:
+            log.info("mutual TLS: clients need a certificate from %s", tls.settings.client_ca)
     if settings.auth.enabled:
         log.info("access control: %s", "htpasswd" if settings.auth.htpasswd else "token service")
     elif not _is_loopback(host):
+        who = "whoever reaches this port"
+        if settings.tls.client_ca:
+            who = "every client with a certificate from tls.client_ca"
         log.warning(
-            "listening on %s with no authentication: whoever reaches this port can push and "
-            "delete; firewall it or listen on 127.0.0.1",
+            "listening on %s with no authentication: %s can push and delete; firewall it, "
+            "configure auth, or listen on 127.0.0.1",
             host,
+            who,
         )
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=30.0,
-    )
+    try:
+        run_server(
+            app,
+            Listen(host, port),
+            tls=tls,
+            probes=Listen(*probes) if probes is not None else None,
+        )
+    except OSError as exc:  # the port is taken, the address is not ours
+        print(f"regmirror: cannot listen: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

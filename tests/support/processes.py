@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -64,12 +65,15 @@ def free_port(host: str = HOST) -> int:
 class ServerProcess:
     """A running server: where it listens, where it keeps its data, and its process."""
 
-    url: str  # http://127.0.0.1:PORT, no trailing slash
+    url: str  # http://127.0.0.1:PORT (https:// with TLS), no trailing slash
     host_port: str  # 127.0.0.1:PORT, as skopeo and docker want it
     data_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
     config_path: Path | None = None
+    ssl_context: ssl.SSLContext | None = None  # what the readiness poll trusted (TLS)
+    stopped: bool = False  # stop() was called: an exit is expected
+
 
     @property
     def port(self) -> int:
@@ -87,6 +91,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``; its exit code."""
+        self.stopped = True
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -105,7 +110,14 @@ def wait_ready(
 ) -> None:
     """Poll ``GET /v2/`` until it answers ``ready_status``; raise with the log if the
     process dies or the deadline passes."""
-    poll_ready(f"{server.url}/v2/", server.process, server.logs, timeout, ready_status)
+    poll_ready(
+        f"{server.url}/v2/",
+        server.process,
+        server.logs,
+        timeout,
+        ready_status,
+        ssl_context=server.ssl_context,
+    )
 
 
 def poll_ready(
@@ -114,9 +126,11 @@ def poll_ready(
     logs: Callable[[], str],
     timeout: float,
     ready_status: int = 200,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Poll ``url`` until it answers ``ready_status``; ServerError, with ``logs()``, if
-    ``process`` dies or ``timeout`` seconds pass first."""
+    ``process`` dies or ``timeout`` seconds pass first. ``ssl_context``: for https URLs."""
     deadline = time.monotonic() + timeout
     last_error = "no answer yet"
     while time.monotonic() < deadline:
@@ -125,7 +139,7 @@ def poll_ready(
                 f"{url}: exited with {process.returncode} before becoming ready\n" + logs()
             )
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as response:
+            with urllib.request.urlopen(url, timeout=2.0, context=ssl_context) as response:
                 status = response.status
         except urllib.error.HTTPError as exc:
             status = exc.code
@@ -166,8 +180,10 @@ def _running(
     data_dir: Path,
     ready_timeout: float,
     ready_status: int = 200,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[ServerProcess]:
-    """Spawn on a free port, retrying when the port is taken before the server binds it."""
+    """Spawn on a free port, retrying when the port is taken before the server binds it.
+    With ``ssl_context`` the server speaks HTTPS and is polled trusting that context."""
     server: ServerProcess | None = None
     for attempt in range(_START_ATTEMPTS):
         port = free_port()
@@ -175,12 +191,13 @@ def _running(
         log_path = work_dir / f"server-{port}.log"
         process = _spawn(argv, env=env, log_path=log_path, cwd=work_dir)
         server = ServerProcess(
-            url=f"http://{HOST}:{port}",
+            url=f"{'https' if ssl_context else 'http'}://{HOST}:{port}",
             host_port=f"{HOST}:{port}",
             data_dir=data_dir,
             process=process,
             log_path=log_path,
             config_path=config_path,
+            ssl_context=ssl_context,
         )
         try:
             wait_ready(server, ready_timeout, ready_status=ready_status)
@@ -194,7 +211,7 @@ def _running(
     try:
         yield server
     finally:
-        died = server.process.poll()
+        died = None if server.stopped else server.process.poll()
         code = server.stop()
         if died is not None:
             # Printed so pytest shows it with the failure; raised so a crash is not missed.
@@ -227,6 +244,7 @@ def run_regmirror(
     args: Sequence[str] = (),
     log_level: str = "INFO",
     ready_timeout: float = READY_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
     ready_status: int = 200,
 ) -> Iterator[ServerProcess]:
     """Run ``python -m regmirror serve`` on a free port of 127.0.0.1.
@@ -241,8 +259,9 @@ def run_regmirror(
       to test restarts or processes sharing a cache.
     - ``args``: more CLI arguments; ``log_level`` goes to ``--log-level`` (DEBUG shows
       what clients send).
-    - ``ready_status``: what ``GET /v2/`` answers once it is up (401 when anonymous pull
-      from loopback is off).
+    - ``ssl_context``: the server is configured for TLS (``tls`` in ``config``); its URL
+      is ``https://`` and readiness is polled through this client context.
+    - ``ready_status``: what ``GET /v2/`` answers once it is up (401 with ``auth``).
     """
     base_dir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or base_dir / "data"
@@ -268,6 +287,7 @@ def run_regmirror(
         data_dir=data_dir,
         ready_timeout=ready_timeout,
         ready_status=ready_status,
+        ssl_context=ssl_context,
     ) as server:
         yield server
 
