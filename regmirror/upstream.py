@@ -354,7 +354,7 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """An authenticated request for ``/v2/<repo>/<path>``; never a 401/403/429/5xx."""
         name = self.remote_name(repo)
-        url = URL(f"{self.url}/v2/{name}/{path}").with_query(self.query)
+        url = URL(f"{self.url}/v2/{name}/{path}").update_query(self.query)
         scope = f"repository:{name}:pull"
         sent: str | None = None
         for attempt in range(2):

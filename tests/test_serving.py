@@ -4,6 +4,7 @@ a port of their own, and SIGTERM drains requests in flight before the process ex
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +56,9 @@ async def test_metrics_listen_serves_metrics_there_and_not_on_the_registry_port(
     assert status == 200 and b"regmirror_http_requests_total" in body
     status, body = await get(session, f"{server.url}/metrics")
     assert status == 404 and b"regmirror_" not in body
+    status, body = await get(session, f"http://{probes}/-/status")  # regmirror status reads it
+    assert status == 200 and json.loads(body)["version"]
+    assert (await get(session, f"{server.url}/-/status"))[0] == 404
     for path in ("/healthz", "/readyz"):  # load balancers probe the registry port
         assert (await get(session, f"{server.url}{path}"))[0] == 200
         assert (await get(session, f"http://{probes}{path}"))[0] == 200
