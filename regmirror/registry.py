@@ -206,18 +206,7 @@ class Registry:
         With S3 the blob is durable in the bucket before this returns.
         """
         key = layout.blob_data(digest)
-        shared = self.shared
-        if shared is not None:
-            # An object of another size under this digest is not this blob: the verified
-            # upload replaces it. (One of the same size is kept: hashing it again would
-            # read every pushed layer back from S3.)
-            size = (await asyncio.to_thread(data.stat)).st_size
-            try:
-                held = await shared.stat(key)
-            except PathNotFound:
-                held = None
-            if held != size:
-                await shared.put_file(key, data)
+        await self._to_shared(key, data)
         # The verified upload always becomes the local copy: one rename, and a file already
         # there (from whatever wrote it) is never trusted over bytes just verified. Held: it
         # is not evicted before it is linked and pinned.
@@ -226,15 +215,21 @@ class Registry:
             await self._link_pushed(name, digest)
 
     async def _to_shared(self, key: str, source: Path) -> None:
-        """With S3, make sure it holds ``key``: a pushed blob is durable there first."""
+        """With S3, make sure it holds ``key`` as ``source``: a pushed blob is durable there
+        first. An object of another size under this digest is not this blob: the verified
+        file replaces it. (One of the same size is kept: hashing it again would read every
+        pushed layer back from S3.)"""
         if self.shared is None:
             return
+        size = (await asyncio.to_thread(source.stat)).st_size
         try:
-            if await _exists(self.shared, key):
-                return
+            held: int | None = await self.shared.stat(key)
+        except PathNotFound:
+            held = None
         except StorageUnavailable:
-            pass  # not known (reads may be skipping S3 after a failure): the write is tried
-        await self.shared.put_file(key, source)
+            held = None  # not known (reads may be skipping S3 after a failure): write it
+        if held != size:
+            await self.shared.put_file(key, source)
 
     async def _link_pushed(self, name: str, digest: Digest) -> None:
         """Link a blob now on local disk into ``name`` and record it in the cache: without
