@@ -24,17 +24,16 @@ from tests.support.upstream import CountingProxy, push_blob, serve, upstream_reg
 
 async def stream(fill: Fill, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
     """A reader of the fill, as the blob handler is, but reading the spans with pread."""
-    await fill.length()
-    fd = await fill.open()
-    try:
-        async for pos, limit in fill.windows(start, end):
-            while pos < limit:
-                data = await asyncio.to_thread(os.pread, fd, min(1 << 18, limit - pos), pos)
-                assert data, f"file ended at {pos}"
-                pos += len(data)
-                yield data
-    finally:
-        os.close(fd)
+    async for part in fill.parts(start, end):
+        if isinstance(part, bytes):
+            yield part
+            continue
+        pos, fd = part.pos, part.file.fileno()
+        while pos < part.limit:
+            data = await asyncio.to_thread(os.pread, fd, min(1 << 18, part.limit - pos), pos)
+            assert data, f"file ended at {pos}"
+            pos += len(data)
+            yield data
 
 
 __all__ = ["upstream_registry"]
@@ -209,14 +208,40 @@ async def test_range_reads_during_a_fill_return_the_right_bytes(setup: Setup) ->
     fill = await setup.fetch()
     await asyncio.wait_for(setup.proxy.held.wait(), BOUND)
 
-    assert await asyncio.wait_for(read(fill, 1000, 2000), BOUND) == setup.data[1000:2000]
-    assert not fill.done
     tail = asyncio.create_task(read(fill, SIZE - 10))  # waits for bytes not yet here
     middle = asyncio.create_task(read(fill, 500_000, 600_000))
+    early = asyncio.create_task(read(fill, 1000, 2000))  # bytes already here: still waits
     setup.proxy.release.set()
     assert await asyncio.wait_for(tail, BOUND) == setup.data[-10:]
     assert await asyncio.wait_for(middle, BOUND) == setup.data[500_000:600_000]
+    assert await asyncio.wait_for(early, BOUND) == setup.data[1000:2000]
     assert await read(fill, 7, 8) == setup.data[7:8]
+
+
+async def test_a_range_of_bytes_already_filled_ends_only_once_the_digest_is_verified(
+    setup: Setup,
+) -> None:
+    setup.proxy.hold_after = 300 * 1024
+    fill = await setup.fetch()
+    await asyncio.wait_for(setup.proxy.held.wait(), BOUND)
+    parts = aiter(stream(fill, 1000, 2000))
+
+    first = await asyncio.wait_for(anext(parts), BOUND)  # all but the last byte, at once
+    assert first == setup.data[1000:1999]
+    last = asyncio.create_task(anext(parts))
+    for _ in range(20):
+        await asyncio.sleep(0)  # not waiting for work: showing that it is blocked
+    assert not last.done() and not fill.done
+    setup.proxy.release.set()
+    assert await asyncio.wait_for(last, BOUND) == setup.data[1999:2000]
+    assert fill.done
+
+
+async def test_a_range_of_wrong_bytes_never_ends(setup: Setup) -> None:
+    setup.proxy.corrupt = True  # byte 0 is wrong: only the digest can tell
+    fill = await setup.fetch()
+    with pytest.raises(FillFailed):
+        await asyncio.wait_for(read(fill, 0, 1024), BOUND)
 
 
 async def test_the_last_byte_waits_for_verification(setup: Setup) -> None:
