@@ -331,9 +331,7 @@ class BlobCache:
         return self.total + self.reserved + self.uploads
 
     def _over(self, free: int | None) -> bool:
-        over_budget = (
-            self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
-        )
+        over_budget = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
         return over_budget or (free is not None and free < self.min_free_bytes)
 
     def _enough(self, free: int | None) -> bool:

@@ -68,7 +68,7 @@ T = TypeVar("T")
 
 CHUNK = 256 * 1024
 MIN_SPAN = 2 * 1024 * 1024  # see Fill.parts
-WINDOW = 16 * 1024 * 1024  # bytes of a streamed-through blob held in memory, at most
+WINDOW = 16 * 1024 * 1024  # bytes of a streamed-through blob held in memory (plus a chunk)
 MEMORY_PART = 1024 * 1024  # the most one part from memory carries
 STALL = 60.0  # seconds a streamed-through fill waits for a reader holding its window full
 PARTIAL_SUFFIX = ".partial"
@@ -274,6 +274,8 @@ class Fill:
                 pos = limit
                 self._readers[reader] = pos
                 self._moved.set()
+                if self._file_end is not None:
+                    self._trim(self._window_start + len(self._window))
             await self._until(lambda: self._done)  # an empty range, too, waits for it
         except _Gone:
             if self._replay is None:
@@ -374,20 +376,25 @@ class Fill:
         """Add ``chunk`` to the window, first waiting (at most ``stall`` seconds) for
         readers that hold more than :data:`WINDOW` bytes back; those still behind after
         it are dropped (their bodies are cut), so one stuck client cannot stop a herd."""
-        while self._readers and self._written + len(chunk) - min(self._readers.values()) > WINDOW:
+        while self._readers and self._written - self._held_from() > WINDOW:
             self._moved.clear()
             try:
                 async with asyncio.timeout(stall):
                     await self._moved.wait()
             except TimeoutError:
-                floor = self._written + len(chunk) - WINDOW
                 for reader, pos in list(self._readers.items()):
-                    if pos < floor:
+                    if pos < self._written - WINDOW:
                         del self._readers[reader]
                         self._behind.add(reader)
+                        log.warning("a reader of %s stalled a stream-through: cut", self.digest)
                 self._notify()
         self._window += chunk
         self._trim(self._written + len(chunk))
+
+    def _held_from(self) -> int:
+        """The first byte the window must keep for the readers (a reader still in the
+        file needs the window from its start)."""
+        return max(min(self._readers.values()), self._window_start)
 
     def _trim(self, written: int) -> None:
         """Drop window bytes that no reader needs and that are older than the newest

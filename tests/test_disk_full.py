@@ -3,12 +3,9 @@
 The data directory is a small tmpfs the test mounts (as root), so ENOSPC is the
 kernel's; where mounting is impossible, the same tests run on a simulated disk: the
 free-space probe and the fill's writes see a capacity, and a write past it raises
-OSError(ENOSPC). The app runs in process (aiohttp's test client) in front of a real
+OSError(ENOSPC) (``TEST_SIMULATED_DISK=1`` forces that here too). The app runs in process (aiohttp's test client) in front of a real
 registry:2 upstream.
 """
-
-# Fixtures imported from tests.support are redefined as test parameters.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -76,7 +73,8 @@ def small_disk(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
     def make(capacity: int) -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
         mount = ["mount", "-t", "tmpfs", "-o", f"size={capacity}", "tmpfs", str(data_dir)]
-        if os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0:
+        can_mount = os.geteuid() == 0 and not os.environ.get("TEST_SIMULATED_DISK")
+        if can_mount and subprocess.run(mount, check=False, capture_output=True).returncode == 0:
             mounted.append(data_dir)
             return "tmpfs"
         SimulatedDisk(data_dir, capacity, monkeypatch)
@@ -158,9 +156,11 @@ async def test_with_nothing_evictable_a_fill_streams_through_uncached(
     assert no_partials(data_dir)
     assert sample(client, "regmirror_fills_total", result="stream_through") == 1
     stream_through = "regmirror_fill_stream_through_total"
-    assert sample(client, stream_through, reason="disk_full") + sample(
-        client, stream_through, reason="over_budget"
-    ) == 1
+    assert (
+        sample(client, stream_through, reason="disk_full")
+        + sample(client, stream_through, reason="over_budget")
+        == 1
+    )
     # And again: a pull that does not fit is served every time, never failed.
     assert await get_blob_bytes(client, repo, str(digest)) == data
 
@@ -215,9 +215,7 @@ async def test_partial_fills_and_uploads_count_toward_the_budget(
     assert await get_blob_bytes(client, repo, str(digest)) == data
     await cache.settle()
 
-    blobs = sum(
-        p.stat().st_size for p in (data_dir / layout.ROOT / "blobs").rglob("data")
-    )
+    blobs = sum(p.stat().st_size for p in (data_dir / layout.ROOT / "blobs").rglob("data"))
     uploads = sum(p.stat().st_size for p in (data_dir / "uploads").rglob("*") if p.is_file())
     assert uploads >= 3 * MiB // 2
     assert blobs + uploads <= 4 * MiB * eviction.HIGH_WATERMARK

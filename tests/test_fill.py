@@ -8,13 +8,16 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from regmirror import fill as fill_module
 from regmirror import layout
 from regmirror.config import UpstreamSettings
 from regmirror.digest import Digest
+from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, FillFailed, Fills, FillStats, Source
 from regmirror.storage.filesystem import FilesystemDriver
 from regmirror.upstream import Upstream
@@ -299,3 +302,105 @@ async def test_remove_stale_deletes_only_unowned_partial_files(setup: Setup) -> 
     setup.proxy.release.set()
     await asyncio.wait_for(fill.wait(), BOUND)
     assert not os.path.exists(fill.partial)
+
+
+# -- fills the cache cannot keep: streamed through ----------------------------------
+
+
+def budgeted(setup: Setup, max_bytes: int, **kwargs: Any) -> Fills:
+    """Fills into a cache with a byte budget (and no free-space floor)."""
+    cache = BlobCache(setup.root, max_bytes=max_bytes)
+    return Fills(
+        FilesystemDriver(setup.root), timeout=BOUND, observer=setup.stats, cache=cache, **kwargs
+    )
+
+
+async def test_a_blob_bigger_than_the_budget_streams_through_to_every_waiter_unkept(
+    setup: Setup,
+) -> None:
+    fills = budgeted(setup, SIZE // 2)
+    try:
+        setup.proxy.hold_after = 200 * 1024
+        early = [asyncio.create_task(fetch_and_read(setup, fills)) for _ in range(20)]
+        await asyncio.wait_for(setup.proxy.held.wait(), BOUND)
+        joined = [await setup.fetch(fills) for _ in range(20)]  # the window still holds byte 0
+        late = [asyncio.create_task(read(fill)) for fill in joined]
+        assert not any(fill.kept for fill in joined)
+        setup.proxy.release.set()
+        bodies = await asyncio.wait_for(asyncio.gather(*early, *late), BOUND)
+    finally:
+        await fills.close()
+    assert all(body == setup.data for body in bodies)
+    assert setup.proxy.blob_gets == 1
+    assert setup.stats.results == {"stream_through": 1}
+    assert setup.stats.streamed_through == {"over_budget": 1}
+    assert not setup.stored().exists()
+    assert no_partials(fills)
+    with pytest.raises(FillFailed, match="not kept"):
+        await joined[0].wait()
+
+
+async def test_a_reader_that_joins_after_the_window_passed_gets_a_stream_of_its_own(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fill_module, "WINDOW", 64 * 1024)
+    fills = budgeted(setup, SIZE // 2)
+    try:
+        setup.proxy.hold_after = 600 * 1024
+        first_fill = await setup.fetch(fills)
+        got = bytearray()
+        past = asyncio.Event()
+
+        async def first_reader() -> None:
+            async for chunk in stream(first_fill):
+                got.extend(chunk)
+                if len(got) >= 500 * 1024:
+                    past.set()
+
+        first = asyncio.create_task(first_reader())
+        await asyncio.wait_for(past.wait(), BOUND)  # byte 0 has left the window
+        joined = await setup.fetch(fills)
+        assert joined is first_fill
+        late = asyncio.create_task(read(joined))
+        setup.proxy.release.set()
+        await asyncio.wait_for(first, BOUND)
+        assert bytes(got) == setup.data
+        assert await asyncio.wait_for(late, BOUND) == setup.data
+    finally:
+        await fills.close()
+    assert setup.proxy.blob_gets == 2
+    assert setup.stats.streamed_through == {"over_budget": 1, "late": 1}
+    assert setup.stats.results == {"stream_through": 2}
+    assert not setup.stored().exists()
+
+
+async def test_a_reader_that_stalls_a_stream_through_is_cut_and_the_others_finish(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fill_module, "WINDOW", 64 * 1024)
+    fills = budgeted(setup, SIZE // 2, idle_timeout=0.5)
+    try:
+        fill = await setup.fetch(fills)
+        stuck = aiter(stream(fill))
+        await asyncio.wait_for(anext(stuck), BOUND)  # reads a little, then never again
+        assert await asyncio.wait_for(read(fill), BOUND) == setup.data
+        with pytest.raises(FillFailed, match="behind"):
+            await asyncio.wait_for(anext(stuck), BOUND)
+    finally:
+        await fills.close()
+    assert setup.stats.results == {"stream_through": 1}
+
+
+async def test_wrong_bytes_streamed_through_fail_every_reader(setup: Setup) -> None:
+    setup.proxy.corrupt = True
+    fills = budgeted(setup, SIZE // 2)
+    try:
+        fill = await setup.fetch(fills)
+        results = await asyncio.wait_for(
+            asyncio.gather(read(fill), read(fill, 0, 10), return_exceptions=True), BOUND
+        )
+    finally:
+        await fills.close()
+    assert all(isinstance(r, FillFailed) for r in results), results
+    assert setup.stats.results == {"digest_mismatch": 1}
+    assert not setup.stored().exists()
