@@ -290,16 +290,6 @@ class Fill:
             if file is not None:
                 file.close()
 
-    async def windows(
-        self, start: int = 0, end: int | None = None, *, min_span: int = MIN_SPAN
-    ) -> AsyncIterator[tuple[int, int]]:
-        """The spans of a kept fill as ``(pos, limit)``, to read from a descriptor from
-        :meth:`open` (see :meth:`parts`, which serves every fill)."""
-        async for part in self.parts(start, end, min_span=min_span):
-            if isinstance(part, bytes):
-                raise FillFailed(f"blob {self.digest} is streamed through, not kept")
-            yield part.pos, part.limit
-
     async def open(self) -> int:
         """A read-only descriptor on the blob's bytes (the partial file, or the stored one);
         call it once :meth:`length` has answered, or it waits for the whole fill."""
