@@ -607,10 +607,7 @@ class Fills:
                 )
             if fill.kept:
                 assert fd is not None
-                await _settle(loop.run_in_executor(self._writer, os.fsync, fd))
-                # Renamed while still locked: another process sees the lock free only after.
-                await _settle(self.local.move_in(layout.blob_data(fill.digest), fill.partial))
-                stored = True
+                stored = await self._store(fill, fd)
         finally:
             if reservation is not None:
                 reservation.release()
@@ -619,6 +616,22 @@ class Fills:
                     with contextlib.suppress(FileNotFoundError):
                         fill.partial.unlink()  # before unlocking, so nobody tails a dead file
                 os.close(fd)
+
+    async def _store(self, fill: Fill, fd: int) -> bool:
+        """Move the verified partial file into the store. A disk that fills up now (the
+        fsync, a new shard directory) does not fail the fill: its readers finish from the
+        file they have open, and the blob streams through."""
+        loop = asyncio.get_running_loop()
+        try:
+            await _settle(loop.run_in_executor(self._writer, os.fsync, fd))
+            # Renamed while still locked: another process sees the lock free only after.
+            await _settle(self.local.move_in(layout.blob_data(fill.digest), fill.partial))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._streaming_through(fill, "disk_full")
+            return False
+        return True
 
     async def _admit(self, size: int) -> str | None:
         """Why a blob of ``size`` bytes cannot be kept; None when it can."""

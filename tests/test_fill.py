@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -404,3 +405,24 @@ async def test_wrong_bytes_streamed_through_fail_every_reader(setup: Setup) -> N
     assert all(isinstance(r, FillFailed) for r in results), results
     assert setup.stats.results == {"digest_mismatch": 1}
     assert not setup.stored().exists()
+
+
+async def test_a_disk_that_fills_up_as_the_blob_is_stored_still_serves_it(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def full(self: FilesystemDriver, key: str, source: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # e.g. a new shard directory
+
+    monkeypatch.setattr(FilesystemDriver, "move_in", full)
+    setup.proxy.hold_after = 200 * 1024
+    fill = await setup.fetch()
+    reading = [asyncio.create_task(read(fill)) for _ in range(5)]
+    await asyncio.wait_for(setup.proxy.held.wait(), BOUND)
+    setup.proxy.release.set()
+    bodies = await asyncio.wait_for(asyncio.gather(*reading), BOUND)
+
+    assert all(body == setup.data for body in bodies)
+    assert setup.stats.results == {"stream_through": 1}
+    assert setup.stats.streamed_through == {"disk_full": 1}
+    assert not setup.stored().exists()
+    assert no_partials(setup.fills)
