@@ -96,7 +96,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
 def _disconnect(request: web.Request, exc: Exception) -> bool:
     """Whether ``exc`` says the client went away (the peer closed the connection)."""
     if isinstance(exc, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
-        return True  # os.sendfile finds out before the transport does
+        # Sending the body, os.sendfile finds out before the transport does.
+        return PREPARED in request or client_gone(request)
     # asyncio's sendfile and writes raise RuntimeError("Transport is closing").
     return isinstance(exc, (ConnectionError, RuntimeError)) and client_gone(request)
 
