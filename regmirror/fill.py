@@ -47,7 +47,7 @@ import functools
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,7 +69,6 @@ T = TypeVar("T")
 CHUNK = 256 * 1024
 MIN_SPAN = 2 * 1024 * 1024  # see Fill.parts
 WINDOW = 16 * 1024 * 1024  # bytes of a streamed-through blob held in memory (plus a chunk)
-MEMORY_PART = 1024 * 1024  # the most one part from memory carries
 STALL = 60.0  # seconds a streamed-through fill waits for a reader holding its window full
 PARTIAL_SUFFIX = ".partial"
 SIZE_XATTR = "user.regmirror.size"  # lets another process learn the size before the end
@@ -182,8 +181,9 @@ class Fill:
         self._replay = replay  # a new fill of the same blob, for readers streamed past
         # Streaming through (file_end is not None): the window in memory.
         self._file_end: int | None = None
-        self._window = bytearray()
-        self._window_start = 0
+        self._window: deque[bytes] = deque()  # the source's chunks, as they came
+        self._window_start = 0  # the blob offset of the window's first byte
+        self._window_end = 0
         self._readers: dict[int, int] = {}  # reader -> the next byte it needs
         self._behind: set[int] = set()  # readers dropped for holding the window too long
         self._next_reader = 0
@@ -265,17 +265,18 @@ class Fill:
                 elif pos < self._window_start:
                     raise _Gone
                 else:
-                    limit = min(reachable, self._written, pos + MEMORY_PART)
+                    limit = min(reachable, self._written)
                     if limit <= pos:
                         await self._next_change()
                         continue
-                    offset = pos - self._window_start
-                    yield bytes(self._window[offset : offset + limit - pos])
+                    part = self._from_window(pos, limit)
+                    limit = pos + len(part)
+                    yield part
                 pos = limit
                 self._readers[reader] = pos
                 self._moved.set()
                 if self._file_end is not None:
-                    self._trim(self._window_start + len(self._window))
+                    self._trim(self._window_end)
             await self._until(lambda: self._done)  # an empty range, too, waits for it
         except _Gone:
             if self._replay is None:
@@ -359,7 +360,7 @@ class Fill:
 
     def _stream_through(self) -> None:
         """From now on bytes pass through memory: nothing more is written to the file."""
-        self._file_end = self._window_start = self._written
+        self._file_end = self._window_start = self._window_end = self._written
         self._notify()
 
     async def _pass(self, chunk: bytes, stall: float) -> None:
@@ -378,8 +379,9 @@ class Fill:
                         self._behind.add(reader)
                         log.warning("a reader of %s stalled a stream-through: cut", self.digest)
                 self._notify()
-        self._window += chunk
-        self._trim(self._written + len(chunk))
+        self._window.append(chunk)
+        self._window_end += len(chunk)
+        self._trim(self._window_end)
 
     def _held_from(self) -> int:
         """The first byte the window must keep for the readers (a reader still in the
@@ -390,10 +392,20 @@ class Fill:
         """Drop window bytes that no reader needs and that are older than the newest
         :data:`WINDOW` (kept for requests that join late)."""
         needed = min(self._readers.values(), default=written)
-        keep_from = max(self._window_start, min(needed, written - WINDOW))
-        if keep_from > self._window_start:
-            del self._window[: keep_from - self._window_start]
-            self._window_start = keep_from
+        keep_from = min(needed, written - WINDOW)
+        while self._window and self._window_start + len(self._window[0]) <= keep_from:
+            self._window_start += len(self._window.popleft())
+
+    def _from_window(self, pos: int, limit: int) -> bytes:
+        """Bytes ``[pos, limit)`` from the window, at most to the end of one chunk (a
+        whole chunk goes out as it is, uncopied). Readers are mostly near the newest."""
+        end = self._window_end
+        for chunk in reversed(self._window):
+            start = end - len(chunk)
+            if start <= pos:
+                return chunk[pos - start : min(limit, end) - start]
+            end = start
+        raise AssertionError(f"byte {pos} is not in the window")
 
     def _finish(self) -> None:
         assert self._size is not None
@@ -404,7 +416,7 @@ class Fill:
     def _fail(self, message: str, cause: BaseException | None) -> None:
         self._error = message
         self._cause = cause
-        self._window = bytearray()
+        self._window.clear()
         self._notify()
 
 

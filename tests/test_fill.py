@@ -426,3 +426,34 @@ async def test_a_disk_that_fills_up_as_the_blob_is_stored_still_serves_it(
     assert setup.stats.streamed_through == {"disk_full": 1}
     assert not setup.stored().exists()
     assert no_partials(setup.fills)
+
+
+async def test_a_reader_that_joins_a_stream_through_late_reads_many_chunks_from_the_window(
+    setup: Setup,
+) -> None:
+    fills = budgeted(setup, SIZE // 2)
+    try:
+        setup.proxy.hold_after, setup.proxy.chunk = 700 * 1024, 16 * 1024  # many small chunks
+        fill = await setup.fetch(fills)
+        got = bytearray()
+        past = asyncio.Event()
+
+        async def first_reader() -> None:
+            async for chunk in stream(fill):
+                got.extend(chunk)
+                if len(got) >= 600 * 1024:
+                    past.set()
+
+        first = asyncio.create_task(first_reader())
+        await asyncio.wait_for(past.wait(), BOUND)  # 600 KiB in the window, in many chunks
+        joined = await setup.fetch(fills)
+        ranged = asyncio.create_task(read(joined, 100_000, 650_000))
+        whole = asyncio.create_task(read(joined))
+        setup.proxy.release.set()
+        await asyncio.wait_for(first, BOUND)
+        assert bytes(got) == setup.data
+        assert await asyncio.wait_for(whole, BOUND) == setup.data
+        assert await asyncio.wait_for(ranged, BOUND) == setup.data[100_000:650_000]
+    finally:
+        await fills.close()
+    assert setup.proxy.blob_gets == 1
