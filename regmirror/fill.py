@@ -184,7 +184,10 @@ class Fill:
         self._window: deque[bytes] = deque()  # the source's chunks, as they came
         self._window_start = 0  # the blob offset of the window's first byte
         self._window_end = 0
-        self._readers: dict[int, int] = {}  # reader -> the next byte it needs
+        # Readers that may still need bytes from the window -> the next byte they need,
+        # and where each reader's range ends (once the size is known).
+        self._readers: dict[int, int] = {}
+        self._ends: dict[int, int] = {}
         self._behind: set[int] = set()  # readers dropped for holding the window too long
         self._next_reader = 0
         self._moved = asyncio.Event()
@@ -244,12 +247,26 @@ class Fill:
             end = size if end is None else min(end, size)
             if not 0 <= start <= end:
                 raise ValueError(f"invalid range [{start}, {end}) of a {size}-byte blob")
+            self._ends[reader] = end
             span = 1  # the first span goes as soon as there is a byte
             while pos < end:
                 self._check(reader)
+                if self._file_end is not None and end <= self._file_end:
+                    self._leave(reader)  # what it still needs is in the file: no window
                 reachable = end if self._done else end - 1
                 if pos >= reachable:
-                    await self._until(lambda: self._done)
+                    if self._file_end is not None and self._file_end <= pos < self._written:
+                        # Only the held-back last byte is left: take it out of the window
+                        # now, so that waiting for the digest holds nobody else back.
+                        if pos < self._window_start:
+                            raise _Gone
+                        tail = self._from_window(pos, end)
+                        self._leave(reader)
+                        await self._until(lambda: self._done)
+                        yield tail
+                        pos = end
+                        continue
+                    await self._next_change()  # the digest check, or more bytes
                     continue
                 if self._file_end is None or pos < self._file_end:
                     boundary = size if self._file_end is None else self._file_end
@@ -269,12 +286,13 @@ class Fill:
                     if limit <= pos:
                         await self._next_change()
                         continue
-                    part = self._from_window(pos, limit)
-                    limit = pos + len(part)
-                    yield part
+                    passing = self._from_window(pos, limit)
+                    limit = pos + len(passing)
+                    yield passing
                 pos = limit
-                self._readers[reader] = pos
-                self._moved.set()
+                if reader in self._readers:
+                    self._readers[reader] = pos
+                    self._moved.set()
                 if self._file_end is not None:
                     self._trim(self._window_end)
             await self._until(lambda: self._done)  # an empty range, too, waits for it
@@ -288,6 +306,8 @@ class Fill:
                 yield part
         finally:
             self._leave(reader)
+            self._ends.pop(reader, None)
+            self._behind.discard(reader)
             if file is not None:
                 file.close()
 
@@ -316,9 +336,9 @@ class Fill:
         return self._next_reader
 
     def _leave(self, reader: int) -> None:
+        """``reader`` needs nothing more from the window."""
         if self._readers.pop(reader, None) is not None:
             self._moved.set()
-        self._behind.discard(reader)
 
     def _check(self, reader: int) -> None:
         self._raise_if_failed()
@@ -361,6 +381,9 @@ class Fill:
     def _stream_through(self) -> None:
         """From now on bytes pass through memory: nothing more is written to the file."""
         self._file_end = self._window_start = self._window_end = self._written
+        for reader, end in self._ends.items():
+            if end <= self._file_end:
+                self._readers.pop(reader, None)  # all it needs is in the file
         self._notify()
 
     async def _pass(self, chunk: bytes, stall: float) -> None:

@@ -457,3 +457,22 @@ async def test_a_reader_that_joins_a_stream_through_late_reads_many_chunks_from_
     finally:
         await fills.close()
     assert setup.proxy.blob_gets == 1
+
+
+async def test_a_range_waiting_for_the_digest_does_not_hold_a_stream_through_back(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fill_module, "WINDOW", 64 * 1024)  # the blob is 16 windows long
+    fills = budgeted(setup, SIZE // 2, idle_timeout=2.0)  # a reader holding it is cut after 2 s
+    try:
+        fill = await setup.fetch(fills)
+        early = asyncio.create_task(read(fill, 0, 1024))  # only its last byte will be waiting
+        suffix = asyncio.create_task(read(fill, SIZE - 10))
+        whole = asyncio.create_task(read(fill))
+        assert await asyncio.wait_for(whole, BOUND) == setup.data
+        assert await asyncio.wait_for(early, BOUND) == setup.data[:1024]
+        assert await asyncio.wait_for(suffix, BOUND) == setup.data[-10:]
+    finally:
+        await fills.close()
+    assert setup.stats.results == {"stream_through": 1}
+    assert setup.proxy.blob_gets == 1
