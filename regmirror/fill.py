@@ -26,7 +26,8 @@ temp file, because the point is not to need the disk at all. The window keeps th
 ``WINDOW`` bytes even when nobody needs them, so a request that joins soon after still
 shares the one upstream GET; a request that needs bytes already gone (a late joiner, a
 Range behind the window) gets a private fill of its own that streams the blob through
-again from the start (it must be hashed whole to be verified). A reader that holds the
+again from the start (it must be hashed whole to be verified; late readers share the
+replay in flight while its window still holds what they need). A reader that holds the
 window full for longer than the idle timeout is dropped (its body is cut) rather than
 stalling the others.
 
@@ -166,7 +167,7 @@ class Fill:
         final: Path,
         size: int | None,
         *,
-        replay: Callable[[], Fill] | None = None,
+        replay: Callable[[int], Fill] | None = None,
     ):
         self.digest = digest
         self.partial = partial
@@ -178,7 +179,9 @@ class Fill:
         self._error: str | None = None
         self._cause: BaseException | None = None
         self._changed = asyncio.Event()
-        self._replay = replay  # a new fill of the same blob, for readers streamed past
+        # A fill of the same blob from the start, for readers streamed past (its argument:
+        # the first byte the reader needs).
+        self._replay = replay
         # Streaming through (file_end is not None): the window in memory.
         self._file_end: int | None = None
         self._window: deque[bytes] = deque()  # the source's chunks, as they came
@@ -302,7 +305,7 @@ class Fill:
                     f"blob {self.digest} streamed past", {"digest": str(self.digest)}
                 ) from None
             self._leave(reader)
-            async for part in self._replay().parts(pos, end, min_span=min_span):
+            async for part in self._replay(pos).parts(pos, end, min_span=min_span):
                 yield part
         finally:
             self._leave(reader)
@@ -473,6 +476,7 @@ class Fills:
         self.directory = directory or local.root / "fills"
         self.observer: FillObserver = observer or FillStats()
         self._inflight: dict[Digest, Fill] = {}
+        self._replays: dict[Digest, Fill] = {}  # the latest replay of each blob (see _replay)
         self._tasks: set[asyncio.Task[None]] = set()
         # The writers' own threads: readers' to_thread hops cannot queue ahead of them.
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
@@ -508,13 +512,24 @@ class Fills:
         self.observer.fill_coalesced(digest)
         return fill
 
-    def _replay(self, digest: Digest, source: Source, size: int | None) -> Fill:
-        """A private fill streaming ``digest`` through again from the start, for a reader
-        that joined a streamed-through fill after the bytes it needs had passed."""
-        fill = Fill(
-            digest, self.partial_path(digest), self.local.path(layout.blob_data(digest)), size
-        )
-        self._start(fill, source, claim=False)
+    def _replay(self, digest: Digest, source: Source, size: int | None, start: int) -> Fill:
+        """A fill streaming ``digest`` through again from the start, for a reader that
+        joined a streamed-through fill after the bytes it needs (from ``start``) had
+        passed: the replay in flight if its window still holds ``start``, else a new one
+        (not in the single-flight map: it is never kept)."""
+        fill = self._replays.get(digest)
+        if fill is None or fill.done or fill._error is not None or fill._window_start > start:
+            fill = Fill(
+                digest,
+                self.partial_path(digest),
+                self.local.path(layout.blob_data(digest)),
+                size,
+                replay=functools.partial(self._replay, digest, source, size),
+            )
+            self._replays[digest] = fill
+            self._start(fill, source, claim=False)
+        else:
+            self.observer.fill_coalesced(digest)
         return fill
 
     def _start(self, fill: Fill, source: Source, *, claim: bool) -> None:
@@ -577,6 +592,8 @@ class Fills:
         finally:
             if self._inflight.get(fill.digest) is fill:
                 del self._inflight[fill.digest]
+            if self._replays.get(fill.digest) is fill:
+                del self._replays[fill.digest]
             if message:
                 log.warning("%s", message)
                 fill._fail(message, cause)

@@ -362,11 +362,11 @@ async def test_a_reader_that_joins_after_the_window_passed_gets_a_stream_of_its_
         await asyncio.wait_for(past.wait(), BOUND)  # byte 0 has left the window
         joined = await setup.fetch(fills)
         assert joined is first_fill
-        late = asyncio.create_task(read(joined))
+        late = [asyncio.create_task(read(joined)) for _ in range(3)]  # they share one replay
         setup.proxy.release.set()
         await asyncio.wait_for(first, BOUND)
         assert bytes(got) == setup.data
-        assert await asyncio.wait_for(late, BOUND) == setup.data
+        assert await asyncio.wait_for(asyncio.gather(*late), BOUND) == [setup.data] * 3
     finally:
         await fills.close()
     assert setup.proxy.blob_gets == 2
