@@ -25,7 +25,7 @@ usual, and nothing is stored (counted as ``stream_through``). Memory, not an unl
 temp file, because the point is not to need the disk at all. The window keeps the newest
 ``WINDOW`` bytes even when nobody needs them, so a request that joins soon after still
 shares the one upstream GET; a request that needs bytes already gone (a late joiner, a
-Range behind the window) gets a private fill of its own that streams the blob through
+Range behind the window) gets a replay: a fill, never kept, that streams the blob through
 again from the start (it must be hashed whole to be verified; late readers share the
 replay in flight while its window still holds what they need). A reader that holds the
 window full for longer than the idle timeout is dropped (its body is cut) rather than
@@ -35,7 +35,9 @@ Across processes sharing the data directory the partial file is the single-fligh
 token: its owner holds ``flock(LOCK_EX)`` on it for the whole fill. A process that
 finds it locked does not fetch; it tails the file until the owner renames it into the
 store (done) or drops it (failed). That tailing polls (no cross-process wake-up);
-within a process nothing polls.
+within a process nothing polls. A fill another process streams through is not followed:
+its bytes never reach the shared file, so the tailing readers are cut when it ends (one
+process per data directory is what is supported today).
 """
 
 from __future__ import annotations
