@@ -62,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
         observer=metrics,
         # A fill's blob is evictable: the tier it came from (S3, an upstream) still has it.
         on_stored=lambda digest, size: cache.added(digest, size, evictable=True),
+        cache=cache,  # admits fills into the budget, frees space on ENOSPC
     )
     registry = app[REGISTRY] = Registry(
         local=local,

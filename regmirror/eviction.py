@@ -9,6 +9,18 @@ watermark of ``max_bytes``, or the filesystem has less than ``min_free_bytes`` f
 the least recently used evictable blobs are deleted (the file, then the index entry)
 down to the low watermark, or until ``min_free_bytes`` plus a margin is free.
 
+What counts toward ``max_bytes``: the stored blobs, the sizes of the fills in flight
+(reserved when a fill starts, so eviction makes room ahead of it; see
+:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads`` (measured by
+each eviction pass). A write that finds the disk full calls :meth:`BlobCache.make_room`:
+ENOSPC is an eviction trigger, with or without configured limits.
+
+LRU order survives a restart: a read stamps the blob file's mtime (a blob's content
+never changes, so its mtime is free to mean "last used"; atime is not trusted, relatime
+and noatime mounts barely keep it). The stamp is one ``utime`` in a thread, skipped
+when the blob is already the most recently stamped, so a herd of hits costs one call.
+The startup scan orders blobs by that mtime, coldest first.
+
 The never-evict rule: **a blob is evictable iff another tier can give it back.**
 
 - a fill (from S3 or an upstream) is evictable: the tier it came from still has it;
@@ -35,6 +47,7 @@ import contextlib
 import enum
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -74,6 +87,7 @@ class _Entry:
 
 class CacheObserver(Protocol):
     def cache_bytes(self, total: int) -> None: ...
+    def staged_bytes(self, total: int) -> None: ...
     def blob_evicted(self, nbytes: int) -> None: ...
 
 
@@ -105,6 +119,11 @@ class BlobCache:
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._stuck = False  # warned that nothing more can be evicted
+        self.reserved = 0  # bytes of the fills in flight (their whole size)
+        self.uploads = 0  # bytes under <data>/uploads, as last measured
+        self._stamps: set[asyncio.Task[None]] = set()
+        self._last_stamp = 0
+        self._newest_stamped: Digest | None = None
 
     # -- what the store tells us -------------------------------------------------
 
@@ -113,12 +132,26 @@ class BlobCache:
         wins: a blob that is once the only copy stays pinned."""
         self._put(digest, size, State.EVICTABLE if evictable else State.PINNED)
         self._entries.move_to_end(digest)
+        self._stamp(digest)
         self._schedule()
 
     def touched(self, digest: Digest) -> None:
         """``digest`` was read: the most recently used now."""
-        if digest in self._entries:
-            self._entries.move_to_end(digest)
+        if digest not in self._entries:
+            return
+        self._entries.move_to_end(digest)
+        if digest != self._newest_stamped:  # else nothing was used since: a herd costs one
+            self._stamp(digest)
+
+    def _stamp(self, digest: Digest) -> None:
+        """Record the access in the file's mtime (see the module's note on LRU order)."""
+        self._newest_stamped = digest
+        # Strictly increasing, so that two stamps in one clock tick still order.
+        self._last_stamp = stamp = max(time.time_ns(), self._last_stamp + 1)
+        path = self.root / layout.blob_data(digest)
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(_set_mtime, path, stamp))
+        self._stamps.add(task)
+        task.add_done_callback(self._stamps.discard)
 
     async def hold(self, digest: Digest) -> Hold:
         """Keep ``digest`` from eviction until the hold is released; waits for a deletion
@@ -174,7 +207,9 @@ class BlobCache:
     async def load(self) -> None:
         """Rebuild the index from the data directory, then evict if over budget."""
         found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
-        for digest, size, state in found:
+        # Hottest first, each put before the previous: coldest first in the end, and
+        # all of them colder than what the store has told us about since.
+        for digest, size, state in reversed(found):
             if digest not in self._entries:  # what the store said since beats the scan
                 self._put(digest, size, state)
                 self._entries.move_to_end(digest, last=False)
@@ -195,6 +230,8 @@ class BlobCache:
         """Wait until eviction has caught up with every write so far."""
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        if self._stamps:
+            await asyncio.gather(*self._stamps, return_exceptions=True)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -211,8 +248,54 @@ class BlobCache:
             if not self._again:
                 return
 
+    # -- admission and disk full ---------------------------------------------------
+
+    async def admit(self, size: int) -> str | None:
+        """Whether a blob of ``size`` bytes about to be filled can be kept: None if so,
+        else why not (``over_budget``: bigger than the budget's low watermark, so keeping
+        it would evict everything and then itself; ``disk_full``: bigger than the free
+        space above the floor plus everything evictable)."""
+        if self.max_bytes is not None and size > self.max_bytes * LOW_WATERMARK:
+            return "over_budget"
+        free = await asyncio.to_thread(disk_free, self.root)
+        evictable = sum(
+            e.size
+            for d, e in self._entries.items()
+            if e.state is not State.PINNED and not self.held(d)
+        )
+        if size > free - self.min_free_bytes + evictable:
+            return "disk_full"
+        return None
+
+    def reserve(self, size: int) -> Reservation:
+        """Count a fill of ``size`` bytes toward the budget until it is released (it is
+        then in the store, or gone), making room for it now rather than after."""
+        self.reserved += size
+        self._schedule()
+        return Reservation(self, size)
+
+    async def make_room(self, nbytes: int) -> int:
+        """The disk is full (ENOSPC): evict the least recently used evictable blobs until
+        ``nbytes`` plus the floor are free and the budget is under its low watermark;
+        the bytes evicted (0: nothing left to evict). Works with no limits configured."""
+        freed = 0
+        free = await asyncio.to_thread(disk_free, self.root)
+        for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
+            if free >= nbytes + self.min_free_bytes and self._enough(None):
+                break
+            if not await self._evictable(digest):
+                continue
+            entry = self._entries.get(digest)
+            await self._delete(digest)
+            if entry is not None and digest not in self._entries:
+                freed += entry.size
+            free = await asyncio.to_thread(disk_free, self.root)
+        return freed
+
     async def _evict(self) -> None:
         free = await asyncio.to_thread(self._free)
+        self.uploads = await asyncio.to_thread(_tree_bytes, self.root / "uploads")
+        self._report()
         if not self._over(free):
             self._stuck = False
             return
@@ -242,12 +325,17 @@ class BlobCache:
     def _free(self) -> int | None:
         return disk_free(self.root) if self.min_free_bytes > 0 else None
 
+    @property
+    def budgeted(self) -> int:
+        """What counts toward ``max_bytes``: blobs, fills in flight, uploads."""
+        return self.total + self.reserved + self.uploads
+
     def _over(self, free: int | None) -> bool:
-        over_budget = self.max_bytes is not None and self.total > self.max_bytes * HIGH_WATERMARK
+        over_budget = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
         return over_budget or (free is not None and free < self.min_free_bytes)
 
     def _enough(self, free: int | None) -> bool:
-        under_budget = self.max_bytes is None or self.total <= self.max_bytes * LOW_WATERMARK
+        under_budget = self.max_bytes is None or self.budgeted <= self.max_bytes * LOW_WATERMARK
         return under_budget and (free is None or free >= self.min_free_bytes * FREE_MARGIN)
 
     async def _evictable(self, digest: Digest) -> bool:
@@ -305,6 +393,21 @@ class BlobCache:
     def _report(self) -> None:
         if self.observer is not None:
             self.observer.cache_bytes(self.total)
+            self.observer.staged_bytes(self.reserved + self.uploads)
+
+
+class Reservation:
+    """A fill's size counted toward the budget; :meth:`release` it once."""
+
+    def __init__(self, cache: BlobCache, size: int):
+        self._cache: BlobCache | None = cache
+        self.size = size
+
+    def release(self) -> None:
+        if self._cache is not None:
+            self._cache.reserved -= self.size
+            self._cache._report()
+            self._cache = None
 
 
 class Hold:
@@ -320,9 +423,24 @@ class Hold:
             self._cache = None
 
 
+def _set_mtime(path: Path, ns: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.utime(path, ns=(ns, ns))
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under ``root`` (0 if it does not exist). Blocking."""
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(directory, name)).st_size
+    return total
+
+
 def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State]]:
-    """Every blob under ``root``, coldest first (by atime), with its state per the
-    module's rule. Blocking: run it in a thread."""
+    """Every blob under ``root``, coldest first (by mtime: the last use stamped on it),
+    with its state per the module's rule. Blocking: run it in a thread."""
     pushed = _linked(root / layout.REPOSITORIES)
     proxied = _linked(root / "proxy" / layout.REPOSITORIES)
     found = []
@@ -341,7 +459,7 @@ def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State]]:
             state = State.EVICTABLE
         else:
             state = State.CHECK_S3 if s3 else State.PINNED
-        found.append((st.st_atime, digest, st.st_size, state))
+        found.append((st.st_mtime_ns, digest, st.st_size, state))
     found.sort(key=lambda item: item[0])
     return [(digest, size, state) for _, digest, size, state in found]
 

@@ -11,42 +11,68 @@ and size are checked, the file is fsynced and renamed into the store
 partial file, stores nothing, and makes every reader raise :class:`FillFailed`; the
 next fetch starts a new fill.
 
+**No body ends cleanly before the digest is verified**: whatever range a reader asks
+for, its last byte is held back until the whole blob has been hashed and matched.
+
+A fill is budgeted. When the source gives the size, the local cache admits the blob
+(reserving its size, so eviction makes room ahead of it) or says it cannot be kept: bigger
+than ``cache.max_bytes`` (its low watermark), or than the free space above the floor plus
+everything evictable. A write that finds the disk full (ENOSPC) makes the cache evict and
+is retried; when nothing more can be evicted the fill goes on without the disk. Either way
+a blob that cannot be kept is *streamed through*: its bytes pass through a bounded window
+in memory (:data:`WINDOW`) to the readers that are following the fill, it is verified as
+usual, and nothing is stored (counted as ``stream_through``). Memory, not an unlinked
+temp file, because the point is not to need the disk at all. The window keeps the newest
+``WINDOW`` bytes even when nobody needs them, so a request that joins soon after still
+shares the one upstream GET; a request that needs bytes already gone (a late joiner, a
+Range behind the window) gets a replay: a fill, never kept, that streams the blob through
+again from the start (it must be hashed whole to be verified; late readers share the
+replay in flight while its window still holds what they need). A reader that holds the
+window full for longer than the idle timeout is dropped (its body is cut) rather than
+stalling the others.
+
 Across processes sharing the data directory the partial file is the single-flight
 token: its owner holds ``flock(LOCK_EX)`` on it for the whole fill. A process that
 finds it locked does not fetch; it tails the file until the owner renames it into the
 store (done) or drops it (failed). That tailing polls (no cross-process wake-up);
-within a process nothing polls.
+within a process nothing polls. A fill another process streams through is not followed:
+its bytes never reach the shared file, so the tailing readers are cut when it ends (one
+process per data directory is what is supported today).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from regmirror import layout
 from regmirror.digest import Digest
 from regmirror.errors import FillFailed
+from regmirror.eviction import BlobCache, Reservation
 from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
 
-__all__ = ["Fill", "FillFailed", "FillObserver", "FillStats", "Fills", "Source"]
+__all__ = ["Fill", "FillFailed", "FillObserver", "FillStats", "Fills", "Source", "Span"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK = 256 * 1024
-MIN_SPAN = 2 * 1024 * 1024  # see Fill.windows
+MIN_SPAN = 2 * 1024 * 1024  # see Fill.parts
+WINDOW = 16 * 1024 * 1024  # bytes of a streamed-through blob held in memory (plus a chunk)
+STALL = 60.0  # seconds a streamed-through fill waits for a reader holding its window full
 PARTIAL_SUFFIX = ".partial"
 SIZE_XATTR = "user.regmirror.size"  # lets another process learn the size before the end
 TAIL_INTERVAL = 0.05  # seconds between looks at another process's partial file
@@ -61,6 +87,7 @@ class FillObserver(Protocol):
     def fill_started(self, digest: Digest) -> None: ...
     def fill_coalesced(self, digest: Digest) -> None: ...
     def fill_finished(self, digest: Digest, result: str, nbytes: int, seconds: float) -> None: ...
+    def fill_streamed_through(self, digest: Digest, reason: str) -> None: ...
 
 
 RESULTS = (
@@ -73,7 +100,9 @@ RESULTS = (
     "cancelled",
     "other_process",
     "other_process_failed",
+    "stream_through",  # verified and served, not kept (see STREAM_THROUGH_REASONS)
 )
+STREAM_THROUGH_REASONS = ("over_budget", "disk_full", "late")
 
 
 @dataclass
@@ -84,6 +113,7 @@ class FillStats:
     coalesced: int = 0
     results: Counter[str] = field(default_factory=Counter)
     bytes_filled: int = 0
+    streamed_through: Counter[str] = field(default_factory=Counter)
 
     def fill_started(self, digest: Digest) -> None:
         self.started += 1
@@ -95,6 +125,9 @@ class FillStats:
         self.results[result] += 1
         self.bytes_filled += nbytes
 
+    def fill_streamed_through(self, digest: Digest, reason: str) -> None:
+        self.streamed_through[reason] += 1
+
 
 class _Failure(Exception):
     def __init__(self, result: str, message: str):
@@ -102,14 +135,42 @@ class _Failure(Exception):
         self.result = result
 
 
-class Fill:
-    """One blob on its way into the local store, readable while it arrives.
+class _Gone(Exception):
+    """The bytes a reader needs are no longer held by this fill (streamed past)."""
 
-    ``await length()`` then ``stream(start, end)``; ``await wait()`` for the stored file.
-    Every method raises :class:`FillFailed` once the fill has failed.
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Bytes ``[pos, limit)`` of the blob, to be read from ``file`` (sendfile, pread)."""
+
+    file: BinaryIO
+    pos: int
+    limit: int
+
+
+class Fill:
+    """One blob on its way from another tier, readable while it arrives.
+
+    ``await length()`` then iterate ``parts(start, end)``; ``await wait()`` for the
+    stored file. Every method raises :class:`FillFailed` once the fill has failed.
+
+    A fill is *kept* (its bytes go to the partial file, then into the store) or, when
+    the blob cannot be kept (bigger than the budget, or the disk is full and nothing is
+    left to evict), *streamed through*: bytes ``[0, file_end)`` are in the partial file
+    (what was written before the disk filled up; 0 when the fill never wrote), later ones
+    pass through a bounded window in memory (see :data:`WINDOW`) and are dropped once
+    every reader has them.
     """
 
-    def __init__(self, digest: Digest, partial: Path, final: Path, size: int | None):
+    def __init__(
+        self,
+        digest: Digest,
+        partial: Path,
+        final: Path,
+        size: int | None,
+        *,
+        replay: Callable[[int], Fill] | None = None,
+    ):
         self.digest = digest
         self.partial = partial
         self.final = final
@@ -120,6 +181,21 @@ class Fill:
         self._error: str | None = None
         self._cause: BaseException | None = None
         self._changed = asyncio.Event()
+        # A fill of the same blob from the start, for readers streamed past (its argument:
+        # the first byte the reader needs).
+        self._replay = replay
+        # Streaming through (file_end is not None): the window in memory.
+        self._file_end: int | None = None
+        self._window: deque[bytes] = deque()  # the source's chunks, as they came
+        self._window_start = 0  # the blob offset of the window's first byte
+        self._window_end = 0
+        # Readers that may still need bytes from the window -> the next byte they need,
+        # and where each reader's range ends (once the size is known).
+        self._readers: dict[int, int] = {}
+        self._ends: dict[int, int] = {}
+        self._behind: set[int] = set()  # readers dropped for holding the window too long
+        self._next_reader = 0
+        self._moved = asyncio.Event()
 
     @classmethod
     def stored(cls, digest: Digest, final: Path, size: int) -> Fill:
@@ -131,7 +207,13 @@ class Fill:
 
     @property
     def done(self) -> bool:
+        """Verified: every byte arrived and matched the digest."""
         return self._done
+
+    @property
+    def kept(self) -> bool:
+        """Its bytes go into the store (False: streamed through, never stored)."""
+        return self._file_end is None
 
     async def length(self) -> int:
         """The blob's size, known once the source has answered (for Content-Length)."""
@@ -140,44 +222,99 @@ class Fill:
         return self._size
 
     async def wait(self) -> Path:
-        """Wait until the blob is verified and stored; its path in the store."""
+        """Wait until the blob is verified and stored; its path in the store. A fill
+        streamed through stores nothing: FillFailed."""
         await self._until(lambda: self._done)
+        if not self.kept:
+            raise FillFailed(
+                f"blob {self.digest} was streamed through, not kept", {"digest": str(self.digest)}
+            )
         return self.final
 
-    async def windows(
+    async def parts(
         self, start: int = 0, end: int | None = None, *, min_span: int = MIN_SPAN
-    ) -> AsyncIterator[tuple[int, int]]:
-        """The spans ``[pos, limit)`` of ``[start, end)`` that are in the file, in order, as
-        they arrive: each may be read from a descriptor from :meth:`open` (or sent with
-        sendfile) as soon as it is yielded. The first span is whatever has arrived; later
-        ones are at least ``min_span`` bytes (or the rest), so that a herd of readers
-        following the fill makes few large sends rather than many small ones.
+    ) -> AsyncIterator[Span | bytes]:
+        """``[start, end)`` of the blob, in order, as it arrives: :class:`Span` for bytes
+        in a file (send them with sendfile), ``bytes`` for bytes that pass through memory.
+        The first span is whatever has arrived; later ones are at least ``min_span`` bytes
+        (or the rest), so that a herd of readers makes few large sends.
 
-        A read that reaches the blob's end holds its last byte back until the digest is
-        verified, so a body whose digest turns out wrong never ends cleanly: it raises
-        :class:`FillFailed` instead. Cancelling the iteration cancels only this reader.
+        **The last byte of the range is held back until the digest is verified**,
+        whatever the range: a body that comes from a fill whose bytes turn out wrong
+        never ends cleanly, it raises :class:`FillFailed` instead. Cancelling the
+        iteration cancels only this reader.
         """
-        size = await self.length()
-        end = size if end is None else min(end, size)
-        if not 0 <= start <= end:
-            raise ValueError(f"invalid range [{start}, {end}) of a {size}-byte blob")
-        pos, span = start, 1  # the first span goes as soon as there is a byte
-        while pos < end:
-            self._raise_if_failed()
-            # The last byte is held back until the digest is verified.
-            reachable = end if self._done or end < size else size - 1
-            if pos >= reachable:
-                await self.wait()
-                continue
-            limit = min(reachable, size if self._done else self._written)
-            wanted = min(pos + span, reachable)
-            if limit < wanted:
-                await self._until(functools.partial(self._past, wanted - 1))
-                continue
-            yield pos, limit
-            pos, span = limit, min_span
-        if end == size:
-            await self.wait()
+        reader = self._join(start)
+        file: BinaryIO | None = None
+        pos = start
+        try:
+            size = await self.length()
+            end = size if end is None else min(end, size)
+            if not 0 <= start <= end:
+                raise ValueError(f"invalid range [{start}, {end}) of a {size}-byte blob")
+            self._ends[reader] = end
+            span = 1  # the first span goes as soon as there is a byte
+            while pos < end:
+                self._check(reader)
+                if self._file_end is not None and end <= self._file_end:
+                    self._leave(reader)  # what it still needs is in the file: no window
+                reachable = end if self._done else end - 1
+                if pos >= reachable:
+                    if self._file_end is not None and self._file_end <= pos < self._written:
+                        # Only the held-back last byte is left: take it out of the window
+                        # now, so that waiting for the digest holds nobody else back.
+                        if pos < self._window_start:
+                            raise _Gone
+                        tail = self._from_window(pos, end)
+                        self._leave(reader)
+                        await self._until(lambda: self._done)
+                        yield tail
+                        pos = end
+                        continue
+                    await self._next_change()  # the digest check, or more bytes
+                    continue
+                if self._file_end is None or pos < self._file_end:
+                    boundary = size if self._file_end is None else self._file_end
+                    have = size if self._done and self._file_end is None else self._written
+                    limit = min(reachable, have, boundary)
+                    if limit < min(pos + span, reachable, boundary):
+                        await self._next_change()
+                        continue
+                    if file is None:
+                        file = await self._open_file()
+                    yield Span(file, pos, limit)
+                    span = min_span
+                elif pos < self._window_start:
+                    raise _Gone
+                else:
+                    limit = min(reachable, self._written)
+                    if limit <= pos:
+                        await self._next_change()
+                        continue
+                    passing = self._from_window(pos, limit)
+                    limit = pos + len(passing)
+                    yield passing
+                pos = limit
+                if reader in self._readers:
+                    self._readers[reader] = pos
+                    self._moved.set()
+                if self._file_end is not None:
+                    self._trim(self._window_end)
+            await self._until(lambda: self._done)  # an empty range, too, waits for it
+        except _Gone:
+            if self._replay is None:
+                raise FillFailed(
+                    f"blob {self.digest} streamed past", {"digest": str(self.digest)}
+                ) from None
+            self._leave(reader)
+            async for part in self._replay(pos).parts(pos, end, min_span=min_span):
+                yield part
+        finally:
+            self._leave(reader)
+            self._ends.pop(reader, None)
+            self._behind.discard(reader)
+            if file is not None:
+                file.close()
 
     async def open(self) -> int:
         """A read-only descriptor on the blob's bytes (the partial file, or the stored one);
@@ -189,6 +326,33 @@ class Fill:
             path = await self.wait()
             return await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
 
+    async def _open_file(self) -> BinaryIO:
+        try:
+            fd = await self.open()
+        except FillFailed:
+            if self._error is not None:
+                raise
+            raise _Gone from None  # streamed through, and its partial file is gone
+        return os.fdopen(fd, "rb")
+
+    def _join(self, start: int) -> int:
+        self._next_reader += 1
+        self._readers[self._next_reader] = start
+        return self._next_reader
+
+    def _leave(self, reader: int) -> None:
+        """``reader`` needs nothing more from the window."""
+        if self._readers.pop(reader, None) is not None:
+            self._moved.set()
+
+    def _check(self, reader: int) -> None:
+        self._raise_if_failed()
+        if reader in self._behind:
+            raise FillFailed(
+                f"a reader of {self.digest} fell too far behind the fill",
+                {"digest": str(self.digest)},
+            )
+
     async def _until(self, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()`` or the fill fails; woken by each change, never polling."""
         while True:
@@ -197,8 +361,8 @@ class Fill:
                 return
             await self._changed.wait()  # _notify() sets this event and installs a new one
 
-    def _past(self, pos: int) -> bool:
-        return self._done or self._written > pos
+    async def _next_change(self) -> None:
+        await self._changed.wait()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -219,6 +383,58 @@ class Fill:
             self._written = written
             self._notify()
 
+    def _stream_through(self) -> None:
+        """From now on bytes pass through memory: nothing more is written to the file."""
+        self._file_end = self._window_start = self._window_end = self._written
+        for reader, end in self._ends.items():
+            if end <= self._file_end:
+                self._readers.pop(reader, None)  # all it needs is in the file
+        self._notify()
+
+    async def _pass(self, chunk: bytes, stall: float) -> None:
+        """Add ``chunk`` to the window, first waiting (at most ``stall`` seconds) for
+        readers that hold more than :data:`WINDOW` bytes back; those still behind after
+        it are dropped (their bodies are cut), so one stuck client cannot stop a herd."""
+        while self._readers and self._written - self._held_from() > WINDOW:
+            self._moved.clear()
+            try:
+                async with asyncio.timeout(stall):
+                    await self._moved.wait()
+            except TimeoutError:
+                for reader, pos in list(self._readers.items()):
+                    if pos < self._written - WINDOW:
+                        del self._readers[reader]
+                        self._behind.add(reader)
+                        log.warning("a reader of %s stalled a stream-through: cut", self.digest)
+                self._notify()
+        self._window.append(chunk)
+        self._window_end += len(chunk)
+        self._trim(self._window_end)
+
+    def _held_from(self) -> int:
+        """The first byte the window must keep for the readers (a reader still in the
+        file needs the window from its start)."""
+        return max(min(self._readers.values()), self._window_start)
+
+    def _trim(self, written: int) -> None:
+        """Drop window bytes that no reader needs and that are older than the newest
+        :data:`WINDOW` (kept for requests that join late)."""
+        needed = min(self._readers.values(), default=written)
+        keep_from = min(needed, written - WINDOW)
+        while self._window and self._window_start + len(self._window[0]) <= keep_from:
+            self._window_start += len(self._window.popleft())
+
+    def _from_window(self, pos: int, limit: int) -> bytes:
+        """Bytes ``[pos, limit)`` from the window, at most to the end of one chunk (a
+        whole chunk goes out as it is, uncopied). Readers are mostly near the newest."""
+        end = self._window_end
+        for chunk in reversed(self._window):
+            start = end - len(chunk)
+            if start <= pos:
+                return chunk[pos - start : min(limit, end) - start]
+            end = start
+        raise AssertionError(f"byte {pos} is not in the window")
+
     def _finish(self) -> None:
         assert self._size is not None
         self._written = self._size
@@ -228,6 +444,7 @@ class Fill:
     def _fail(self, message: str, cause: BaseException | None) -> None:
         self._error = message
         self._cause = cause
+        self._window.clear()
         self._notify()
 
 
@@ -236,7 +453,9 @@ class Fills:
 
     ``local`` is the store fills land in; ``timeout`` bounds a whole fill (seconds),
     ``idle_timeout`` the wait for each chunk from the source; ``on_stored(digest, size)``
-    is told of each blob a fill put in the store (the local cache's index).
+    is told of each blob a fill put in the store (the local cache's index); ``cache``
+    is that cache: it admits a fill (reserving its size in the budget, evicting ahead of
+    it) or makes it stream through, and frees space when a write finds the disk full.
     """
 
     def __init__(
@@ -248,15 +467,18 @@ class Fills:
         directory: Path | None = None,
         observer: FillObserver | None = None,
         on_stored: Callable[[Digest, int], None] | None = None,
+        cache: BlobCache | None = None,
     ):
         self.local = local
         self.on_stored = on_stored
+        self.cache = cache
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         # Same filesystem as the store, so the finished file is renamed, not copied.
         self.directory = directory or local.root / "fills"
         self.observer: FillObserver = observer or FillStats()
         self._inflight: dict[Digest, Fill] = {}
+        self._replays: dict[Digest, Fill] = {}  # the latest replay of each blob (see _replay)
         self._tasks: set[asyncio.Task[None]] = set()
         # The writers' own threads: readers' to_thread hops cannot queue ahead of them.
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
@@ -279,15 +501,44 @@ class Fills:
             if fill is None:
                 if stored is not None:
                     return Fill.stored(digest, self.local.path(key), stored)
-                fill = Fill(digest, self.partial_path(digest), self.local.path(key), size)
+                fill = Fill(
+                    digest,
+                    self.partial_path(digest),
+                    self.local.path(key),
+                    size,
+                    replay=functools.partial(self._replay, digest, source, size),
+                )
                 self._inflight[digest] = fill
-                self.observer.fill_started(digest)
-                task = asyncio.create_task(self._run(fill, source), name=f"fill {digest}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start(fill, source, claim=True)
                 return fill
         self.observer.fill_coalesced(digest)
         return fill
+
+    def _replay(self, digest: Digest, source: Source, size: int | None, start: int) -> Fill:
+        """A fill streaming ``digest`` through again from the start, for a reader that
+        joined a streamed-through fill after the bytes it needs (from ``start``) had
+        passed: the replay in flight if its window still holds ``start``, else a new one
+        (not in the single-flight map: it is never kept)."""
+        fill = self._replays.get(digest)
+        if fill is None or fill.done or fill._error is not None or fill._window_start > start:
+            fill = Fill(
+                digest,
+                self.partial_path(digest),
+                self.local.path(layout.blob_data(digest)),
+                size,
+                replay=functools.partial(self._replay, digest, source, size),
+            )
+            self._replays[digest] = fill
+            self._start(fill, source, claim=False)
+        else:
+            self.observer.fill_coalesced(digest)
+        return fill
+
+    def _start(self, fill: Fill, source: Source, *, claim: bool) -> None:
+        self.observer.fill_started(fill.digest)
+        task = asyncio.create_task(self._run(fill, source, claim), name=f"fill {fill.digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         """Cancel the fills in flight (their readers get FillFailed) and wait for them."""
@@ -315,17 +566,19 @@ class Fills:
 
     # -- the fill task -----------------------------------------------------------
 
-    async def _run(self, fill: Fill, source: Source) -> None:
+    async def _run(self, fill: Fill, source: Source, claim: bool) -> None:
         started = time.monotonic()
         result, message = "ok", ""
         cause: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                fd = await _settle(asyncio.to_thread(_claim, fill.partial))
-                if fd is None:
+                fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
+                if claim and fd is None:
                     result = await self._tail(fill)
                 else:
                     await self._copy(fill, source, fd)
+                    if not fill.kept:
+                        result = "stream_through"
         except _Failure as exc:
             result, cause, message = exc.result, exc, str(exc)
         except TimeoutError as exc:
@@ -341,26 +594,35 @@ class Fills:
         finally:
             if self._inflight.get(fill.digest) is fill:
                 del self._inflight[fill.digest]
+            if self._replays.get(fill.digest) is fill:
+                del self._replays[fill.digest]
             if message:
                 log.warning("%s", message)
                 fill._fail(message, cause)
             else:
-                if self.on_stored is not None and fill._size is not None:
+                if self.on_stored is not None and fill._size is not None and fill.kept:
                     self.on_stored(fill.digest, fill._size)  # before any reader is done
                 fill._finish()
             nbytes = fill._written if result == "ok" else 0
             self.observer.fill_finished(fill.digest, result, nbytes, time.monotonic() - started)
 
-    async def _copy(self, fill: Fill, source: Source, fd: int) -> None:
+    async def _copy(self, fill: Fill, source: Source, fd: int | None) -> None:
         loop = asyncio.get_running_loop()
         stored = False
+        reservation: Reservation | None = None
         try:
             size, chunks = await source(0)
             if fill._expected is not None and size != fill._expected:
                 raise _Failure(
                     "size_mismatch", f"source says {size} bytes, descriptor {fill._expected}"
                 )
-            await _settle(loop.run_in_executor(self._writer, _set_size_xattr, fd, size))
+            if fd is None:
+                self._streaming_through(fill, "late")
+            elif (reason := await self._admit(size)) is not None:
+                self._streaming_through(fill, reason)
+            else:
+                reservation = self.cache.reserve(size) if self.cache is not None else None
+                await _settle(loop.run_in_executor(self._writer, _set_size_xattr, fd, size))
             fill._set_size(size)
             hasher = fill.digest.hasher()
             written = 0
@@ -372,7 +634,16 @@ class Fills:
                         break
                     if written + len(chunk) > size:
                         raise _Failure("size_mismatch", f"source sent more than {size} bytes")
-                    await _settle(loop.run_in_executor(self._writer, _append, fd, chunk, hasher))
+                    if fill.kept:
+                        assert fd is not None
+                        if not await self._write(fd, chunk, written, hasher, size):
+                            await _settle(
+                                loop.run_in_executor(self._writer, os.ftruncate, fd, written)
+                            )
+                            self._streaming_through(fill, "disk_full")
+                    if not fill.kept:
+                        await fill._pass(chunk, self.idle_timeout or STALL)
+                        await _settle(loop.run_in_executor(self._writer, hasher.update, chunk))
                     written += len(chunk)
                     fill._advance(written)
             finally:
@@ -388,15 +659,62 @@ class Fills:
                     f"source sent bytes of {fill.digest.algorithm}:"
                     f"{hasher.hexdigest()}, not {fill.digest}",
                 )
+            if fill.kept:
+                assert fd is not None
+                stored = await self._store(fill, fd)
+        finally:
+            if reservation is not None:
+                reservation.release()
+            if fd is not None:
+                if not stored:
+                    with contextlib.suppress(FileNotFoundError):
+                        fill.partial.unlink()  # before unlocking, so nobody tails a dead file
+                os.close(fd)
+
+    async def _store(self, fill: Fill, fd: int) -> bool:
+        """Move the verified partial file into the store. A disk that fills up now (the
+        fsync, a new shard directory) does not fail the fill: its readers finish from the
+        file they have open, and the blob streams through."""
+        loop = asyncio.get_running_loop()
+        try:
             await _settle(loop.run_in_executor(self._writer, os.fsync, fd))
             # Renamed while still locked: another process sees the lock free only after.
             await _settle(self.local.move_in(layout.blob_data(fill.digest), fill.partial))
-            stored = True
-        finally:
-            if not stored:
-                with contextlib.suppress(FileNotFoundError):
-                    fill.partial.unlink()  # before unlocking, so nobody tails a dead file
-            os.close(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._streaming_through(fill, "disk_full")
+            return False
+        return True
+
+    async def _admit(self, size: int) -> str | None:
+        """Why a blob of ``size`` bytes cannot be kept; None when it can."""
+        return None if self.cache is None else await self.cache.admit(size)
+
+    async def _write(self, fd: int, chunk: bytes, offset: int, hasher: Any, size: int) -> bool:
+        """Write ``chunk`` at ``offset`` (and hash it); when the disk is full, evict and
+        try again. False when nothing more can be evicted: the caller streams through."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await _settle(
+                    loop.run_in_executor(self._writer, _write_at, fd, chunk, offset, hasher)
+                )
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                freed = await self.cache.make_room(size - offset) if self.cache else 0
+                log.warning(
+                    "disk full at byte %d of a %d-byte fill: evicted %d bytes", offset, size, freed
+                )
+                if freed <= 0:
+                    return False
+
+    def _streaming_through(self, fill: Fill, reason: str) -> None:
+        log.info("%s streams through without being kept (%s)", fill.digest, reason)
+        fill._stream_through()
+        self.observer.fill_streamed_through(fill.digest, reason)
 
     async def _tail(self, fill: Fill) -> str:
         """Follow a fill that another process owns until it stores the blob or gives up."""
@@ -451,10 +769,13 @@ def _claim(path: Path) -> int | None:
     raise OSError(f"could not claim {path}: it keeps being replaced")
 
 
-def _append(fd: int, chunk: bytes, hasher: Any) -> None:
+def _write_at(fd: int, chunk: bytes, offset: int, hasher: Any) -> None:
+    """Write all of ``chunk`` at ``offset``, then hash it: a write that fails (ENOSPC)
+    hashes nothing and can be retried at the same offset."""
     view = memoryview(chunk)
     while view:
-        view = view[os.write(fd, view) :]
+        offset += (n := os.pwrite(fd, view, offset))
+        view = view[n:]
     hasher.update(chunk)
 
 

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.exposition import generate_latest
 
 from regmirror.digest import Digest
-from regmirror.fill import RESULTS
+from regmirror.fill import RESULTS, STREAM_THROUGH_REASONS
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -20,7 +20,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "regmirror_http_requests_total",
-            "HTTP requests answered, by route template, method and status.",
+            "HTTP requests answered, by route template, method and status (the HTTP status, "
+            "client_disconnect, or aborted: a body cut after it started).",
             ["route", "method", "status"],
             registry=self.registry,
         )
@@ -67,6 +68,14 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.stream_through = Counter(
+            "regmirror_fill_stream_through_total",
+            "Fills served to their waiters without being kept on local disk, by reason "
+            "(over_budget: bigger than cache.max_bytes; disk_full: no space and nothing "
+            "left to evict; late: a reader that needed bytes a stream-through had passed).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.fill_bytes = Counter(
             "regmirror_fill_bytes_total",
             "Bytes copied onto local disk by fills.",
@@ -100,6 +109,11 @@ class Metrics:
             "Bytes of blobs on local disk (evictable or not).",
             registry=self.registry,
         )
+        self.staged_size = Gauge(
+            "regmirror_cache_staged_bytes",
+            "Bytes of fills in flight and upload sessions, counted toward cache.max_bytes.",
+            registry=self.registry,
+        )
         self.cache_max = Gauge(
             "regmirror_cache_max_bytes",
             "The local cache's byte budget, cache.max_bytes; 0 when there is none.",
@@ -117,6 +131,8 @@ class Metrics:
         )
         for result in RESULTS:
             self.fills.labels(result)
+        for reason in STREAM_THROUGH_REASONS:
+            self.stream_through.labels(reason)
         for result in ("hit", "miss"):
             self.cache_requests.labels(result)
 
@@ -137,6 +153,9 @@ class Metrics:
         self.fills.labels(result).inc()
         self.fill_bytes.inc(nbytes)
 
+    def fill_streamed_through(self, digest: Digest, reason: str) -> None:
+        self.stream_through.labels(reason).inc()
+
     def s3_error(self, operation: str) -> None:
         self.s3_errors.labels(operation).inc()
 
@@ -150,6 +169,9 @@ class Metrics:
     def cache_bytes(self, total: int) -> None:
         self.cache_size.set(total)
 
+    def staged_bytes(self, total: int) -> None:
+        self.staged_size.set(total)
+
     def blob_evicted(self, nbytes: int) -> None:
         self.evictions.inc()
         self.evicted_bytes.inc(nbytes)
@@ -158,7 +180,10 @@ class Metrics:
         self.clock_skew.set(seconds)
         self.clock_skew_corrections.inc()
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int | str, seconds: float) -> None:
+        """``status``: the HTTP status, or ``client_disconnect`` (the client went away
+        before its response was sent: not a server error), or ``aborted`` (the server cut
+        a body it had started, e.g. a fill that failed)."""
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 

@@ -35,6 +35,7 @@ from cachetools import LRUCache
 from regmirror import layout
 from regmirror.digest import Digest
 from regmirror.errors import (
+    FillFailed,
     ManifestInvalid,
     ManifestTooLarge,
     ManifestUnknown,
@@ -383,6 +384,9 @@ class PullThrough:
         key = layout.blob_data(fill.digest)
         try:
             path = await fill.wait()
+        except FillFailed:
+            return  # failed, or streamed through without being kept: nothing to write back
+        try:
             await self.shared.stat(key)
         except PathNotFound:
             await self.shared.put_file(key, path)

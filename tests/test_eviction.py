@@ -353,3 +353,20 @@ async def test_a_restart_without_s3_evicts_pulled_blobs_and_keeps_pushed_ones(
     left = on_disk(data_dir)
     assert pushed in left
     assert sum(left.values()) <= 25 * KiB * eviction.HIGH_WATERMARK
+
+
+async def test_lru_order_survives_a_restart(mirror, upstream_registry, http, data_dir):
+    first = await mirror()
+    repo = f"evict/{uuid.uuid4().hex[:8]}"
+    a, b, c, d = [
+        str(await push_upstream(http, upstream_registry.url, repo, blob_bytes(BLOB, seed)))
+        for seed in range(4)
+    ]
+    for digest in (a, b, c, d, a):  # a, pulled first, is read again last: the hottest
+        await get_blob_bytes(first, repo, digest)
+    await cache_of(first).settle()
+
+    restarted = await mirror(max_bytes=30 * KiB)  # 40 KiB on disk: two must go
+    await cache_of(restarted).settle()
+
+    assert set(on_disk(data_dir)) == {d, a}  # b and c, the coldest, went first

@@ -623,14 +623,15 @@ async def test_range_requests_are_served_during_a_fill_and_after(
         async with http.get(url, headers={"Range": spec}) as response:
             return response.status, response.headers.get("Content-Range", ""), await response.read()
 
-    # Bytes already filled are served while the fill is held.
-    assert await ranged("bytes=100-1099") == (206, f"bytes 100-1099/{size}", data[100:1100])
-    assert proxy.held.is_set() and not proxy.release.is_set()
+    # Bytes already filled start at once, but no body ends before the digest is verified.
+    filled = asyncio.create_task(ranged("bytes=100-1099"))
     beyond = asyncio.create_task(ranged(f"bytes={4 * MiB}-{4 * MiB + 9}"))
     suffix = asyncio.create_task(ranged("bytes=-10"))
-    await asyncio.sleep(0)  # let them start: they must wait for bytes not yet filled
-    assert not beyond.done() and not suffix.done()
+    await asyncio.wait_for(proxy.held.wait(), BOUND)
+    await asyncio.sleep(0)  # let them start: they must wait for the fill's end
+    assert not filled.done() and not beyond.done() and not suffix.done()
     proxy.release.set()
+    assert await asyncio.wait_for(filled, BOUND) == (206, f"bytes 100-1099/{size}", data[100:1100])
     assert await asyncio.wait_for(beyond, BOUND) == (
         206,
         f"bytes {4 * MiB}-{4 * MiB + 9}/{size}",

@@ -3,14 +3,15 @@
 A blob on local disk goes out by sendfile (FileResponse answers Range with 206
 and 416). The blob is held (kept from eviction) from before it is looked up until
 its response is sent. A blob still arriving from S3 or an upstream streams from its fill as
-it grows; should the fill fail after the headers went out, the connection is
-cut so that the client sees a short body, never a clean end.
+it grows (by sendfile from the partial file, or from memory when the fill streams through
+without being kept); the last byte of every body, ranged or not, waits for the digest
+check (:meth:`~regmirror.fill.Fill.parts`). Should the fill fail after the headers went
+out, the connection is cut so that the client sees a short body, never a clean end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from regmirror.api import params
+from regmirror.api.envelope import client_gone, cut
 from regmirror.api.keys import METRICS, REGISTRY
 from regmirror.digest import Digest
 from regmirror.errors import FillFailed, RegistryError
@@ -66,7 +68,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             return web.Response(headers=headers)
         metrics = request.app[METRICS]
         metrics.cache_request(hit=isinstance(found, StoredBlob))
-        if isinstance(found, Fill) and not found.done:
+        if isinstance(found, Fill) and not (found.done and found.kept):
             return await _stream_fill(request, found, digest, headers)
         path = found.path if isinstance(found, StoredBlob) else found.final
         response = _CountedFileResponse(path, metrics, hold, headers=headers, chunk_size=FILE_CHUNK)
@@ -100,23 +102,26 @@ async def _stream_fill(
     if request.method == "HEAD":
         return response
     transport = request.transport
-    if transport is None:
+    if transport is None or client_gone(request):
         raise ConnectionResetError("client went away")
     # Each span already in the file goes out by sendfile: no copy through Python, so a
     # herd of waiters costs little more CPU or memory than the same herd served warm.
     loop = asyncio.get_running_loop()
     sent = 0
-    with os.fdopen(await fill.open(), "rb") as file:
-        try:
-            async for pos, limit in fill.windows(start, end):
-                await loop.sendfile(transport, file, pos, limit - pos)
-                sent += limit - pos
-        except FillFailed:
-            # Headers are out: only a cut connection tells the client the body is bad.
-            transport.close()
-            return response
-        finally:
-            request.app[METRICS].served("fill", sent)
+    try:
+        async for part in fill.parts(start, end):
+            if isinstance(part, bytes):
+                await response.write(part)
+                sent += len(part)
+            else:
+                await loop.sendfile(transport, part.file, part.pos, part.limit - part.pos)
+                sent += part.limit - part.pos
+    except FillFailed:
+        # Headers are out: only a cut connection tells the client the body is bad.
+        cut(request, "aborted")
+        return response
+    finally:
+        request.app[METRICS].served("fill", sent)
     await response.write_eof()
     return response
 
