@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from tests.support.api import (
     assert_error,
     blob_bytes,
@@ -91,6 +93,41 @@ async def test_get_blob_unsatisfiable_range_is_416(client):
 
     assert response.status == 416
     assert response.headers["Content-Range"] == f"bytes */{len(DATA)}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=-0", "bytes=5-2", "bytes=" + "9" * 4400 + "-", f"bytes={len(DATA)}-{len(DATA) + 5}"],
+    ids=["suffix-0", "backwards", "4400-digit-start", "past-the-end"],
+)
+async def test_get_blob_unsatisfiable_ranges_are_416_in_the_envelope(client, header):
+    digest = await push_blob(client, "lib/app", DATA)
+
+    response = await client.get(f"/v2/lib/app/blobs/{digest}", headers={"Range": header})
+
+    await assert_error(response, 416, "BLOB_UNKNOWN")
+    assert response.headers["Content-Range"] == f"bytes */{len(DATA)}"
+
+
+@pytest.mark.parametrize("header", ["items=0-1", "bytes=0-1,4-5", "bytes=\xb2-4", "bytes=-"])
+async def test_get_blob_range_forms_not_served_ranged_get_the_whole_blob(client, header):
+    digest = await push_blob(client, "lib/app", DATA)
+
+    response = await client.get(f"/v2/lib/app/blobs/{digest}", headers={"Range": header})
+
+    assert response.status == 200
+    assert await response.read() == DATA
+
+
+async def test_get_blob_range_past_the_end_is_cut_at_the_end(client):
+    digest = await push_blob(client, "lib/app", DATA)
+
+    response = await client.get(
+        f"/v2/lib/app/blobs/{digest}", headers={"Range": "bytes=10-" + "9" * 4400}
+    )
+
+    assert response.status == 206
+    assert await response.read() == DATA[10:]
 
 
 async def test_get_unknown_blob_is_blob_unknown(client):

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 
 from regmirror.api import params
 from regmirror.api.envelope import client_gone, cut
@@ -29,23 +30,38 @@ from regmirror.fill import Fill
 from regmirror.metrics import Metrics
 from regmirror.stored import RemoteBlob, StoredBlob
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Where sendfile is not available, FileResponse reads and writes in chunks this big.
 FILE_CHUNK = 1024 * 1024
 
 
 class _CountedFileResponse(web.FileResponse):
     """A FileResponse that counts the bytes it sent (after any Range) as served locally,
-    and releases the blob's hold once they are sent (prepare sends the whole body)."""
+    and releases the blob's hold once they are sent (prepare sends the whole body).
 
-    def __init__(self, path: Path, metrics: Metrics, hold: Hold, **kwargs: Any):
+    The range is ours (``_range``, as for fills): aiohttp is handed it as one canonical
+    ``Range`` header, or none for the whole blob, and never parses a client's."""
+
+    def __init__(
+        self,
+        path: Path,
+        metrics: Metrics,
+        hold: Hold,
+        ranged: tuple[int, int] | None,  # None: the whole blob
+        **kwargs: Any,
+    ):
         super().__init__(path, **kwargs)
         self._metrics = metrics
         self._hold = hold
+        self._ranged = ranged
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers = CIMultiDict(request.headers)
+        headers.popall("Range", None)
+        if self._ranged is not None:
+            headers["Range"] = f"bytes={self._ranged[0]}-{self._ranged[1] - 1}"
         try:
-            writer = await super().prepare(request)
+            writer = await super().prepare(request.clone(headers=headers))
         finally:
             self._hold.release()
         if request.method != "HEAD" and 200 <= self.status < 300:
@@ -71,7 +87,16 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if isinstance(found, Fill) and not (found.done and found.kept):
             return await _stream_fill(request, found, digest, headers)
         path = found.path if isinstance(found, StoredBlob) else found.final
-        response = _CountedFileResponse(path, metrics, hold, headers=headers, chunk_size=FILE_CHUNK)
+        size = found.size if isinstance(found, StoredBlob) else await found.length()
+        ranged = _range(request.headers.get("Range"), size)
+        response = _CountedFileResponse(
+            path,
+            metrics,
+            hold,
+            None if ranged == (0, size) else ranged,
+            headers=headers,
+            chunk_size=FILE_CHUNK,
+        )
         handed_over = True  # the response releases it once sent
         return response
     finally:
@@ -127,21 +152,31 @@ async def _stream_fill(
 
 
 def _range(header: str | None, size: int) -> tuple[int, int]:
-    """The half-open byte range a ``Range`` header asks for; the whole blob without one."""
+    """The half-open byte range a ``Range`` header asks for (RFC 9110, 14.1.2); the whole
+    blob without one, or for a form not served ranged (other units, several ranges).
+    One parser for stored blobs and fills, so both answer a header alike."""
     if header is None:
         return 0, size
     match = _RANGE.match(header.strip())
     if not match or match.groups() == ("", ""):
-        return 0, size  # a form we do not serve ranged (several ranges, other units)
-    first, last = match.groups()
-    if first == "":
-        start, end = max(size - int(last), 0), size
-    else:
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-    if start >= size or start >= end:
+        return 0, size
+    first, last = (_position(text) for text in match.groups())
+    if first is None:  # a suffix: the last ``last`` bytes
+        assert last is not None
+        if last == 0:
+            raise RangeNotSatisfiable(size)
+        return max(size - last, 0), size
+    end = size if last is None else min(last + 1, size)
+    if first >= size or first >= end:
         raise RangeNotSatisfiable(size)
-    return start, end
+    return first, end
+
+
+def _position(text: str) -> int | None:
+    """A byte position; one too long to be a real offset stands for "past any blob"."""
+    if not text:
+        return None
+    return int(text) if len(text) <= 18 else 10**18
 
 
 class RangeNotSatisfiable(RegistryError):
