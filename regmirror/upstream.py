@@ -129,11 +129,26 @@ def is_docker_hub(host: str) -> bool:
     return host.lower() in DOCKER_HUB_HOSTS
 
 
+def _parse_url(url: str) -> URL:
+    return URL(url if "://" in url else f"https://{url}")
+
+
 def _base_url(url: str) -> URL:
-    parsed = URL(url if "://" in url else f"https://{url}")
+    """The upstream's base URL, without credentials: ``self.url`` goes into log lines and
+    error messages that clients read (credentials in the URL: :func:`_url_credentials`)."""
+    parsed = _parse_url(url).with_user(None)
     if parsed.host and is_docker_hub(parsed.host):
         return URL(DOCKER_HUB_URL)
     return parsed.with_path(parsed.path.rstrip("/")).with_query(None).with_fragment(None)
+
+
+def _url_credentials(settings: UpstreamSettings) -> tuple[str | None, str | None]:
+    """``username``/``password``, else those written into the URL (``https://u:p@host``),
+    which then follow the same rules (sent to the upstream's origin and trusted realms)."""
+    if settings.username is not None:
+        return settings.username, settings.password
+    parsed = _parse_url(settings.url)
+    return parsed.user, parsed.password
 
 
 @dataclass(slots=True)
@@ -173,8 +188,9 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._clock = clock
         self._basic: str | None = None
-        if settings.username is not None:
-            self._basic = basic_authorization(settings.username, settings.password or "")
+        username, password = _url_credentials(settings)
+        if username is not None:
+            self._basic = basic_authorization(username, password or "")
         self._use_basic = False  # the upstream asked for Basic (learnt from a challenge)
         self._bearer: Challenge | None = None  # the upstream's token realm, once seen
         self._tokens: dict[str, _Token] = {}
