@@ -717,12 +717,32 @@ class Fills:
         self.observer.fill_streamed_through(fill.digest, reason)
 
     async def _tail(self, fill: Fill) -> str:
-        """Follow a fill that another process owns until it stores the blob or gives up."""
+        """Follow a fill that another process owns until it stores the blob or gives up.
+
+        One fill is followed: the partial file first seen (its inode). A file at the same
+        path later is another fill (the followed one failed and the path was claimed
+        again), and a stored blob that is not the followed file renamed was stored by
+        another fill: either way this one failed, since its readers may have sent bytes
+        of the file that failed its digest check."""
+        followed: int | None = None
         for _ in range(int(self.timeout / TAIL_INTERVAL) + 1):
             state = await asyncio.to_thread(_look, fill.partial, fill.final)
+            if state.inode is not None:
+                if followed is None:
+                    followed = state.inode
+                elif state.inode != followed:
+                    raise _Failure(
+                        "other_process_failed",
+                        f"another process's fill of {fill.digest} failed and started again",
+                    )
             if state.size is not None and fill._size is None:
                 fill._set_size(state.size)
             if state.final_size is not None:
+                if followed is not None and state.final_inode != followed:
+                    raise _Failure(
+                        "other_process_failed",
+                        f"another process's fill of {fill.digest} failed; another stored it",
+                    )
                 if fill._size is None:
                     fill._set_size(state.final_size)
                 return "other_process"
@@ -790,22 +810,30 @@ class _Look:
     written: int | None  # bytes in the partial file
     final_size: int | None  # the stored blob's size, once stored
     owned: bool  # the partial file exists and is still locked by its owner
+    inode: int | None = None  # the partial file's, when it was there
+    final_inode: int | None = None  # the stored blob's (a partial file renamed keeps its own)
+
+
+def _stored(size: int | None, written: int | None, inode: int | None, final: Path) -> _Look:
+    st = final.stat()
+    return _Look(size, written, st.st_size, False, inode, st.st_ino)
 
 
 def _look(partial: Path, final: Path) -> _Look:
     with contextlib.suppress(FileNotFoundError):
-        return _Look(None, None, final.stat().st_size, False)
+        return _stored(None, None, None, final)
     try:
         fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         with contextlib.suppress(FileNotFoundError):  # renamed since we looked
-            return _Look(None, None, final.stat().st_size, False)
+            return _stored(None, None, None, final)
         return _Look(None, None, None, False)
     try:
         size = None
         with contextlib.suppress(OSError, ValueError):
             size = int(os.getxattr(fd, SIZE_XATTR))
-        written = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        written, inode = st.st_size, st.st_ino
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             owned = False  # nobody holds it: the owner died (or just finished: checked next)
@@ -813,7 +841,7 @@ def _look(partial: Path, final: Path) -> _Look:
             owned = True
         if not owned:
             with contextlib.suppress(FileNotFoundError):
-                return _Look(size, written, final.stat().st_size, False)
-        return _Look(size, written, None, owned)
+                return _stored(size, written, inode, final)
+        return _Look(size, written, None, owned, inode)
     finally:
         os.close(fd)
