@@ -465,7 +465,8 @@ def tag_list_key(name: str) -> str:
 
 
 def cache_name(route: Route) -> str:
-    """Where a route's pulls are recorded: upstream host, then the upstream's name (as
-    the upstream spells it: Docker Hub's ``nginx`` and ``library/nginx`` are one)."""
-    host = route.upstream.registry_host.lower().replace(":", "-")
-    return f"{host}/{route.upstream.remote_name(route.name)}"
+    """Where a route's pulls are recorded: the upstream (its host, and its path and account
+    when it has them: :attr:`~regmirror.upstream.Upstream.cache_key`), then the upstream's
+    name (as the upstream spells it: Docker Hub's ``nginx`` and ``library/nginx`` are one).
+    Routes to upstreams that may read different repositories never share a record."""
+    return f"{route.upstream.cache_key}/{route.upstream.remote_name(route.name)}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -173,6 +174,7 @@ class Upstream:
         query: Mapping[str, str] | None = None,
     ):
         self.settings = settings
+        username, password = _url_credentials(settings)
         # Sent with every /v2/ request: ``{"ns": "docker.io"}`` when the registry is a
         # mirror that routes by containerd's ?ns= (regmirror warm talking to regmirror).
         self.query = dict(query or {})
@@ -184,11 +186,20 @@ class Upstream:
         if self.url.explicit_port is not None:
             host = f"{host}:{self.url.explicit_port}"
         self.registry_host = DOCKER_HUB_NAME if self.docker_hub else host
+        # Where what this upstream pulled is recorded (pullthrough.cache_name): its registry
+        # host, and what else decides what it can read. Two upstreams share those records
+        # only when they see the same repositories: same host, same base path, same
+        # account (anonymous, or the same user). Without that, what a credentialed upstream
+        # fetched would be served through an anonymous route to the same host.
+        self.cache_key = self.registry_host.lower().replace(":", "-")
+        identity = (self.url.path.strip("/"), username or "")
+        if any(identity):
+            tag = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
+            self.cache_key += f"~{tag}"
         self._origin = self.url.origin()
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._clock = clock
         self._basic: str | None = None
-        username, password = _url_credentials(settings)
         if username is not None:
             self._basic = basic_authorization(username, password or "")
         self._use_basic = False  # the upstream asked for Basic (learnt from a challenge)
