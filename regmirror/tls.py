@@ -107,6 +107,7 @@ class ServerTLS:
             except OSError as exc:  # ssl.SSLError is an OSError
                 raise ConfigError(f"tls.client_ca ({settings.client_ca}): {exc}") from exc
             context.verify_mode = ssl.CERT_REQUIRED
+            _no_resumption(context)
         return context
 
 
@@ -117,3 +118,12 @@ def server_tls(settings: TLSSettings) -> ServerTLS | None:
             raise ConfigError("tls.client_ca needs tls.cert and tls.key (mutual TLS is HTTPS)")
         return None
     return ServerTLS(settings)
+
+
+def _no_resumption(context: ssl.SSLContext) -> None:
+    """No TLS session resumption with mutual TLS: a resumed session shows no certificate,
+    and OpenSSL resumes against the context a connection began on (the one built at
+    startup), so a session begun under a client CA since taken out of ``tls.client_ca``
+    would still be let in. Every connection presents its certificate."""
+    context.options |= ssl.OP_NO_TICKET  # no stateless tickets (TLS 1.2)
+    context.num_tickets = 0  # no TLS 1.3 tickets
