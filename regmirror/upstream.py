@@ -62,6 +62,10 @@ from regmirror.manifest import (
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+# Bodies are kept as they come (the session does not decompress: digests are of the bytes
+# as stored), so no server may be invited to compress them (aiohttp asks for gzip unless
+# told otherwise, and nginx or a CDN in front of a registry honours that).
+IDENTITY = {"Accept-Encoding": "identity"}
 DOCKER_HUB_NAME = "docker.io"  # how containerd's ?ns= names Docker Hub
 DOCKER_HUB_TOKEN_REALM = "https://auth.docker.io"
 DEFAULT_ACCEPT = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
@@ -415,7 +419,7 @@ class Upstream:
         self, method: str, url: URL, headers: dict[str, str], authorization: str | None
     ) -> aiohttp.ClientResponse:
         for _ in range(MAX_REDIRECTS + 1):
-            sent = dict(headers)
+            sent = {**IDENTITY, **headers}
             if authorization and url.origin() == self._origin:
                 sent["Authorization"] = authorization
             try:
@@ -499,7 +503,7 @@ class Upstream:
         # The challenge names the scope the request needs; ask for it, or ours without one.
         scopes = challenge.params.get("scope", "").split() or [scope]
         query += [("scope", s) for s in scopes]
-        headers = {"Authorization": self._basic} if self._basic else {}
+        headers = {**IDENTITY, "Authorization": self._basic} if self._basic else dict(IDENTITY)
         started = self._clock()
         try:
             async with self.session.get(
