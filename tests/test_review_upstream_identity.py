@@ -141,3 +141,29 @@ async def test_what_a_credentialed_upstream_fetched_is_not_served_through_an_ano
         body = await response.read()
         assert response.status != 200, f"{path}: served {len(body)} bytes of corp's content"
         assert LAYER not in body and MANIFEST not in body
+
+
+async def test_containerds_ns_does_not_reach_a_prefixed_upstream_past_the_rules(
+    make_client: Any, private_upstream: str, tmp_path: Path
+) -> None:
+    """``?ns=<host>`` routes to the upstream of that host even when it is the one behind
+    a prefix: the rules for ``corp/*`` must hold for it too."""
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"dev": "dev-pw-review"})
+    rules = [
+        RuleSettings(user="dev", repositories=["corp/*"], actions=[]),
+        RuleSettings(user="dev", repositories=["*"], actions=["pull"]),
+    ]
+    client = await make_client(
+        auth=AuthSettings(htpasswd=str(htpasswd), rules=rules, anonymous_pull=[]),
+        upstreams=[
+            UpstreamSettings(
+                url=private_upstream, prefix="corp", username="robot", password=ROBOT_PASSWORD
+            ),
+        ],
+    )
+    host = private_upstream.removeprefix("http://")
+    assert (await client.get("/v2/corp/acme/secret/manifests/latest", headers=DEV)).status == 403
+    response = await client.get(f"/v2/acme/secret/manifests/latest?ns={host}", headers=DEV)
+    body = await response.read()
+    assert response.status in (401, 403, 404), (response.status, body[:200])
+    assert MANIFEST not in body

@@ -5,7 +5,9 @@ pull; POST, PUT and PATCH pull and push; DELETE deletes; the catalog needs
 ``registry:catalog:*``. Every request of an upload session needs push whatever its
 method (it is a push in progress; registry:2 would ask GET for pull only and DELETE for
 delete). A cross-repository mount also asks pull on the source repository, optionally:
-without it the request is a plain upload session (:attr:`Needed.optional`).
+without it the request is a plain upload session (:attr:`Needed.optional`). A request
+that containerd's ``?ns=`` routes to an upstream behind a prefix also needs the access
+the prefixed name needs (:func:`_behind_prefix`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from regmirror.api.keys import REGISTRY
 from regmirror.names import check_name
 
 PULL, PUSH, DELETE, ANY = "pull", "push", "delete", "*"
@@ -91,8 +94,22 @@ def needed(request: web.Request) -> Needed | None:
         return Needed(())
     name = check_name(raw_name)  # NAME_INVALID before anything else, as the handler would
     actions = (PULL, PUSH) if route == _UPLOAD_SESSION else _BY_METHOD.get(request.method, (PULL,))
-    required = (Access("repository", name, actions),)
+    required = (Access("repository", name, actions), *_behind_prefix(request, name, actions))
     source = request.query.get("from")
     if request.method == "POST" and "mount" in request.query and source is not None:
         return Needed(required, (Access("repository", check_name(source), (PULL,)),))
     return Needed(required)
+
+
+def _behind_prefix(request: web.Request, name: str, actions: tuple[str, ...]) -> tuple[Access, ...]:
+    """containerd's ``?ns=<registry>`` routes ``name`` to that registry's upstream even
+    when it is one behind a ``prefix``: such a request also needs what ``prefix/name``
+    needs, so that rules (and token scopes) written for the prefix hold whichever way
+    the upstream is reached."""
+    ns = request.query.get("ns")
+    registry = request.app.get(REGISTRY) if ns else None
+    route = registry.route(name, ns) if registry is not None else None
+    prefix = (route.upstream.settings.prefix or "").strip("/") if route is not None else ""
+    if route is None or not prefix:
+        return ()
+    return (Access("repository", f"{prefix}/{route.name}", actions),)
