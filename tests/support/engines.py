@@ -1,5 +1,6 @@
 """Real container engines for tests: a Docker engine (``dockerd``) and containerd, each
-with its own root, state and socket, started and stopped by the test.
+with its own root, state and socket, started and stopped by the test; and podman
+(daemonless, :class:`Podman` / the ``podman`` fixture), with its own store and config.
 
 Each engine runs in a private mount namespace (``unshare -m``) in which
 
@@ -30,6 +31,10 @@ Usage::
     def test_pull(docker_engine, regmirror_server):
         docker = docker_engine()                     # or docker_engine(daemon_json={...})
         docker.run("pull", f"{server.host_port}/team/app:v1")
+
+    def test_podman(podman, regmirror_server):       # from tests.support.engines import podman
+        podman.registries_conf.write_text(...)       # CONTAINERS_REGISTRIES_CONF
+        podman.run("pull", "--tls-verify=false", f"{server.host_port}/team/app:v1")
 """
 
 from __future__ import annotations
