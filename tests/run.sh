@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in skopeo:skopeo docker-registry:docker-registry nginx:nginx-light dockerd:docker.io containerd:containerd; do
+for pkg in skopeo:skopeo docker-registry:docker-registry nginx:nginx-light dockerd:docker.io containerd:containerd podman:podman; do
     command -v "${pkg%%:*}" >/dev/null 2>&1 || need+=("${pkg#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

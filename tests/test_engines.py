@@ -1,6 +1,8 @@
 """Real container engines against a real regmirror: a Docker engine pulls and pushes
 (directly, through the shipped ``daemon.json`` mirror snippet, and over mutual TLS with
-``certs.d``), and containerd pulls through the shipped ``hosts.toml``.
+``certs.d``), and containerd pulls through the shipped ``hosts.toml``. Where regmirror
+pulls through, a registry:2 behind a counting proxy stands in for Docker Hub, so the
+tests see what reached the upstream (nothing, after ``regmirror warm``).
 
 Images are generated (tests/support/oci_layout.py) and pushed into regmirror with skopeo
 first. The engines run in a private mount namespace whose /etc/hosts sends Docker Hub to
@@ -10,15 +12,19 @@ instead of reaching the internet.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import bcrypt
 import pytest
 
@@ -32,12 +38,16 @@ from tests.support.engines import (  # noqa: F401  (pytest fixtures)
     shipped_daemon_json,
     shipped_hosts_toml,
 )
+from tests.support.fake_upstream import fake_upstream
 from tests.support.oci_layout import Image, build_image, write_image_layout
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
+    REPO_ROOT,
     ServerProcess,
     regmirror_server,
 )
+from tests.support.pullthrough import UpstreamProxy, push_image_to, upstream_env, upstream_proxy
 from tests.support.skopeo import Skopeo
+from tests.support.upstream import upstream_registry  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None,
@@ -58,6 +68,27 @@ def image() -> Image:
 @pytest.fixture
 def skopeo(tmp_path: Path) -> Skopeo:
     return Skopeo(tmp_path / "skopeo")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        yield session
+
+
+@pytest.fixture
+async def hub_proxy(
+    upstream_registry: ServerProcess,  # noqa: F811
+) -> AsyncIterator[UpstreamProxy]:
+    """A counting proxy in front of the registry:2 that stands in for Docker Hub."""
+    async with upstream_proxy(upstream_registry.url) as proxy:
+        yield proxy
+
+
+def upstream_manifest_names(proxy: UpstreamProxy) -> set[str]:
+    """The repositories whose manifests reached the upstream."""
+    paths = (path for _, path in proxy.requests if "/manifests/" in path)
+    return {path.removeprefix("/v2/").split("/manifests/")[0] for path in paths}
 
 
 def push(skopeo: Skopeo, tmp_path: Path, image: Image, target: str, *flags: str) -> None:
@@ -137,6 +168,69 @@ def test_docker_hub_pulls_go_through_the_shipped_daemon_json_mirror(
     docker.run("pull", "testimg:v1")  # docker.io/library/testimg:v1
     assert diff_ids(docker, "testimg:v1") == image.diff_ids
     assert requests_seen(server, "/v2/{name}/manifests/{reference}") > before
+
+
+async def test_docker_pull_alpine_goes_through_registry_mirrors_to_the_upstream(
+    upstream_registry: ServerProcess,  # noqa: F811
+    hub_proxy: UpstreamProxy,
+    regmirror_server: StartServer,  # noqa: F811
+    docker_engine: StartDocker,  # noqa: F811
+    http: aiohttp.ClientSession,
+    image: Image,
+) -> None:
+    """What a host does: ``docker pull alpine:3.19`` with the shipped daemon.json; the
+    registry:2 standing in for Docker Hub holds library/alpine:3.19 and regmirror
+    fills from it."""
+    await push_image_to(http, upstream_registry.url, "library/alpine", image, "3.19")
+    server = regmirror_server(env=upstream_env(hub_proxy.url, ns="docker.io"))
+    docker = await asyncio.to_thread(
+        docker_engine, daemon_json=shipped_daemon_json(server.host_port)
+    )
+    await asyncio.to_thread(docker.run, "pull", "alpine:3.19")
+    assert await asyncio.to_thread(diff_ids, docker, "alpine:3.19") == image.diff_ids
+    assert requests_seen(server, "/v2/{name}/manifests/{reference}") >= 1
+    assert upstream_manifest_names(hub_proxy) == {"library/alpine"}
+    assert hub_proxy.blob_gets == len(image.blobs)  # each blob filled once
+
+
+async def warm(server: ServerProcess, *references: str) -> subprocess.CompletedProcess[bytes]:
+    """``python -m regmirror warm --url SERVER REFERENCES`` (this checkout's code),
+    awaited without blocking the loop the proxy runs on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGMIRROR_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    argv = [sys.executable, "-m", "regmirror", "warm", "--url", server.url, *references]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return subprocess.CompletedProcess(argv, process.returncode, output)
+
+
+async def test_after_regmirror_warm_a_docker_pull_makes_no_upstream_request(
+    upstream_registry: ServerProcess,  # noqa: F811
+    hub_proxy: UpstreamProxy,
+    regmirror_server: StartServer,  # noqa: F811
+    docker_engine: StartDocker,  # noqa: F811
+    http: aiohttp.ClientSession,
+    image: Image,
+) -> None:
+    await push_image_to(http, upstream_registry.url, "library/alpine", image, "3.19")
+    server = regmirror_server(env=upstream_env(hub_proxy.url, ns="docker.io"))
+    warmed = await warm(server, "library/alpine:3.19")
+    assert warmed.returncode == 0, warmed.stdout.decode()
+    assert hub_proxy.blob_gets == len(image.blobs)
+    hub_proxy.requests.clear()
+
+    docker = await asyncio.to_thread(
+        docker_engine, daemon_json=shipped_daemon_json(server.host_port)
+    )
+    before = requests_seen(server, "/v2/{name}/blobs/{digest}")
+    await asyncio.to_thread(docker.run, "pull", "alpine:3.19")
+    assert await asyncio.to_thread(diff_ids, docker, "alpine:3.19") == image.diff_ids
+    # docker fetched the layers from regmirror, and regmirror asked the upstream nothing.
+    assert requests_seen(server, "/v2/{name}/blobs/{digest}") - before >= len(image.layers)
+    assert hub_proxy.requests == []
 
 
 REGISTRY_NAME = "regmirror.test"  # mapped to ::1 in the engine's /etc/hosts
@@ -321,3 +415,42 @@ def test_containerd_pulls_over_https_and_mutual_tls_with_hosts_toml(
     assert pulled.returncode == 0, pulled.stderr
     content = containerd.ctr("content", "ls", "--quiet").stdout.split()
     assert {layer.digest for layer in image.layers} <= set(content)
+
+
+async def test_containerd_ns_docker_io_is_answered_by_the_upstream_bound_to_docker_io(
+    upstream_registry: ServerProcess,  # noqa: F811
+    hub_proxy: UpstreamProxy,
+    regmirror_server: StartServer,  # noqa: F811
+    containerd_engine: Callable[..., Containerd],  # noqa: F811
+    http: aiohttp.ClientSession,
+    image: Image,
+) -> None:
+    """containerd adds ``?ns=docker.io`` to what it asks the mirror of the shipped
+    hosts.toml; regmirror answers from the upstream whose ``ns`` is docker.io (here
+    under a prefix), not from the default upstream, which holds another image under
+    the same name."""
+    await push_image_to(http, upstream_registry.url, "library/testimg", image, "ns")
+    decoy = build_image(seed=42, layers=LAYERS)
+    async with fake_upstream() as default:
+        default.add_image("library/testimg", decoy, "ns")
+        env = {
+            **upstream_env(default.url),
+            **upstream_env(hub_proxy.url, 1, prefix="hub", ns="docker.io"),
+        }
+        server = regmirror_server(env=env)
+        containerd = await asyncio.to_thread(containerd_engine)
+        containerd.hosts_toml("docker.io", shipped_hosts_toml(server.host_port))
+        await asyncio.to_thread(
+            containerd.ctr,
+            "images", "pull", "--hosts-dir", str(containerd.hosts_dir), "--snapshotter", "native",
+            "docker.io/library/testimg:ns",
+        )  # fmt: skip
+        content = set(containerd.ctr("content", "ls", "--quiet").stdout.split())
+        assert {layer.digest for layer in image.layers} <= content
+        assert not {layer.digest for layer in decoy.layers} & content
+        assert upstream_manifest_names(hub_proxy) == {"library/testimg"}
+        assert default.requests == []
+        # Without ?ns= the same name is the default upstream's: the decoy.
+        async with http.get(f"{server.url}/v2/library/testimg/manifests/ns") as response:
+            assert response.status == 200
+            assert response.headers["Docker-Content-Digest"] == decoy.manifest.digest

@@ -9,7 +9,7 @@ repository with pushed content, and any name matching the upstream's ``push_only
 globs, never reaches the upstream at all.
 
 The upstream here is :class:`~tests.support.fake_upstream.FakeUpstream`; the pushes are
-real ``skopeo copy`` (and ``podman push`` where podman is installed).
+real ``skopeo copy``; ``podman push`` is in tests/test_podman.py (isolated podman).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -112,26 +111,6 @@ async def test_skopeo_push_succeeds_with_a_default_upstream_that_denies(
         await skopeo_push(skopeo, tmp_path, image, f"docker://{server.host_port}/ci/app:v1")
         await assert_pulls_back(skopeo, server, "ci/app:v1", image, tmp_path / "out")
         assert await upstream_errors(http, server, "denied") >= 1
-
-
-async def test_podman_push_succeeds_with_the_default_upstream_down(
-    regmirror_server: Start, tmp_path: Path
-) -> None:
-    podman = shutil.which("podman")
-    if podman is None:
-        pytest.skip("podman is not installed")
-    async with fake_upstream(running=False) as fake:
-        server = regmirror_server(env=upstream_env(fake.url))
-        image = build_image(seed=403, layers=SMALL_LAYERS)
-        layout = write_image_layout(tmp_path / "src", image, "v1")
-        env = {**os.environ, "REGISTRY_AUTH_FILE": str(tmp_path / "auth.json")}
-        (tmp_path / "auth.json").write_text("{}")
-        argv = [podman, "push", "--tls-verify=false", f"oci:{layout.path}:v1"]
-        argv.append(f"docker://{server.host_port}/ci/app:v1")
-        result = await asyncio.to_thread(
-            subprocess.run, argv, capture_output=True, text=True, env=env, timeout=180
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
 
 
 # -- the probe itself ---------------------------------------------------------------------

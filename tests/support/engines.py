@@ -1,5 +1,6 @@
 """Real container engines for tests: a Docker engine (``dockerd``) and containerd, each
-with its own root, state and socket, started and stopped by the test.
+with its own root, state and socket, started and stopped by the test; and podman
+(daemonless, :class:`Podman` / the ``podman`` fixture), with its own store and config.
 
 Each engine runs in a private mount namespace (``unshare -m``) in which
 
@@ -30,6 +31,10 @@ Usage::
     def test_pull(docker_engine, regmirror_server):
         docker = docker_engine()                     # or docker_engine(daemon_json={...})
         docker.run("pull", f"{server.host_port}/team/app:v1")
+
+    def test_podman(podman, regmirror_server):       # from tests.support.engines import podman
+        podman.registries_conf.write_text(...)       # CONTAINERS_REGISTRIES_CONF
+        podman.run("pull", "--tls-verify=false", f"{server.host_port}/team/app:v1")
 """
 
 from __future__ import annotations
@@ -60,12 +65,7 @@ DOCKER_HUB_NAMES = ("registry-1.docker.io", "index.docker.io", "auth.docker.io",
 SHIPPED_DAEMON_JSON = REPO_ROOT / "deploy" / "docker" / "daemon.json"
 SHIPPED_HOSTS_TOML = REPO_ROOT / "deploy" / "containerd" / "docker.io" / "hosts.toml"
 SHIPPED_MIRROR = "localhost:5000"  # the address the shipped snippets point at
-_PRIVATE = (
-    # $0: the hosts file, $1: the /etc/docker stand-in; then the command. /opt and /run
-    # are empty tmpfs: containerd creates /opt/containerd, dockerd /run/docker/plugins.
-    'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/docker && '
-    "mount -t tmpfs tmpfs /opt && mount -t tmpfs tmpfs /run && shift && exec \"$@\""
-)
+TMPFS = ("/opt", "/run")  # containerd creates /opt/containerd, dockerd /run/docker/plugins
 
 
 class EngineError(RuntimeError):
@@ -93,13 +93,23 @@ def _missing(*programs: str) -> str | None:
 
 @dataclass
 class _Namespace:
-    """The files the private mount namespace binds over /etc/hosts and /etc/docker."""
+    """The files the private mount namespace binds over /etc/hosts and /etc/docker (and,
+    for podman, over /etc/containers and /var/lib/containers), and the tmpfs it mounts."""
 
     hosts: Path
     etc_docker: Path
+    binds: tuple[tuple[Path, str], ...] = ()  # (directory, mount point): more bind mounts
+    tmpfs: tuple[str, ...] = TMPFS
 
     @classmethod
-    def create(cls, base: Path, extra_hosts: Mapping[str, str]) -> _Namespace:
+    def create(
+        cls,
+        base: Path,
+        extra_hosts: Mapping[str, str],
+        *,
+        binds: Sequence[tuple[Path, str]] = (),
+        tmpfs: Sequence[str] = TMPFS,
+    ) -> _Namespace:
         hosts = base / "hosts"
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
         lines += [f"127.0.0.1 {name}" for name in DOCKER_HUB_NAMES]
@@ -107,12 +117,18 @@ class _Namespace:
         hosts.write_text("\n".join(lines) + "\n")
         etc_docker = base / "etc-docker"
         (etc_docker / "certs.d").mkdir(parents=True, exist_ok=True)
-        return cls(hosts, etc_docker)
+        return cls(hosts, etc_docker, tuple(binds), tuple(tmpfs))
 
     def argv(self, command: Sequence[str]) -> list[str]:
-        # /etc/docker must exist to be a mount point; the docker-registry and docker.io
-        # packages create it.
-        shell = ["sh", "-c", _PRIVATE, str(self.hosts), str(self.etc_docker)]
+        """``command`` in a new private mount namespace: ``sh -c`` binds the directories
+        (its ``$0``, ``$1``, ...) over their mount points, mounts the tmpfs, then execs."""
+        # Every mount point must exist: /etc/docker (docker-registry and docker.io create
+        # it), /etc/containers (skopeo, podman), /var/lib/containers (the podman fixture).
+        binds = [(self.hosts, "/etc/hosts"), (self.etc_docker, "/etc/docker"), *self.binds]
+        steps = [f'mount --bind "${{{i}}}" {target}' for i, (_, target) in enumerate(binds)]
+        steps += [f"mount -t tmpfs tmpfs {target}" for target in self.tmpfs]
+        steps += [f"shift {len(binds) - 1}", 'exec "$@"']
+        shell = ["sh", "-c", " && ".join(steps), *(str(source) for source, _ in binds)]
         return ["unshare", "--mount", "--propagation", "private", *shell, *command]
 
     def certs_d(self, host_port: str) -> Path:
@@ -238,7 +254,9 @@ def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 def _preflight(*programs: str) -> None:
     missing = _missing("unshare", *programs)
     if missing is not None:
-        pytest.skip(f"{missing} not installed (Debian packages docker.io containerd; tests/run.sh)")
+        pytest.skip(
+            f"{missing} not installed (Debian packages docker.io containerd podman; tests/run.sh)"
+        )
     if os.geteuid() != 0:
         pytest.skip("container engines need root here (dockerd, containerd, unshare --mount)")
     if not Path("/etc/docker").is_dir():
@@ -360,6 +378,126 @@ def containerd_engine(
 ) -> Iterator[Callable[..., Containerd]]:
     """A factory: ``containerd_engine()`` starts a containerd; stopped after the test."""
     yield from _factory(run_containerd, tmp_path_factory, "containerd")
+
+
+# -- podman ---------------------------------------------------------------------------
+
+PODMAN_POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
+
+
+@dataclass
+class Podman:
+    """Rootful podman isolated from the host: its own image store (``--root``,
+    ``--runroot``, vfs), containers.conf, storage.conf, ``registries.conf``, auth file
+    and XDG directories, run in the private mount namespace (Docker Hub's names on
+    127.0.0.1, and /etc/containers, /var/lib/containers and /dev/shm private: podman's
+    policy, blob-info cache and lock segment stay in ``base``). Daemonless: nothing to
+    start; it only pulls, pushes and logs in (no container is ever run)."""
+
+    base: Path
+    namespace: _Namespace
+    env: dict[str, str]
+    registries_conf: Path  # CONTAINERS_REGISTRIES_CONF
+    auth_file: Path  # REGISTRY_AUTH_FILE: what ``podman login`` writes
+
+    @classmethod
+    def create(cls, base: Path) -> Podman:
+        base.mkdir(parents=True, exist_ok=True)
+        etc_containers = base / "etc-containers"
+        etc_containers.mkdir()
+        (etc_containers / "policy.json").write_text(json.dumps(PODMAN_POLICY))
+        (etc_containers / "registries.conf").write_text("")
+        var_lib = base / "var-lib-containers"
+        var_lib.mkdir()
+        namespace = _Namespace.create(
+            base,
+            {},
+            binds=[(etc_containers, "/etc/containers"), (var_lib, "/var/lib/containers")],
+            tmpfs=(*TMPFS, "/dev/shm"),
+        )
+        (base / "containers.conf").write_text(
+            '[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+            f'events_logfile_path = "{base / "events.log"}"\n'
+        )
+        (base / "storage.conf").write_text(
+            f'[storage]\ndriver = "vfs"\ngraphroot = "{base / "root"}"\n'
+            f'runroot = "{base / "runroot"}"\n'
+        )
+        registries_conf = base / "registries.conf"
+        registries_conf.write_text("")
+        auth_file = base / "auth.json"
+        auth_file.write_text("{}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONTAINERS_", "XDG_"))}
+        env.update(
+            CONTAINERS_CONF=str(base / "containers.conf"),
+            CONTAINERS_STORAGE_CONF=str(base / "storage.conf"),
+            CONTAINERS_REGISTRIES_CONF=str(registries_conf),
+            REGISTRY_AUTH_FILE=str(auth_file),
+            TMPDIR=str(base / "tmp"),
+        )
+        for name in ("XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+            directory = base / name.lower()
+            directory.mkdir(mode=0o700)
+            env[name] = str(directory)
+        (base / "tmp").mkdir()
+        return cls(base, namespace, env, registries_conf, auth_file)
+
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = COMMAND_TIMEOUT,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """``podman <isolating flags> ARGS`` in the private namespace; ``input`` to stdin."""
+        argv = [
+            "podman",
+            "--root", str(self.base / "root"),
+            "--runroot", str(self.base / "runroot"),
+            "--storage-driver", "vfs",
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file",
+            "--tmpdir", str(self.base / "libpod-tmp"),
+            *args,
+        ]  # fmt: skip
+        result = subprocess.run(
+            self.namespace.argv(argv),
+            check=False,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+            input=input if input is not None else "",
+        )
+        if check and result.returncode != 0:
+            pytest.fail(
+                f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
+                f"stderr:\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def diff_ids(self, reference: str) -> list[str]:
+        """The uncompressed layer digests of a stored image (what was pulled)."""
+        inspected = json.loads(self.run("image", "inspect", reference).stdout)
+        layers: list[str] = inspected[0]["RootFS"]["Layers"]
+        return layers
+
+
+@pytest.fixture
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    """An isolated rootful :class:`Podman` with an empty store, no registries.conf
+    entries and no credentials; skips (saying why) where podman cannot run."""
+    _preflight("podman")
+    if not Path("/etc/containers").is_dir():
+        pytest.skip("/etc/containers is missing: it is the mount point for podman's policy")
+    # The mount point for podman's blob-info cache; rootful podman and skopeo create it.
+    Path("/var/lib/containers").mkdir(parents=True, exist_ok=True)
+    client = Podman.create(tmp_path_factory.mktemp("podman"))
+    probe = client.run("info", "--format", "{{.Store.GraphDriverName}}", check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run here: {probe.stderr.strip().splitlines()[-1:]}")
+    assert probe.stdout.strip() == "vfs"
+    return client
 
 
 @contextlib.contextmanager
