@@ -137,11 +137,11 @@ def _upstreams(settings: Settings, registry: Registry) -> Context:
             return
         async with aiohttp.ClientSession(auto_decompress=False) as client:
             registry.router = UpstreamRouter.from_settings(settings.upstreams, client)
-            for upstream in settings.upstreams:
+            for upstream in registry.router.upstreams:  # URLs without their userinfo
                 log.info(
                     "pulling through from %s%s",
                     upstream.url,
-                    f" for {upstream.prefix}/…" if upstream.prefix else "",
+                    f" for {upstream.settings.prefix}/…" if upstream.settings.prefix else "",
                 )
             yield
             await registry.pullthrough.close()
