@@ -127,3 +127,54 @@ def open_fds(root: int) -> int:
         with contextlib.suppress(OSError):
             total += len(os.listdir(f"/proc/{pid}/fd"))
     return total
+
+
+# nginx serving files as they are on disk: the bound a static file server with sendfile
+# reaches on this machine. Everything it writes (pid, logs, temp paths) stays in ``prefix``.
+NGINX_STATIC_CONF = """\
+daemon off;
+{user}worker_processes {workers};
+worker_rlimit_nofile 16384;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 30s;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy_temp;
+    fastcgi_temp_path {prefix}/fastcgi_temp;
+    uwsgi_temp_path {prefix}/uwsgi_temp;
+    scgi_temp_path {prefix}/scgi_temp;
+    types {{ }}
+    default_type application/octet-stream;
+    server {{
+        listen {host}:{port} backlog=4096;
+        root {root};
+        location = /v2/ {{ return 200 "{{}}"; }}
+    }}
+}}
+"""
+
+
+def nginx_static(prefix: Path, root: Path, port: int, workers: int | None = None) -> list[str]:
+    """Write an nginx config serving ``root`` on ``port`` with sendfile, one worker per
+    core unless ``workers`` says otherwise; the command line that runs it in the
+    foreground. As root, workers would otherwise run as nobody and could not read a
+    0700 temp directory, so they stay root."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        NGINX_STATIC_CONF.format(
+            user="user root;\n" if os.geteuid() == 0 else "",
+            workers=workers or os.cpu_count() or 1,
+            prefix=prefix,
+            host=HOST,
+            port=port,
+            root=root,
+        )
+    )
+    return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""Benchmark regmirror against registry:2 (CNCF distribution) on this host.
+"""Benchmark regmirror against registry:2 (CNCF distribution) and nginx static on this host.
 
-Starts both servers on free 127.0.0.1 ports with fresh data directories, pushes
-the same images into each through the registry HTTP API, then measures with wrk:
+Starts both registries on free 127.0.0.1 ports with fresh data directories, pushes
+the same images into each through the registry HTTP API, and starts nginx serving the
+same bytes as static files (sendfile, one worker per core) at the same paths: the bound
+a file server reaches on this machine. Then it measures all three with wrk:
 
 * manifest GET by tag with docker's Accept list: requests/s and p99 latency;
 * 1 MiB blob GET: requests/s;
 * one 256 MiB blob GET: MB/s (10**6 bytes/s), wrk with ``--big-connections``
   connections each fetching the whole blob again and again.
 
-Each step runs for both servers back to back (the first server alternates per
-round) for ``--rounds`` rounds; the table shows medians and the ratio
-regmirror / registry:2 (for p99 latency and CPU cost: registry:2 / regmirror),
-so a ratio above 1 always means regmirror did better. See bench/README.md.
+Each step runs for every server back to back (the order turns round every round)
+for ``--rounds`` rounds; the table shows medians, the ratio regmirror / registry:2
+(for p99 latency and CPU cost: registry:2 / regmirror), so a ratio above 1 always
+means regmirror did better, and regmirror's ratio to nginx static, read the same way
+(1 would be a static file server's speed). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from harness import cpu_seconds, nginx_static, process_tree
 from yarl import URL
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -67,6 +71,7 @@ WRITE_CHUNK = 4 * MIB
 
 REGMIRROR = "regmirror"
 REGISTRY2 = "registry:2"
+NGINX = "nginx static"
 
 
 class BenchError(Exception):
@@ -84,6 +89,7 @@ class Server:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     log_file: Any = None
+    static: bool = False  # serves files laid out by lay_out_static(), takes no pushes
 
     @property
     def base(self) -> str:
@@ -159,6 +165,37 @@ def start_registry2(work: Path, binary: str) -> Server:
     return server
 
 
+def start_nginx(work: Path, images: dict[str, Image], workers: int) -> Server:
+    """nginx serving each step's bytes as a static file at the step's own path."""
+    server = Server(NGINX, free_port(), work / "nginx-root", work / "nginx" / "error.log")
+    lay_out_static(server.data_dir, images)
+    command = nginx_static(work / "nginx", server.data_dir, server.port, workers)
+    server.log_file = open(work / "nginx.log", "wb")  # noqa: SIM115 (open while the server runs; stop() closes)
+    server.proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=server.log_file, stderr=subprocess.STDOUT
+    )
+    server.static = True
+    server.log_path.touch()
+    return server
+
+
+def lay_out_static(root: Path, images: dict[str, Image]) -> None:
+    """Each image's manifest at ``/v2/<repo>/manifests/<tag>`` and its layer at
+    ``/v2/<repo>/blobs/<digest>`` under ``root`` (the big layer hard-linked, not copied)."""
+    for image in images.values():
+        manifests = root / "v2" / image.repo / "manifests"
+        blobs = root / "v2" / image.repo / "blobs"
+        manifests.mkdir(parents=True)
+        blobs.mkdir(parents=True)
+        (manifests / image.tag).write_bytes(image.manifest)
+        layer = image.layer
+        if layer.path is not None:
+            os.link(layer.path, blobs / layer.digest)
+        else:
+            assert layer.data is not None
+            (blobs / layer.digest).write_bytes(layer.data)
+
+
 async def wait_ready(session: aiohttp.ClientSession, server: Server) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     for _ in range(int(START_TIMEOUT / 0.1) + 1):
@@ -206,30 +243,6 @@ def count_tracebacks(path: Path, offset: int) -> int:
     with open(path, "rb") as handle:
         handle.seek(offset)
         return sum(line.startswith(b"Traceback ") for line in handle)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live descendants (worker processes)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        rest = raw[raw.rindex(")") + 2 :].split()
-        stats[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
-    total, wanted = 0.0, {pid}
-    for _ in range(8):  # process tree depth bound
-        found = {p for p, (ppid, _) in stats.items() if ppid in wanted and p not in wanted}
-        if not found:
-            break
-        wanted |= found
-    for p in wanted:
-        total += stats.get(p, (0, 0.0))[1]
-    return total
 
 
 # -- content ------------------------------------------------------------------
@@ -529,9 +542,11 @@ async def measure(
     assert server.proc is not None
     load_before = os.getloadavg()
     log_offset = server.log_path.stat().st_size
-    cpu_before = cpu_seconds(server.proc.pid)
+    # utime + stime of the server and its workers (/proc/<pid>/stat), before and after
+    tree = process_tree(server.proc.pid)
+    cpu_before = cpu_seconds(tree)
     result = await run_wrk(url, step, args)
-    cpu = cpu_seconds(server.proc.pid) - cpu_before
+    cpu = cpu_seconds(tree) - cpu_before
     run = Run(step.key, server.name, rnd, result, cpu, load_before, os.getloadavg())
     run.server_log_tracebacks = count_tracebacks(server.log_path, log_offset)
     if server.proc.poll() is not None:
@@ -611,20 +626,32 @@ def medians(runs: list[Run]) -> dict[tuple[str, str, str], float]:
 
 def table(runs: list[Run], args: argparse.Namespace) -> str:
     med = medians(runs)
-    head = f"{'step':<20} {'figure':<18} {REGMIRROR:>12} {REGISTRY2:>12} {'ratio':>7}  (ratio >1: regmirror better)"
+    head = (
+        f"{'step':<20} {'figure':<18} {REGMIRROR:>12} {REGISTRY2:>12} {NGINX:>12} "
+        f"{'vs r:2':>7} {'vs nginx':>8}  (ratio >1: regmirror better)"
+    )
     lines = [head, "-" * len(head)]
     for step, fig, label, unit, higher in ROWS:
-        ours, theirs = med.get((step, REGMIRROR, fig)), med.get((step, REGISTRY2, fig))
-        if ours is None or theirs is None:
+        ours = med.get((step, REGMIRROR, fig))
+        if ours is None:
             continue
-        if higher:
-            ratio = ours / theirs if theirs else float("inf")
-        else:
-            ratio = theirs / ours if ours else float("inf")
+        cells, ratios = [], []
+        for other in (REGISTRY2, NGINX):
+            theirs = med.get((step, other, fig))
+            cells.append(fmt(theirs) if theirs is not None else "-")
+            ratios.append("-" if theirs is None else f"{ratio(ours, theirs, higher):.2f}")
         lines.append(
-            f"{label.format(big=args.big_mib):<20} {unit:<18} {fmt(ours):>12} {fmt(theirs):>12} {ratio:>7.2f}"
+            f"{label.format(big=args.big_mib):<20} {unit:<18} {fmt(ours):>12} {cells[0]:>12} "
+            f"{cells[1]:>12} {ratios[0]:>7} {ratios[1]:>8}"
         )
     return "\n".join(lines)
+
+
+def ratio(ours: float, theirs: float, higher_is_better: bool) -> float:
+    """Above 1 when regmirror did better: ours/theirs for throughput, theirs/ours for costs."""
+    if higher_is_better:
+        return ours / theirs if theirs else float("inf")
+    return theirs / ours if ours else float("inf")
 
 
 def fmt(value: float) -> str:
@@ -660,6 +687,8 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
         regmirror = start_regmirror(work)
         servers.append(regmirror)
         servers.append(start_registry2(work, args.registry_binary))
+        if not args.no_nginx:
+            servers.append(start_nginx(work, images, args.nginx_workers))
         connector = aiohttp.TCPConnector(limit=8)
         async with aiohttp.ClientSession(connector=connector, timeout=PUSH_TIMEOUT) as session:
             for server in servers:
@@ -669,6 +698,8 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
                     flush=True,
                 )
             for server in servers:
+                if server.static:
+                    continue
                 started = time.monotonic()
                 for image in images.values():
                     await push_image(session, server, image)
@@ -681,7 +712,8 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
             report["load_before"] = machine_load("before")
             runs: list[Run] = []
             for rnd in range(1, args.rounds + 1):
-                order = servers if rnd % 2 else servers[::-1]
+                turn = (rnd - 1) % len(servers)
+                order = servers[turn:] + servers[:turn]
                 for step in steps:
                     if step.key not in args.steps:
                         continue
@@ -690,7 +722,7 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
                         runs.append(run)
                         f = run.figures
                         print(
-                            f"round {rnd} {step.label:<18} {server.name:<11} "
+                            f"round {rnd} {step.label:<18} {server.name:<12} "
                             f"{f['req_per_s']:>9,.1f} req/s {f['MB_per_s']:>9,.1f} MB/s "
                             f"p99 {f['p99_ms']:>8.2f} ms  cpu {f['server_cpu_s']:5.1f} s  "
                             f"load {run.loadavg_before[0]:.2f}->{run.loadavg_after[0]:.2f}"
@@ -766,6 +798,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--registry-binary", default=shutil.which("docker-registry") or "/usr/bin/docker-registry"
     )
     p.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    p.add_argument(
+        "--nginx-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="nginx static's worker processes (one per core)",
+    )
+    p.add_argument("--no-nginx", action="store_true", help="leave out the nginx static column")
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     args = p.parse_args(argv)
     args.steps = [s for s in args.steps.split(",") if s]
@@ -781,6 +820,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for tool in (args.wrk, args.registry_binary):
         if not os.access(tool, os.X_OK):
             p.error(f"{tool} is not executable")
+    if not args.no_nginx and not shutil.which("nginx"):
+        p.error("the nginx static column needs nginx (apt-get install nginx-light), or --no-nginx")
+    if args.nginx_workers < 1:
+        p.error("--nginx-workers must be positive")
     if args.profile and not shutil.which(args.py_spy):
         p.error("--profile needs py-spy (pip install py-spy)")
     return args
