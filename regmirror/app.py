@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from regmirror.api.envelope import envelope, stamp_api_version
-from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
+from regmirror.api.keys import ACCEL_REDIRECT, METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.config import Settings
@@ -73,6 +73,8 @@ def create_app(settings: Settings) -> web.Application:
         on_upstream_error=metrics.upstream_error,
         cache=cache,
     )
+    if settings.server.accel_redirect is not None:
+        app[ACCEL_REDIRECT] = settings.server.accel_redirect
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
     app.on_response_prepare.append(stamp_api_version)
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))

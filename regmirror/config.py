@@ -145,6 +145,26 @@ class UploadSettings:
 
 
 @dataclass
+class ServerSettings:
+    """How the registry port serves."""
+
+    # An internal nginx location over the data directory (``/_regmirror_blobs/``): set,
+    # a stored blob's GET is answered with X-Accel-Redirect there, after the same checks,
+    # and nginx sends the bytes. Only behind nginx with deploy/nginx/regmirror-accel.conf.
+    accel_redirect: str | None = None
+
+    def __post_init__(self) -> None:
+        location = self.accel_redirect
+        if location is not None and (
+            not location.startswith("/") or any(c in location for c in "?#\r\n ")
+        ):
+            raise ConfigError(
+                f"server.accel_redirect: {location!r} is not a location path like "
+                "/_regmirror_blobs/"
+            )
+
+
+@dataclass
 class Settings:
     listen: str = "127.0.0.1:5000"
     data_dir: str = field(default_factory=default_data_dir)
@@ -154,6 +174,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     uploads: UploadSettings = field(default_factory=UploadSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port
     # then stops serving /metrics. None: everything on ``listen``.
     metrics_listen: str | None = None

@@ -49,7 +49,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -124,6 +124,11 @@ class BlobCache:
         self._stamps: set[asyncio.Task[None]] = set()
         self._last_stamp = 0
         self._newest_stamped: Digest | None = None
+        self._on_evicted: list[Callable[[Digest], None]] = []
+
+    def on_evicted(self, forget: Callable[[Digest], None]) -> None:
+        """Call ``forget(digest)`` whenever eviction deletes a blob's file."""
+        self._on_evicted.append(forget)
 
     # -- what the store tells us -------------------------------------------------
 
@@ -372,6 +377,8 @@ class BlobCache:
         path = self.root / layout.blob_data(digest)
         try:
             free = await asyncio.to_thread(self._unlink, path)
+            for forget in self._on_evicted:
+                forget(digest)
         except OSError as exc:
             log.warning("evicting %s failed: %s", digest, exc)
             return await asyncio.to_thread(self._free)

@@ -50,7 +50,7 @@ from regmirror.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, Manifest, media_
 from regmirror.negotiation import EVERYTHING, Representation, default_image, negotiate
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 from regmirror.storage.filesystem import FilesystemDriver
-from regmirror.stored import RemoteBlob, StoredBlob
+from regmirror.stored import RemoteBlob, StoredBlob, StoredFiles
 from regmirror.upstream import Route
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,11 @@ class PullThrough:
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
+        stored: StoredFiles | None = None,
     ):
         self.local = local
         self.cache = cache or BlobCache(local.root, shared=shared)
+        self.stored = stored or StoredFiles(local)
         self.links = links
         self.fills = fills
         self.manifests = manifests
@@ -315,9 +317,8 @@ class PullThrough:
         it) and local disk holds it; None otherwise. Asks nobody else."""
         if not await self.links.exists(layout.layer_link(cache_name(route), digest)):
             return None
-        key = layout.blob_data(digest)
         try:
-            return StoredBlob(self.local.path(key), await self.local.stat(key))
+            return await self.stored.find(digest)
         except PathNotFound:
             return None
 
@@ -340,9 +341,8 @@ class PullThrough:
 
         if not await self.links.exists(layout.layer_link(name, digest)):
             size = await upstream_size()  # never pulled through here: the upstream decides
-        key = layout.blob_data(digest)
         try:
-            return StoredBlob(self.local.path(key), await self.local.stat(key))
+            return await self.stored.find(digest)
         except PathNotFound:
             pass
         if not fetch:

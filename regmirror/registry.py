@@ -46,7 +46,7 @@ from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
 from regmirror.pullthrough import PullThrough, read_manifest
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
-from regmirror.stored import RemoteBlob, StoredBlob
+from regmirror.stored import RemoteBlob, StoredBlob, StoredFiles
 from regmirror.upstream import Route, UpstreamRouter
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class Registry:
         self.cache = cache or BlobCache(local.root, shared=shared)
         self.shared = shared
         self.fills = fills
+        # Stored blobs' sizes and headers, forgotten when eviction deletes one.
+        self.stored = StoredFiles(local)
+        self.cache.on_evicted(self.stored.forget)
         self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
         self.router = router
         self._on_upstream_error = on_upstream_error
@@ -91,6 +94,7 @@ class Registry:
             write_back=write_back,
             on_upstream_error=on_upstream_error,
             cache=self.cache,
+            stored=self.stored,
         )
 
     @property
@@ -142,7 +146,7 @@ class Registry:
             return await self.pullthrough.blob(route, digest)
         key = layout.blob_data(digest)
         try:
-            return StoredBlob(self.local.path(key), await self.local.stat(key))
+            return await self.stored.find(digest)
         except PathNotFound:
             pass
         shared = self.shared

@@ -1,7 +1,7 @@
 """Blob GET / HEAD / DELETE (OCI distribution spec: pulling blobs, deleting blobs).
 
-A blob on local disk goes out by sendfile (FileResponse answers Range with 206
-and 416). The blob is held (kept from eviction) from before it is looked up until
+A blob on local disk goes out by sendfile, or by nginx with ``server.accel_redirect``
+(:mod:`regmirror.api.sendfile`: Range is answered with 206 and 416). The blob is held (kept from eviction) from before it is looked up until
 its response is sent. A blob still arriving from S3 or an upstream streams from its fill as
 it grows (by sendfile from the partial file, or from memory when the fill streams through
 without being kept); the last byte of every body, ranged or not, waits for the digest
@@ -12,96 +12,80 @@ out, the connection is cut so that the client sees a short body, never a clean e
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import re
-from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from multidict import CIMultiDict
 
 from regmirror.api import params
 from regmirror.api.envelope import client_gone, cut
-from regmirror.api.keys import METRICS, REGISTRY
+from regmirror.api.keys import ACCEL_REDIRECT, METRICS, REGISTRY
+from regmirror.api.sendfile import StoredBlobResponse, accel_response, not_modified, wanted_span
 from regmirror.digest import Digest
-from regmirror.errors import FillFailed, RegistryError
+from regmirror.errors import BlobUnknown, FillFailed, RegistryError
 from regmirror.eviction import Hold
 from regmirror.fill import Fill
-from regmirror.metrics import Metrics
-from regmirror.stored import RemoteBlob, StoredBlob
+from regmirror.stored import RemoteBlob, StoredBlob, blob_headers
 
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
-# Where sendfile is not available, FileResponse reads and writes in chunks this big.
-FILE_CHUNK = 1024 * 1024
-
-
-class _CountedFileResponse(web.FileResponse):
-    """A FileResponse that counts the bytes it sent (after any Range) as served locally,
-    and releases the blob's hold once they are sent (prepare sends the whole body).
-
-    The range is ours (``_range``, as for fills): aiohttp is handed it as one canonical
-    ``Range`` header, or none for the whole blob, and never parses a client's."""
-
-    def __init__(
-        self,
-        path: Path,
-        metrics: Metrics,
-        hold: Hold,
-        ranged: tuple[int, int] | None,  # None: the whole blob
-        **kwargs: Any,
-    ):
-        super().__init__(path, **kwargs)
-        self._metrics = metrics
-        self._hold = hold
-        self._ranged = ranged
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        headers = CIMultiDict(request.headers)
-        headers.popall("Range", None)
-        if self._ranged is not None:
-            headers["Range"] = f"bytes={self._ranged[0]}-{self._ranged[1] - 1}"
-        try:
-            writer = await super().prepare(request.clone(headers=headers))
-        finally:
-            self._hold.release()
-        if request.method != "HEAD" and 200 <= self.status < 300:
-            self._metrics.served("local", self.content_length or 0)
-        return writer
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     name = params.name(request)
     digest = params.digest(request.match_info["digest"])
-    registry = request.app[REGISTRY]
-    hold = await registry.cache.hold(digest)
-    handed_over = False
+    hold = await request.app[REGISTRY].cache.hold(digest)
     try:
-        head = request.method == "HEAD"
-        found = await registry.blob(name, digest, ns=request.query.get("ns"), fetch=not head)
-        headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
-        if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
-            headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
-            return web.Response(headers=headers)
-        metrics = request.app[METRICS]
-        metrics.cache_request(hit=isinstance(found, StoredBlob))
-        if isinstance(found, Fill) and not (found.done and found.kept):
-            return await _stream_fill(request, found, digest, headers)
-        path = found.path if isinstance(found, StoredBlob) else found.final
-        size = found.size if isinstance(found, StoredBlob) else await found.length()
-        ranged = _range(request.headers.get("Range"), size)
-        response = _CountedFileResponse(
-            path,
-            metrics,
-            hold,
-            None if ranged == (0, size) else ranged,
-            headers=headers,
-            chunk_size=FILE_CHUNK,
-        )
-        handed_over = True  # the response releases it once sent
-        return response
-    finally:
-        if not handed_over:
-            hold.release()
+        response = await _answer(request, name, digest, hold, again=True)
+    except BaseException:
+        hold.release()
+        raise
+    if not isinstance(response, StoredBlobResponse):
+        hold.release()  # else the response releases it once sent
+    return response
+
+
+async def _answer(
+    request: web.Request, name: str, digest: Digest, hold: Hold, *, again: bool
+) -> web.StreamResponse:
+    registry = request.app[REGISTRY]
+    head = request.method == "HEAD"
+    ns = request.query.get("ns")
+    found = await registry.blob(name, digest, ns=ns, fetch=not head)
+    if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
+        return web.Response(headers=blob_headers(digest, found.size))
+    metrics = request.app[METRICS]
+    served_locally = functools.partial(metrics.served, "local")
+    if isinstance(found, Fill):
+        metrics.cache_request(hit=False)
+        if not (found.done and found.kept):
+            return await _stream_fill(request, found, digest)
+        size = await found.length()
+        found = StoredBlob(found.final, size, blob_headers(digest, size))
+    else:
+        metrics.cache_request(hit=True)
+    if not_modified(request, found):
+        return StoredBlobResponse(found, None, None, hold, served_locally, status=304)
+    span = wanted_span(request, found, _range)
+    accel = request.app.get(ACCEL_REDIRECT)
+    if accel is not None and not head:
+        served_locally(found.size if span is None else span[1] - span[0])
+        return accel_response(found, accel, registry.local.root)
+    file: BinaryIO | None = None
+    try:  # on the event loop, not in a thread: see api.sendfile
+        if head:
+            os.stat(found.path)  # a HEAD sends no body, but says what is there now
+        else:
+            file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+    except FileNotFoundError:
+        # Gone since it was found (removed behind this process's back): look once more,
+        # as if it had never been seen.
+        registry.stored.forget(digest)
+        if not again:
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
+        return await _answer(request, name, digest, hold, again=False)
+    return StoredBlobResponse(found, file, span, hold, served_locally, status=206 if span else 200)
 
 
 async def delete_blob(request: web.Request) -> web.Response:
@@ -111,15 +95,11 @@ async def delete_blob(request: web.Request) -> web.Response:
     return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})
 
 
-async def _stream_fill(
-    request: web.Request, fill: Fill, digest: Digest, headers: dict[str, str]
-) -> web.StreamResponse:
+async def _stream_fill(request: web.Request, fill: Fill, digest: Digest) -> web.StreamResponse:
     size = await fill.length()  # FillFailed here is still an ordinary 503
     start, end = _range(request.headers.get("Range"), size)
     response = web.StreamResponse(status=200 if (start, end) == (0, size) else 206)
-    response.headers.update(headers)
-    response.headers["Accept-Ranges"] = "bytes"
-    response.headers["ETag"] = f'"{digest}"'
+    response.headers.update(blob_headers(digest, size))
     if response.status == 206:
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     response.content_length = end - start

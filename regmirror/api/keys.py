@@ -11,3 +11,5 @@ from regmirror.uploads import Uploads
 REGISTRY = web.AppKey("registry", Registry)
 UPLOADS = web.AppKey("uploads", Uploads)
 METRICS = web.AppKey("metrics", Metrics)
+# server.accel_redirect, when set: the nginx location stored blobs are redirected to.
+ACCEL_REDIRECT = web.AppKey("accel_redirect", str)
