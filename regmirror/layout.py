@@ -11,10 +11,16 @@ from regmirror.digest import Digest
 
 ROOT = "docker/registry/v2"
 REPOSITORIES = f"{ROOT}/repositories"
+BLOBS = f"{ROOT}/blobs"
 
 
 def blob_data(digest: Digest) -> str:
-    return f"{ROOT}/blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}/data"
+    return f"{BLOBS}/{blob_under_blobs(digest)}"
+
+
+def blob_under_blobs(digest: Digest) -> str:
+    """A blob's key below :data:`BLOBS` (what an nginx location aliasing it appends)."""
+    return f"{digest.algorithm}/{digest.hex[:2]}/{digest.hex}/data"
 
 
 def repository(name: str) -> str:

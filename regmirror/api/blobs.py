@@ -71,7 +71,7 @@ async def _answer(
     accel = request.app.get(ACCEL_REDIRECT)
     if accel is not None and not head:
         served_locally(found.size if span is None else span[1] - span[0])
-        return accel_response(found, accel, registry.local.root)
+        return accel_response(found, digest, accel)
     file: BinaryIO | None = None
     try:  # on the event loop, not in a thread: see api.sendfile
         if head:

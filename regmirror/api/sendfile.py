@@ -11,23 +11,26 @@ anything but the ETag gets the whole blob, as RFC 9110 (13.1.5) says for a valid
 that does not match (no Last-Modified is sent: the file's mtime records use, not
 content).
 
-With ``server.accel_redirect`` set (a tier behind nginx), a GET is answered with
-``X-Accel-Redirect`` to that internal location plus the blob's path under the data
-directory, and nginx sends the file (and answers Range) itself; see
-``deploy/nginx/regmirror-accel.conf``. The checks before it (the repository's link,
-access control) are the same.
+With ``server.accel_redirect`` set (regmirror behind nginx), a GET is answered with
+``X-Accel-Redirect`` to that internal location plus the blob's path below
+``<data_dir>/docker/registry/v2/blobs/``, and nginx sends the file (and answers Range)
+itself; see ``deploy/nginx/regmirror-accel.conf``. Everything before it is the same:
+the repository's link, access control, the 304 and 416 answers, the metrics. The blob's
+hold ends with the redirect: nginx opens the file moments later, and should eviction
+win that race the client gets nginx's 404 and retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from regmirror import layout
+from regmirror.digest import Digest
 from regmirror.eviction import Hold
 from regmirror.stored import StoredBlob
 
@@ -108,12 +111,13 @@ def not_modified(request: web.BaseRequest, blob: StoredBlob) -> bool:
     return "*" in tags or blob.headers["ETag"] in tags
 
 
-def accel_response(blob: StoredBlob, location: str, data_dir: Path) -> web.Response:
+def accel_response(blob: StoredBlob, digest: Digest, location: str) -> web.Response:
     """Hand the body to nginx: ``X-Accel-Redirect`` to ``location`` + the blob's path
-    under the data directory. nginx answers Range and sends Content-Length itself."""
-    relative = blob.path.relative_to(data_dir).as_posix()
+    below the data directory's ``docker/registry/v2/blobs/`` (which the location
+    aliases). nginx answers Range and sends Content-Length itself; the internal
+    location copies the headers it would not pass on (deploy/nginx/regmirror-accel.conf)."""
     headers = {
         k: v for k, v in blob.headers.items() if k not in ("Content-Length", "Accept-Ranges")
     }
-    headers["X-Accel-Redirect"] = location.rstrip("/") + "/" + relative
+    headers["X-Accel-Redirect"] = location.rstrip("/") + "/" + layout.blob_under_blobs(digest)
     return web.Response(headers=headers)
