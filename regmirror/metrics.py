@@ -18,6 +18,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Labelled children of the per-request metrics, by label values (all bounded).
+        self._per_request: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._served: dict[str, Counter] = {}
         self.requests = Counter(
             "regmirror_http_requests_total",
             "HTTP requests answered, by route template, method and status (the HTTP status, "
@@ -137,7 +140,10 @@ class Metrics:
             self.cache_requests.labels(result)
 
     def served(self, tier: str, nbytes: int) -> None:
-        self.bytes_served.labels(tier).inc(nbytes)
+        served = self._served.get(tier)
+        if served is None:
+            served = self._served[tier] = self.bytes_served.labels(tier)
+        served.inc(nbytes)
 
     def cache_request(self, hit: bool) -> None:
         self.cache_requests.labels("hit" if hit else "miss").inc()
@@ -184,8 +190,13 @@ class Metrics:
         """``status``: the HTTP status, or ``client_disconnect`` (the client went away
         before its response was sent: not a server error), or ``aborted`` (the server cut
         a body it had started, e.g. a fill that failed)."""
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        key = (route, method, str(status))
+        children = self._per_request.get(key)
+        if children is None:  # labels() hashes and locks: once per label set, not per request
+            children = self.requests.labels(*key), self.latency.labels(route, method)
+            self._per_request[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
