@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from regmirror.connections import connection_bound
+
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     HOST,
     ServerProcess,
@@ -191,3 +193,11 @@ async def test_readyz_fails_when_file_descriptors_are_nearly_exhausted(
         await asyncio.sleep(0.5)
         async with session.get(url) as response:
             assert response.status == 200
+
+
+def test_the_connection_bound_leaves_an_eighth_of_the_fd_limit() -> None:
+    assert connection_bound(2048, 1_048_576) == 2048
+    assert connection_bound(2048, 1024) == 1024 - 128
+    assert connection_bound(2048, 1024, ports=2) == (1024 - 128) // 2
+    assert connection_bound(800, 1024) == 800
+    assert connection_bound(2048, 100) == 100 - 64
