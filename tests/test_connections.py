@@ -13,7 +13,6 @@ from collections.abc import Callable
 import aiohttp
 
 from regmirror.connections import connection_bound
-
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     HOST,
     ServerProcess,
