@@ -254,6 +254,8 @@ class _Connection(asyncio.Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
         if not self.busy and self._header_timer is None:
             self._arm_header_timer()  # the first byte of the next request
         self.handler.data_received(data)
@@ -269,10 +271,12 @@ class _Connection(asyncio.Protocol):
             self.handler.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.handler.pause_writing()
+        if self.admitted:
+            self.handler.pause_writing()
 
     def resume_writing(self) -> None:
-        self.handler.resume_writing()
+        if self.admitted:
+            self.handler.resume_writing()
 
     # -- requests ------------------------------------------------------------------------
 

@@ -126,7 +126,9 @@ async def test_garbage_after_a_request_is_logged_in_a_few_short_lines(
 
     async def one() -> None:
         reader, writer = await asyncio.open_connection(HOST, server.port)
-        writer.write(COMPLETE + garbage)
+        writer.write(COMPLETE)
+        await _response(reader)
+        writer.write(garbage)  # on the kept-alive connection
         with contextlib.suppress(ConnectionError):
             await _closed_after(reader, 10.0)
         writer.close()
