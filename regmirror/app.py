@@ -13,13 +13,13 @@ import aiohttp
 from aiohttp import web
 
 from regmirror.api.envelope import envelope, stamp_api_version
-from regmirror.api.keys import METRICS, REGISTRY, UPLOADS, WATCHDOG
+from regmirror.api.keys import METRICS, REGISTRY, SHUTDOWN, UPLOADS, WATCHDOG
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.config import Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
-from regmirror.health import LoopWatchdog
+from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
@@ -76,6 +76,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
+    app[SHUTDOWN] = Shutdown()
     app.on_response_prepare.append(stamp_api_version)
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
@@ -95,6 +96,7 @@ def create_probe_app(app: web.Application) -> web.Application:
     probes[METRICS] = app[METRICS]
     probes[REGISTRY] = app[REGISTRY]
     probes[WATCHDOG] = app[WATCHDOG]
+    probes[SHUTDOWN] = app[SHUTDOWN]
     add_probe_routes(probes)
     return probes
 

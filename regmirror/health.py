@@ -55,6 +55,17 @@ class LoopWatchdog:
             self.last_lag = max(0.0, loop.time() - self._due)
 
 
+class Shutdown:
+    """Set once SIGTERM starts the drain: the registry port no longer accepts, and the
+    probe port, still answering, tells load balancers to stop sending."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def problem(self) -> str | None:
+        return "draining: shutting down (SIGTERM)" if self.draining else None
+
+
 def fd_problem() -> str | None:
     """Open descriptors above ``FD_READY_FRACTION`` of the soft RLIMIT_NOFILE."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

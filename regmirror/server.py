@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from regmirror import log_limits
+from regmirror.api.keys import SHUTDOWN
 from regmirror.app import create_probe_app
 from regmirror.config import ServerSettings
 from regmirror.connections import (
@@ -92,6 +93,7 @@ async def serve(
                 "serving /metrics, /healthz and /readyz on http://%s:%d", probes.host, probes.port
             )
         await stop.wait()
+        app[SHUTDOWN].draining = True
         await _drain(listeners, settings.drain_timeout)
     finally:
         for listener in listeners:  # after a failed start; a no-op after the drain

@@ -49,7 +49,12 @@ async def test_readyz_is_503_with_a_pushed_blob_that_cannot_be_evicted(make_clie
 async def test_readyz_is_ready_with_plenty_free(client):
     response = await client.get("/readyz")
     assert response.status == 200
-    assert (await response.json())["checks"] == {"disk": "ok", "fds": "ok", "event_loop": "ok"}
+    assert (await response.json())["checks"] == {
+        "disk": "ok",
+        "fds": "ok",
+        "event_loop": "ok",
+        "shutdown": "ok",
+    }
 
 
 async def test_below_the_floor_is_fine_while_eviction_can_make_room(tmp_path: Path) -> None:

@@ -120,6 +120,9 @@ async def test_sigterm_lets_a_pull_in_flight_finish_then_exits_cleanly(
             server.process.send_signal(signal.SIGTERM)
             # The listening sockets close first: a new connection is refused...
             await asyncio.wait_for(refused(session, f"{server.url}/healthz"), BOUND)
+            # ...while the probe port, still answering, sends load balancers away.
+            status, body = await get(session, f"http://{probes}/readyz")
+            assert status == 503 and b"draining" in body
         finally:
             proxy.release.set()
         # ...while the pull in flight gets every byte.

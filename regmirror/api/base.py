@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from regmirror import health
-from regmirror.api.keys import METRICS, REGISTRY, WATCHDOG
+from regmirror.api.keys import METRICS, REGISTRY, SHUTDOWN, WATCHDOG
 from regmirror.storage.driver import StorageUnavailable
 
 
@@ -20,7 +20,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when every store answers and this process can take clients: room on the
     data directory's disk (or something to evict), file descriptors to spare, an event
-    loop that is not stalled. Upstreams are not asked (their outage is served stale, and
+    loop that is not stalled, not shutting down. Upstreams are not asked (their outage is served stale, and
     must not take every host out of its load balancer at once)."""
     registry = request.app[REGISTRY]
     tiers: dict[str, str] = {}
@@ -34,6 +34,7 @@ async def readyz(request: web.Request) -> web.Response:
         "disk": await health.disk_problem(registry.cache),
         "fds": health.fd_problem(),
         "event_loop": request.app[WATCHDOG].problem(),
+        "shutdown": request.app[SHUTDOWN].problem(),
     }
     ready = all(state == "ok" for state in tiers.values()) and not any(checks.values())
     body = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from regmirror.health import LoopWatchdog
+from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.uploads import Uploads
@@ -13,3 +13,4 @@ REGISTRY = web.AppKey("registry", Registry)
 UPLOADS = web.AppKey("uploads", Uploads)
 METRICS = web.AppKey("metrics", Metrics)
 WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
