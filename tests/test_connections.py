@@ -19,6 +19,9 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     regmirror_server,
     which_or_skip,
 )
+from tests.support.upstream import CountingProxy, push_image, serve, upstream_registry
+
+__all__ = ["upstream_registry"]
 
 Start = Callable[..., ServerProcess]
 PARTIAL = b"GET /v2/ HTTP/1.1\r\nHost: registry\r\nUser-Agent: slow"
@@ -202,3 +205,43 @@ def test_the_connection_bound_leaves_an_eighth_of_the_fd_limit() -> None:
     assert connection_bound(2048, 1024, ports=2) == (1024 - 128) // 2
     assert connection_bound(800, 1024) == 800
     assert connection_bound(2048, 100) == 100 - 64
+
+
+async def test_at_the_bound_with_every_connection_busy_a_new_one_is_refused(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        image = await push_image(
+            session, upstream_registry.url, "team/busy", layer=b"\x05" * (2 * 1024 * 1024)
+        )
+        proxy = CountingProxy(upstream_registry.url, session)
+        async with serve(proxy.app()) as upstream_url:
+            server = regmirror_server(
+                config={"upstreams": [{"url": upstream_url}], "server": {"max_connections": 2}}
+            )
+            proxy.hold_after = 1024 * 1024
+            blob = f"{server.url}/v2/team/busy/blobs/{image.layer_digest}"
+            pulls = []
+            for _ in range(2):  # two connections, each with a pull in progress
+                fresh = aiohttp.ClientSession()
+                pulls.append((fresh, asyncio.create_task(_read(fresh, blob))))
+            try:
+                await asyncio.wait_for(proxy.held.wait(), 30)
+                await asyncio.sleep(0.3)
+                reader, writer = await asyncio.open_connection(HOST, server.port)
+                writer.write(COMPLETE)
+                assert await _closed_after(reader, 5.0) < 2.0  # refused: nothing to displace
+                writer.close()
+            finally:
+                proxy.release.set()
+            for fresh, pull in pulls:  # the pulls in progress were not touched
+                assert await asyncio.wait_for(pull, 30) == image.layer
+                await fresh.close()
+    assert "refused 1 new ones so far" in server.logs()
+
+
+async def _read(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as response:
+        assert response.status == 200
+        return await response.read()
