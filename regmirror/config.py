@@ -146,21 +146,32 @@ class UploadSettings:
 
 @dataclass
 class ServerSettings:
-    """How the registry port serves."""
+    """How the listening ports treat clients and how SIGTERM ends the process."""
 
-    # An internal nginx location over the data directory (``/_regmirror_blobs/``): set,
-    # a stored blob's GET is answered with X-Accel-Redirect there, after the same checks,
-    # and nginx sends the bytes. Only behind nginx with deploy/nginx/regmirror-accel.conf.
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight, in total
+    header_timeout: float = 15.0  # seconds a client has to send a request's headers
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept
+    # Open connections per port; beyond it the longest idle one is closed (or, with none
+    # idle, the new one). Lowered at startup to leave room under the fd limit.
+    max_connections: int = 2048
+    max_loop_lag: float = 5.0  # seconds the event loop may stall before /readyz fails
+    # An internal nginx location over the data directory's blobs (``/_regmirror_blobs/``):
+    # set, a stored blob's GET is answered with X-Accel-Redirect there, after the same
+    # checks, and nginx sends the bytes. Only behind deploy/nginx/regmirror-accel.conf.
     accel_redirect: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("drain_timeout", "header_timeout", "keepalive_timeout", "max_loop_lag"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         location = self.accel_redirect
         if location is not None and (
             not location.startswith("/") or any(c in location for c in "?#\r\n ")
         ):
-            raise ConfigError(
-                f"server.accel_redirect: {location!r} is not a location path like "
-                "/_regmirror_blobs/"
+            raise ValueError(
+                f"accel_redirect: {location!r} is not a location path like /_regmirror_blobs/"
             )
 
 
