@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from regmirror.app import create_probe_app
+from regmirror.logs.access import runner_options
 from regmirror.tls import ServerTLS
 
 log = logging.getLogger("regmirror")
@@ -58,7 +59,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     runners: list[web.AppRunner] = []
     try:
-        main = web.AppRunner(app, access_log=None, shutdown_timeout=drain_timeout)
+        main = web.AppRunner(app, shutdown_timeout=drain_timeout, **runner_options(app))
         await main.setup()
         runners.append(main)
         ssl_context = tls.context if tls is not None else None
