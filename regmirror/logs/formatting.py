@@ -38,12 +38,16 @@ def formatter(kind: str) -> logging.Formatter:
     return JsonFormatter() if kind == "json" else logging.Formatter(TEXT)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Ours: replaced by the next :func:`setup`; other handlers (a test's) are left."""
+
+
 def setup(kind: str = "text", level: str | int = "INFO") -> None:
-    """One handler on the root logger, writing to stderr in ``kind``; replaces any other."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(kind))
+    """Log to stderr in ``kind`` (``text`` or ``json``) from ``level`` up."""
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(old)
+    handler = _Stderr(sys.stderr)
+    handler.setFormatter(formatter(kind))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
