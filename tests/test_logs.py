@@ -149,7 +149,8 @@ async def test_a_blob_and_manifest_read_from_s3_are_logged_with_tier_s3(
     bucket = moto_s3.new_bucket("logs")
     pusher = regmirror_server(env=regmirror_env(moto_s3, bucket))
     image = await push_image(session, pusher.url, "ci/app", layer=b"s" * 200_000)
-    reader = regmirror_server(env=regmirror_env(moto_s3, bucket))  # empty local disk
+    # Empty local disk; at DEBUG, where botocore would log each request's signature.
+    reader = regmirror_server(env=regmirror_env(moto_s3, bucket), log_level="DEBUG")
     blob = f"/v2/ci/app/blobs/{image.layer_digest}"
     manifest = "/v2/ci/app/manifests/latest"
     async with session.head(reader.url + blob) as response:
@@ -165,7 +166,10 @@ async def test_a_blob_and_manifest_read_from_s3_are_logged_with_tier_s3(
     assert hit["tier"] == "local"
     [read] = await logged(reader, "GET", manifest)
     assert read["tier"] == "s3"
-    assert f"fill {image.layer_digest} started from s3: 200000 bytes" in reader.logs(None)
+    text = reader.logs(None)
+    assert f"fill {image.layer_digest} started from s3: 200000 bytes" in text
+    assert "DEBUG" in text
+    assert "Authorization" not in text and "Signature" not in text
 
 
 # -- formats and switches ------------------------------------------------------------

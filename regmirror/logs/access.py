@@ -67,6 +67,11 @@ def runner_options(app: web.Application) -> dict[str, Any]:
 
 
 class AccessLogger(AbstractAccessLogger):
+    @property
+    def enabled(self) -> bool:
+        """Below the logger's level aiohttp does not even time requests."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         served = request.get(SERVED) or Served(client=request.remote or "-")
         fields: dict[str, Any] = {

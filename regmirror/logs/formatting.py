@@ -38,6 +38,11 @@ def formatter(kind: str) -> logging.Formatter:
     return JsonFormatter() if kind == "json" else logging.Formatter(TEXT)
 
 
+# Libraries whose DEBUG lines carry credentials (botocore logs each request's
+# Authorization header and signature): never below INFO, whatever --log-level says.
+QUIET = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore")
+
+
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     """Ours: replaced by the next :func:`setup`; other handlers (a test's) are left."""
 
@@ -51,3 +56,6 @@ def setup(kind: str = "text", level: str | int = "INFO") -> None:
     handler.setFormatter(formatter(kind))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    floor = max(root.level, logging.INFO)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(floor)
