@@ -31,6 +31,7 @@ from tests.support.processes import HOST, ServerProcess, free_port, regmirror_se
 from tests.support.pullthrough import BOUND, eventually, upstream_env, upstream_proxy
 from tests.support.s3 import MotoS3, moto_s3
 from tests.support.s3_registry import regmirror_env
+from tests.support.token_server import ISSUER, SERVICE, TokenIssuer, repository
 from tests.support.upstream import push_blob, push_image, serve, upstream_registry
 
 __all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
@@ -250,6 +251,34 @@ async def test_no_password_token_or_presigned_signature_reaches_any_line(
         assert secret not in text, secret
 
 
+async def test_a_bearer_token_never_reaches_any_line_and_its_subject_is_the_user(
+    regmirror_server: Any, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    issuer = TokenIssuer()
+    token = {
+        "realm": "https://auth.example.test/token",
+        "service": SERVICE,
+        "issuer": ISSUER,
+        "rootcertbundle": str(issuer.write_rootcertbundle(tmp_path / "root.pem")),
+    }
+    server = regmirror_server(config={"auth": {"token": token}})
+    good = issuer.issue([repository("lib/app", "pull", "push")], subject="robot")
+    expired = issuer.issue([repository("lib/app", "pull", "push")], expires_in=-3600)
+    data = b"t" * 2000
+    upload = f"/v2/lib/app/blobs/uploads/?digest={Digest.of(data)}"
+    for bearer, status in ((good, 201), (expired, 401)):
+        headers = {"Authorization": f"Bearer {bearer}"}
+        async with session.post(server.url + upload, data=data, headers=headers) as response:
+            assert response.status == status, await response.text()
+    server.stop()
+
+    lines = [a for a in access_lines(server) if a["method"] == "POST"]
+    assert [(a["user"], a["status"]) for a in lines] == [("robot", "201"), ("-", "401")]
+    text = server.logs(None)
+    for secret in (good, expired, good.rpartition(".")[2], expired.rpartition(".")[2]):
+        assert secret not in text, secret  # nor either signature on its own
+
+
 async def test_a_presigned_redirect_that_fails_reaches_neither_log_nor_client(
     make_client: Any,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
@@ -265,8 +294,11 @@ async def test_a_presigned_redirect_that_fails_reaches_neither_log_nor_client(
             return web.Response(headers={"Content-Length": "5"})
         raise web.HTTPTemporaryRedirect(presigned)
 
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({})
+
     app = web.Application()
-    app.router.add_get("/v2/", lambda request: web.json_response({}))
+    app.router.add_get("/v2/", version)
     app.router.add_route("*", "/v2/{name:.+}/blobs/{digest}", blob)
     async with serve(app) as upstream:
         registry = await make_client(upstreams=[UpstreamSettings(url=upstream)])
