@@ -153,10 +153,6 @@ class Origin:
         self.tier, self.name = tier, name
 
 
-LOCAL = Origin("local", "local disk")
-ANOTHER_PROCESS = Origin("fill", "another process")
-
-
 class _Failure(Exception):
     def __init__(self, result: str, message: str):
         super().__init__(message)
@@ -230,7 +226,7 @@ class Fill:
     @classmethod
     def stored(cls, digest: Digest, final: Path, size: int) -> Fill:
         """A fill that has nothing left to do: the blob is already in the store."""
-        fill = cls(digest, final, final, size, origin=LOCAL)
+        fill = cls(digest, final, final, size, origin=Origin("local", "local disk"))
         fill._size = fill._written = size
         fill._done = True
         return fill
@@ -617,7 +613,7 @@ class Fills:
             async with asyncio.timeout(self.timeout):
                 fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
                 if claim and fd is None:
-                    fill.origin = ANOTHER_PROCESS
+                    fill.origin = Origin("fill", "another process")
                     result = await self._tail(fill)
                 else:
                     await self._copy(fill, source, fd)

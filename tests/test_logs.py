@@ -319,7 +319,7 @@ def test_the_logged_target_keeps_the_api_parameters_and_hides_other_values() -> 
     from yarl import URL
 
     url = URL("/v2/a/blobs/uploads/?mount=sha256:ab&from=b/c&_state=SECRET&flag", encoded=True)
-    assert target(url) == "/v2/a/blobs/uploads/?mount=sha256:ab&from=b/c&_state=…&flag"
+    assert target(url) == "/v2/a/blobs/uploads/?mount=sha256:ab&from=b/c&_state=…&…"
     assert target(URL("/v2/a/tags/list?n=5&last=x", encoded=True)) == "/v2/a/tags/list?n=5&last=x"
 
 

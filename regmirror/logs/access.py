@@ -1,13 +1,13 @@
 """The access log: one line per request on the registry port, after its body is sent.
 
 aiohttp writes it (its ``access_log_class`` hook, called once the response is finished,
-so bytes and duration are the body's and not just the headers'); :func:`middleware`,
-outermost, gives every request its :class:`~regmirror.logs.served.Served` record first,
+so bytes and duration are the body's and not just the headers'); :func:`middlewares`'
+one, outermost, gives every request its :class:`~regmirror.logs.served.Served` record first,
 so that refusals by access control, 404s and error envelopes are logged with the rest.
 
 A line never carries a credential: the user is the name access control authenticated,
-and the query string keeps only the registry API's own parameters (any other value,
-such as a presigned URL's signature, is replaced by ``…``)::
+and the query string keeps only the registry API's own parameters' values (any other
+value, such as a presigned URL's signature, is replaced by ``…``)::
 
     127.0.0.1 - alice "GET /v2/library/alpine/blobs/sha256:… HTTP/1.1" 200 3623807 0.184 tier=upstream waited=no
 """
@@ -118,8 +118,10 @@ def target(url: URL) -> str:
         pairs = []
         for part in url.raw_query_string.split("&"):
             key, sep, _ = part.partition("=")
-            known = unquote_plus(key) in KNOWN_PARAMETERS
-            pairs.append(part if known or not sep else f"{key}=…")
+            if unquote_plus(key) in KNOWN_PARAMETERS:
+                pairs.append(part)
+            else:  # a value, or a bare word, might be a credential
+                pairs.append(f"{key}=…" if sep else "…")
         text += "?" + "&".join(pairs)
     return text[:MAX_TARGET]
 
