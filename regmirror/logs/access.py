@@ -15,6 +15,7 @@ value, such as a presigned URL's signature, is replaced by ``…``)::
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote_plus
@@ -34,6 +35,7 @@ ENABLED = web.AppKey("access_log", bool)
 # Query parameters of the registry API (and containerd's ns): their values are logged.
 KNOWN_PARAMETERS = frozenset({"digest", "mount", "from", "ns", "n", "last", "artifactType"})
 MAX_TARGET = 2000  # characters of path and query in a line
+_UNSAFE = re.compile(r'[^\x21-\x7e…]|["\\]')
 _TIERED = ("/blobs/{digest}", "/manifests/{reference}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,11 +129,10 @@ def target(url: URL) -> str:
 
 
 def _quoted(text: str) -> str:
-    """Safe inside a line: no quote, backslash, space or control character unescaped."""
-    out = []
-    for char in text:
-        if char in '"\\' or char.isspace() or not char.isprintable():
-            out.append("".join(f"\\x{b:02x}" for b in char.encode()))
-        else:
-            out.append(char)
-    return "".join(out)
+    """Safe inside a line: anything but printable ASCII (and our ``…``), a quote or a
+    backslash is written as ``\\xNN`` bytes, so no value can forge a field or a line."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"\\x{b:02x}" for b in match[0].encode())
