@@ -340,3 +340,23 @@ def test_a_repeated_error_is_logged_once_a_period_then_with_the_count(
         "upstream other down",
         "upstream hub down (99 more like it in the last 61 s not logged)",
     ]
+
+
+def test_no_user_name_or_path_can_forge_a_field_or_a_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from regmirror.logs.access import ACCESS, AccessLogger
+    from regmirror.logs.served import SERVED, Served
+
+    request = make_mocked_request("GET", "/v2/a%0A/tags/list")
+    request[SERVED] = Served(client="10.0.0.1", user='eve" 200 1 tier=local\nforged')
+    with caplog.at_level(logging.INFO, logger="regmirror.access"):
+        AccessLogger(ACCESS, "").log(request, web.Response(body=b"{}"), 0.25)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line
+    assert line == (
+        "10.0.0.1 - eve\\x22\\x20200\\x201\\x20tier=local\\x0aforged "
+        '"GET /v2/a%0A/tags/list HTTP/1.1" 200 2 0.250 tier=- waited=no'
+    )
