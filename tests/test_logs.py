@@ -28,7 +28,13 @@ from regmirror.logs.access import target
 from regmirror.logs.throttle import Throttled
 from tests.support.api import data_dir, make_client  # noqa: F401
 from tests.support.processes import HOST, ServerProcess, free_port, regmirror_server
-from tests.support.pullthrough import BOUND, eventually, upstream_env, upstream_proxy
+from tests.support.pullthrough import (
+    BOUND,
+    eventually,
+    fetch_hashed,
+    upstream_env,
+    upstream_proxy,
+)
 from tests.support.s3 import MotoS3, moto_s3
 from tests.support.s3_registry import regmirror_env
 from tests.support.token_server import ISSUER, SERVICE, TokenIssuer, repository
@@ -142,6 +148,38 @@ async def test_a_fill_from_an_upstream_and_a_request_waiting_on_it(
         rf"fill {layer} finished from {re.escape(proxy.url)}: {len(image.layer)} bytes in ", text
     )
     assert text.count(f"fill {layer} started") == 1
+
+
+async def test_a_fill_followed_from_another_process_is_logged_with_tier_fill(
+    regmirror_server: Any,
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    image = await push_image(session, upstream_registry.url, "library/shared", layer=b"f" * 300_000)
+    async with upstream_proxy(upstream_registry.url) as proxy:
+        owner = regmirror_server(env=upstream_env(proxy.url), data_dir=tmp_path / "data")
+        follower = regmirror_server(env=upstream_env(proxy.url), data_dir=tmp_path / "data")
+        path = f"/v2/library/shared/blobs/{image.layer_digest}"
+        proxy.hold_after = 100_000
+        first = asyncio.create_task(get(session, owner.url + path))
+        await asyncio.wait_for(proxy.held.wait(), BOUND)
+        headers = asyncio.Event()  # the follower learnt the size from the owner's file
+        second = asyncio.create_task(
+            fetch_hashed(session, follower.url + path, on_headers=headers.set, keep=True)
+        )
+        await asyncio.wait_for(headers.wait(), BOUND)
+        proxy.release.set()
+        assert await first == (200, image.layer)
+        followed_body = await second
+        assert (followed_body.status, followed_body.body) == (200, image.layer)
+        assert proxy.blob_gets == 1  # the follower fetched nothing: it read the owner's file
+
+    [owned] = await logged(owner, "GET", path)
+    [followed] = await logged(follower, "GET", path)
+    assert (owned["tier"], followed["tier"]) == ("upstream", "fill")
+    assert followed["bytes"] == str(len(image.layer))
+    assert f"fill {image.layer_digest} finished from another process" in follower.logs(None)
 
 
 async def test_a_blob_and_manifest_read_from_s3_are_logged_with_tier_s3(
