@@ -93,8 +93,11 @@ async def test_a_local_hit_is_logged_with_tier_local_and_its_body_bytes(
     assert await get(session, server.url + path) == (200, data)
     missing = f"/v2/team/app/blobs/sha256:{'0' * 64}"
     assert (await get(session, server.url + missing))[0] == 404
+    ranged = await get(session, server.url + path, headers={"Range": "bytes=100-199"})
+    assert ranged == (206, data[100:200])
 
-    [hit] = await logged(server, "GET", path)
+    hit, part = await logged(server, "GET", path, 2)
+    assert (part["status"], part["bytes"], part["tier"]) == ("206", "100", "local")
     assert hit["tier"] == "local" and hit["waited"] == "no"
     assert hit["status"] == "200" and hit["bytes"] == str(len(data))  # sendfile counted
     assert hit["client"] == HOST and hit["user"] == "-"

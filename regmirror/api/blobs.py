@@ -67,7 +67,6 @@ class _CountedFileResponse(web.FileResponse):
             self._hold.release()
         if request.method != "HEAD" and 200 <= self.status < 300:
             self._metrics.served("local", self.content_length or 0)
-            served.sent(request, self.content_length or 0)
         return writer
 
 

@@ -104,8 +104,10 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse, served: Served) -> int:
-    """The body's bytes sent. aiohttp's ``body_length`` counts the headers and misses what
-    sendfile sends, so handlers that send bodies themselves say how much (``sent``)."""
+    """The body's bytes sent: its ``Content-Length`` (a FileResponse's is the range it
+    sends), or what a handler streaming a body itself says it sent (``sent``: a fill's
+    body may be cut short). aiohttp's ``body_length`` would count the headers and miss
+    what sendfile sends."""
     if served.sent is not None:
         return served.sent
     if request.method == "HEAD" or response.status in (204, 304) or response.status < 200:

@@ -66,8 +66,7 @@ def identify(request: web.BaseRequest, user: str) -> None:
 
 
 def sent(request: web.BaseRequest, nbytes: int) -> None:
-    """The handler sent ``nbytes`` of body itself (sendfile, a fill): aiohttp counts
-    only what passes through its writer."""
+    """The handler streamed ``nbytes`` of body itself (a fill's, perhaps cut short)."""
     served = request.get(SERVED)
     if served is not None:
         served.sent = nbytes
