@@ -16,10 +16,12 @@ from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import ACCEL_REDIRECT, METRICS, REGISTRY, SHUTDOWN, UPLOADS, WATCHDOG
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
+from regmirror.auth.clients import networks
 from regmirror.config import Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.health import LoopWatchdog, Shutdown
+from regmirror.logs import access as access_log
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
@@ -41,7 +43,12 @@ def create_app(settings: Settings) -> web.Application:
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = web.Application(middlewares=[envelope, *([access.middleware] if access else [])])
+    logged = access_log.middlewares(
+        settings.log.access, networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
+    )
+    # The access log's first: it sees every request, refused or failed ones too.
+    app = web.Application(middlewares=[*logged, envelope, *([access.middleware] if access else [])])
+    app[access_log.ENABLED] = settings.log.access
     app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None

@@ -17,6 +17,7 @@ from cachetools import LRUCache
 
 from regmirror import layout
 from regmirror.digest import Digest
+from regmirror.logs.served import Tier
 from regmirror.storage.filesystem import FilesystemDriver
 
 # Stored blobs remembered (~0.5 KiB each): the hot set of a busy mirror, not all of it.
@@ -38,6 +39,7 @@ class RemoteBlob:
     know, without copying it here."""
 
     size: int
+    tier: Tier  # where it is: s3 or upstream
 
 
 def blob_headers(digest: Digest, size: int) -> dict[str, str]:

@@ -27,6 +27,7 @@ from regmirror.digest import Digest
 from regmirror.errors import BlobUnknown, FillFailed, RegistryError
 from regmirror.eviction import Hold
 from regmirror.fill import Fill
+from regmirror.logs import served
 from regmirror.stored import RemoteBlob, StoredBlob, blob_headers
 
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
@@ -53,6 +54,13 @@ async def _answer(
     head = request.method == "HEAD"
     ns = request.query.get("ns")
     found = await registry.blob(name, digest, ns=ns, fetch=not head)
+    served.mark(
+        "local"
+        if isinstance(found, StoredBlob)
+        else found.tier
+        if isinstance(found, RemoteBlob)
+        else found.origin.tier
+    )
     if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
         return web.Response(headers=blob_headers(digest, found.size))
     metrics = request.app[METRICS]
@@ -97,6 +105,7 @@ async def delete_blob(request: web.Request) -> web.Response:
 
 async def _stream_fill(request: web.Request, fill: Fill, digest: Digest) -> web.StreamResponse:
     size = await fill.length()  # FillFailed here is still an ordinary 503
+    served.mark(fill.origin.tier)  # known now that the source has answered
     start, end = _range(request.headers.get("Range"), size)
     response = web.StreamResponse(status=200 if (start, end) == (0, size) else 206)
     response.headers.update(blob_headers(digest, size))
@@ -127,6 +136,7 @@ async def _stream_fill(request: web.Request, fill: Fill, digest: Digest) -> web.
         return response
     finally:
         request.app[METRICS].served("fill", sent)
+        served.sent(request, sent)
     await response.write_eof()
     return response
 
