@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from regmirror import datalock
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_probe_routes, add_routes
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
         min_free_bytes=settings.cache.min_free_bytes,
         shared=shared,
         observer=metrics,
+        unreferenced_grace=settings.cache.unreferenced_grace,
     )
     metrics.cache_max.set(settings.cache.max_bytes or 0)
     fills = Fills(
@@ -75,6 +77,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
     app.on_response_prepare.append(stamp_api_version)
+    app.cleanup_ctx.append(_data_dir_lock(data_dir))  # first: nothing starts without it
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
     app.cleanup_ctx.append(_upstreams(settings, registry))
@@ -95,13 +98,42 @@ def create_probe_app(app: web.Application) -> web.Application:
     return probes
 
 
+def _data_dir_lock(data_dir: Path) -> Context:
+    """Held while serving, so ``regmirror gc`` refuses to run under this server (and this
+    server refuses to start under ``gc``): see :mod:`regmirror.datalock`."""
+
+    async def lock(app: web.Application) -> AsyncIterator[None]:
+        held = datalock.acquire(data_dir, exclusive=False)
+        try:
+            yield
+        finally:
+            held.release()
+
+    return lock
+
+
 def _sweep_leftovers(data_dir: Path, fills: Fills) -> Context:
+    """Partial files a crash left are deleted in the background: walking a large store
+    takes seconds, and nothing served needs them gone first (a fill claims its partial
+    file with a lock, not by its absence)."""
+
     async def sweep(app: web.Application) -> AsyncIterator[None]:
-        removed = await asyncio.to_thread(remove_stale_temp_files, data_dir, STALE_TEMP_SECONDS)
-        removed += await asyncio.to_thread(fills.remove_stale)
-        if removed:
-            log.info("removed %d partial files left by an earlier run", removed)
+        async def run() -> None:
+            try:
+                removed = await asyncio.to_thread(fills.remove_stale)
+                removed += await asyncio.to_thread(
+                    remove_stale_temp_files, data_dir, STALE_TEMP_SECONDS
+                )
+            except OSError:
+                log.exception("removing partial files left by an earlier run failed")
+                return
+            if removed:
+                log.info("removed %d partial files left by an earlier run", removed)
+
+        task = asyncio.create_task(run(), name="sweep leftovers")
         yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     return sweep
 
@@ -151,11 +183,12 @@ def _upstreams(settings: Settings, registry: Registry) -> Context:
 
 
 def _blob_cache(cache: BlobCache) -> Context:
-    """The index of local blobs is rebuilt before the first request (then evicts if
-    over budget); eviction in progress is stopped at shutdown."""
+    """The index of local blobs is rebuilt in the background (then evicts if over
+    budget, and deletes blobs no link references): requests are served meanwhile. What
+    is in progress is stopped at shutdown."""
 
     async def index(app: web.Application) -> AsyncIterator[None]:
-        await cache.load()
+        cache.start_loading()
         yield
         await cache.close()
 

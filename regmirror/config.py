@@ -60,6 +60,9 @@ class CacheSettings:
     min_free_bytes: int = _size(default=1024**3)
     fill_timeout: float = 3600.0  # seconds one fill from S3 or an upstream may take
     fill_idle_timeout: float = 60.0  # seconds without a byte from the source before it fails
+    # Seconds a blob no link references (a crash between its rename and its link) is kept
+    # after its last use before it is deleted; leaves a push in flight time to link it.
+    unreferenced_grace: float = 3600.0
 
 
 @dataclass

@@ -29,13 +29,22 @@ The never-evict rule: **a blob is evictable iff another tier can give it back.**
 - without S3, a pushed blob or manifest is the registry's only copy: pinned, forever;
 - found by the startup scan: evictable if only pull-through links name it (the
   upstream has it); else, with S3, evictable once S3 is seen to hold it (checked
-  when it is about to go: the data directory may predate the bucket); else pinned.
+  when it is about to go: the data directory may predate the bucket); else pinned;
+- found by the startup scan with no link naming it at all (a kill between a blob's
+  rename into the store and its link, or links deleted since): *unreferenced*. No
+  request can reach it (every read goes through a link), so once it is older than
+  ``unreferenced_grace`` seconds (by its mtime, its last use) it is deleted, links
+  re-read first; the grace leaves a push in flight elsewhere time to write its link.
 
 Blobs held (being served, or being committed) are skipped; fills in flight are not in
 the store yet. An :class:`~collections.OrderedDict` is the index rather than
 :class:`cachetools.LRUCache`, whose eviction happens inside ``__setitem__``, by its own
 size rule, with no way to skip pinned or held entries or to await a file deletion or an
 S3 check: here the cache only orders entries, and this module decides what goes.
+
+The index is built in the background (:meth:`BlobCache.start_loading`): serving never
+waits for it (a stored blob is found by its path), eviction and admission do
+(:meth:`BlobCache.wait_loaded`), so startup takes the same time whatever the store holds.
 
 One process per data directory: another process's writes are only seen after restart.
 """
@@ -77,12 +86,17 @@ class State(enum.Enum):
     PINNED = "pinned"  # the only copy: never evicted
     CHECK_S3 = "check_s3"  # evictable once S3 is seen to hold it
     EVICTABLE = "evictable"
+    UNREFERENCED = "unreferenced"  # no link names it: deleted after the grace period
+
+
+UNREFERENCED_GRACE = 3600.0  # seconds an unreferenced blob is kept after its last use
 
 
 @dataclass(slots=True)
 class _Entry:
     size: int
     state: State
+    mtime: float = 0.0  # seconds; for UNREFERENCED, when the grace period started
 
 
 class CacheObserver(Protocol):
@@ -106,8 +120,10 @@ class BlobCache:
         min_free_bytes: int = 0,
         shared: Driver | None = None,
         observer: CacheObserver | None = None,
+        unreferenced_grace: float = UNREFERENCED_GRACE,
     ):
         self.root = root
+        self.unreferenced_grace = unreferenced_grace
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.shared = shared
@@ -124,6 +140,9 @@ class BlobCache:
         self._stamps: set[asyncio.Task[None]] = set()
         self._last_stamp = 0
         self._newest_stamped: Digest | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self._reconciling: asyncio.TimerHandle | asyncio.Task[None] | None = None
 
     # -- what the store tells us -------------------------------------------------
 
@@ -190,31 +209,126 @@ class BlobCache:
         else:
             self._holds.pop(digest, None)
 
-    def _put(self, digest: Digest, size: int, state: State) -> None:
+    def _put(self, digest: Digest, size: int, state: State, mtime: float = 0.0) -> None:
         old = self._entries.get(digest)
         if old is not None:
             self.total -= old.size
-            if State.PINNED in (old.state, state):
+            if old.state is State.UNREFERENCED:
+                pass  # the store has spoken since the scan: it knows better
+            elif State.PINNED in (old.state, state):
                 state = State.PINNED
             elif State.EVICTABLE in (old.state, state):
                 state = State.EVICTABLE
-        self._entries[digest] = _Entry(size, state)
+        self._entries[digest] = _Entry(size, state, mtime)
         self.total += size
         self._report()
 
     # -- startup -----------------------------------------------------------------
 
+    def start_loading(self) -> None:
+        """Build the index in the background (see the module's note on startup)."""
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(self._load(), name="index")
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    async def wait_loaded(self) -> None:
+        """Until the index holds every blob on disk (at once when it does, or when no
+        load was started: an index told about writes only)."""
+        if self._loading is not None:
+            await self._loaded.wait()
+
     async def load(self) -> None:
         """Rebuild the index from the data directory, then evict if over budget."""
-        found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+        self.start_loading()
+        await self.wait_loaded()
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+        except Exception:
+            log.exception("indexing the local cache failed: only new blobs are known")
+            found = []
         # Hottest first, each put before the previous: coldest first in the end, and
         # all of them colder than what the store has told us about since.
-        for digest, size, state in reversed(found):
+        unreferenced = 0
+        for digest, size, state, mtime in reversed(found):
             if digest not in self._entries:  # what the store said since beats the scan
-                self._put(digest, size, state)
+                self._put(digest, size, state, mtime)
                 self._entries.move_to_end(digest, last=False)
-        log.info("local cache: %d blobs, %d bytes", len(self._entries), self.total)
+                unreferenced += state is State.UNREFERENCED
+        self._loaded.set()
+        log.info(
+            "local cache indexed in %.2fs: %d blobs, %d bytes (%d referenced by no link)",
+            time.monotonic() - started,
+            len(self._entries),
+            self.total,
+            unreferenced,
+        )
         self._schedule()
+        if unreferenced:
+            self._reconcile_soon(0)
+
+    # -- unreferenced blobs ----------------------------------------------------------
+
+    def unreferenced(self) -> list[tuple[Digest, int]]:
+        """The blobs in the index that no link named when they were found."""
+        return [(d, e.size) for d, e in self._entries.items() if e.state is State.UNREFERENCED]
+
+    def _reconcile_soon(self, delay: float) -> None:
+        if self._reconciling is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def start() -> None:
+            self._reconciling = loop.create_task(self._reconcile(), name="reconcile")
+
+        self._reconciling = loop.call_later(delay, start)
+
+    async def _reconcile(self) -> None:
+        """Delete the unreferenced blobs past their grace period; links are read again
+        first (one may have been written since the scan). Runs again when the next one's
+        grace ends."""
+        next_due: float | None = None
+        try:
+            pushed, proxied = await asyncio.to_thread(linked_digests, self.root)
+            now = time.time()
+            deleted = freed = 0
+            for digest in [d for d, e in self._entries.items() if e.state is State.UNREFERENCED]:
+                entry = self._entries.get(digest)  # the store may have spoken meanwhile
+                if entry is None or entry.state is not State.UNREFERENCED:
+                    continue
+                if digest in pushed or digest in proxied:
+                    entry.state = _state(digest, pushed, proxied, s3=self.shared is not None)
+                    continue
+                due = entry.mtime + self.unreferenced_grace
+                if due > now:
+                    next_due = due if next_due is None else min(next_due, due)
+                    continue
+                if self.held(digest) or digest in self._deleting:
+                    next_due = now + 60.0 if next_due is None else min(next_due, now + 60.0)
+                    continue
+                await self._delete(digest, evicted=False)
+                if digest not in self._entries:
+                    deleted += 1
+                    freed += entry.size
+            if deleted:
+                log.info(
+                    "deleted %d blobs (%d bytes) that no link references (left by a crash "
+                    "between a blob and its link, or unlinked since)",
+                    deleted,
+                    freed,
+                )
+        except Exception:
+            log.exception("deleting unreferenced blobs failed")
+            next_due = time.time() + 60.0
+        finally:
+            self._reconciling = None
+        if next_due is not None:
+            self._reconcile_soon(max(next_due - time.time(), 0.0) + 0.01)
 
     # -- eviction ----------------------------------------------------------------
 
@@ -234,11 +348,17 @@ class BlobCache:
             await asyncio.gather(*self._stamps, return_exceptions=True)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if isinstance(self._reconciling, asyncio.TimerHandle):
+            self._reconciling.cancel()
+        tasks: list[asyncio.Task[None]] = [
+            t for t in (self._task, self._loading, self._reconciling) if isinstance(t, asyncio.Task)
+        ]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
+        await self.wait_loaded()  # evicting by a partial index would pick the wrong blobs
         for _ in range(MAX_RUNS):
             self._again = False
             try:
@@ -258,6 +378,9 @@ class BlobCache:
         if self.max_bytes is not None and size > self.max_bytes * LOW_WATERMARK:
             return "over_budget"
         free = await asyncio.to_thread(disk_free, self.root)
+        if size <= free - self.min_free_bytes:
+            return None  # fits as things are: no need to wait for the index
+        await self.wait_loaded()
         evictable = sum(
             e.size
             for d, e in self._entries.items()
@@ -278,6 +401,7 @@ class BlobCache:
         """The disk is full (ENOSPC): evict the least recently used evictable blobs until
         ``nbytes`` plus the floor are free and the budget is under its low watermark;
         the bytes evicted (0: nothing left to evict). Works with no limits configured."""
+        await self.wait_loaded()
         freed = 0
         free = await asyncio.to_thread(disk_free, self.root)
         for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
@@ -342,6 +466,8 @@ class BlobCache:
         entry = self._entries.get(digest)
         if entry is None or entry.state is State.PINNED or self.held(digest):
             return False
+        if entry.state is State.UNREFERENCED:
+            return entry.mtime + self.unreferenced_grace <= time.time()
         if entry.state is State.CHECK_S3:
             if not await self._in_s3(digest):
                 return False
@@ -366,8 +492,9 @@ class BlobCache:
             entry.state = State.EVICTABLE
         return True
 
-    async def _delete(self, digest: Digest) -> int | None:
-        """Delete the file, then the index entry; the free space after."""
+    async def _delete(self, digest: Digest, *, evicted: bool = True) -> int | None:
+        """Delete the file, then the index entry; the free space after. ``evicted``:
+        counted as an eviction (else an unreferenced blob reconciled away)."""
         done = self._deleting[digest] = asyncio.Event()
         path = self.root / layout.blob_data(digest)
         try:
@@ -381,7 +508,7 @@ class BlobCache:
         entry = self._entries.pop(digest, None)
         if entry is not None:
             self.total -= entry.size
-            if self.observer is not None:
+            if self.observer is not None and evicted:
                 self.observer.blob_evicted(entry.size)
             self._report()
         return free
@@ -438,11 +565,12 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State]]:
+def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State, float]]:
     """Every blob under ``root``, coldest first (by mtime: the last use stamped on it),
-    with its state per the module's rule. Blocking: run it in a thread."""
-    pushed = _linked(root / layout.REPOSITORIES)
-    proxied = _linked(root / "proxy" / layout.REPOSITORIES)
+    with its state per the module's rule and its mtime (seconds). Blocking: run it in a
+    thread. Links are read before blobs, so a blob linked while this runs is at worst
+    found unreferenced (and its link is read again before it could be deleted)."""
+    pushed, proxied = linked_digests(root)
     found = []
     blobs = root / layout.ROOT / "blobs"
     for data in blobs.glob("*/*/*/data"):
@@ -455,13 +583,22 @@ def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State]]:
             digest = Digest.parse(f"{algorithm}:{encoded}")
         except DigestInvalid:
             continue  # not a blob of ours
-        if digest in proxied and digest not in pushed:
-            state = State.EVICTABLE
-        else:
-            state = State.CHECK_S3 if s3 else State.PINNED
-        found.append((st.st_mtime_ns, digest, st.st_size, state))
+        found.append((st.st_mtime_ns, digest, st.st_size, _state(digest, pushed, proxied, s3=s3)))
     found.sort(key=lambda item: item[0])
-    return [(digest, size, state) for _, digest, size, state in found]
+    return [(digest, size, state, ns / 1e9) for ns, digest, size, state in found]
+
+
+def _state(digest: Digest, pushed: set[Digest], proxied: set[Digest], *, s3: bool) -> State:
+    if digest in proxied and digest not in pushed:
+        return State.EVICTABLE  # the upstream has it
+    if digest not in pushed:
+        return State.UNREFERENCED
+    return State.CHECK_S3 if s3 else State.PINNED
+
+
+def linked_digests(root: Path) -> tuple[set[Digest], set[Digest]]:
+    """The digests pushed links name, and those pull-through links name. Blocking."""
+    return _linked(root / layout.REPOSITORIES), _linked(root / "proxy" / layout.REPOSITORIES)
 
 
 def _linked(repositories: Path) -> set[Digest]:

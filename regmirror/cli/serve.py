@@ -11,6 +11,7 @@ from typing import Any
 from regmirror import __version__
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
+from regmirror.datalock import DataDirBusy
 from regmirror.server import Listen
 from regmirror.server import run as run_server
 from regmirror.tls import server_tls
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             probes=Listen(*probes) if probes is not None else None,
         )
+    except DataDirBusy as exc:
+        print(f"regmirror: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"regmirror: cannot listen: {exc}", file=sys.stderr)
         return 2
