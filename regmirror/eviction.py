@@ -55,6 +55,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 0.95  # of max_bytes: above it, eviction starts
 LOW_WATERMARK = 0.85  # of max_bytes: eviction stops at or below it
 FREE_MARGIN = 1.1  # x min_free_bytes: free space eviction stops at
+RETRY_SECONDS = 60.0  # until an unreferenced blob in use (or failing to go) is tried again
 MAX_RUNS = 100  # eviction passes one task makes before it lets the next write restart it
 
 
@@ -282,6 +284,9 @@ class BlobCache:
         if self._reconciling is not None:
             return
         loop = asyncio.get_running_loop()
+        if delay <= 0:
+            self._reconciling = loop.create_task(self._reconcile(), name="reconcile")
+            return
 
         def start() -> None:
             self._reconciling = loop.create_task(self._reconcile(), name="reconcile")
@@ -289,46 +294,55 @@ class BlobCache:
         self._reconciling = loop.call_later(delay, start)
 
     async def _reconcile(self) -> None:
-        """Delete the unreferenced blobs past their grace period; links are read again
-        first (one may have been written since the scan). Runs again when the next one's
-        grace ends."""
+        """Delete the unreferenced blobs past their grace period; runs again when the
+        next one's grace ends."""
         next_due: float | None = None
         try:
-            pushed, proxied = await asyncio.to_thread(linked_digests, self.root)
-            now = time.time()
-            deleted = freed = 0
-            for digest in [d for d, e in self._entries.items() if e.state is State.UNREFERENCED]:
-                entry = self._entries.get(digest)  # the store may have spoken meanwhile
-                if entry is None or entry.state is not State.UNREFERENCED:
-                    continue
-                if digest in pushed or digest in proxied:
-                    entry.state = _state(digest, pushed, proxied, s3=self.shared is not None)
-                    continue
-                due = entry.mtime + self.unreferenced_grace
-                if due > now:
-                    next_due = due if next_due is None else min(next_due, due)
-                    continue
-                if self.held(digest) or digest in self._deleting:
-                    next_due = now + 60.0 if next_due is None else min(next_due, now + 60.0)
-                    continue
-                await self._delete(digest, evicted=False)
-                if digest not in self._entries:
-                    deleted += 1
-                    freed += entry.size
+            deleted, next_due = await self.delete_unreferenced(self.unreferenced_grace)
             if deleted:
                 log.info(
                     "deleted %d blobs (%d bytes) that no link references (left by a crash "
                     "between a blob and its link, or unlinked since)",
-                    deleted,
-                    freed,
+                    len(deleted),
+                    sum(size for _, size in deleted),
                 )
         except Exception:
             log.exception("deleting unreferenced blobs failed")
-            next_due = time.time() + 60.0
+            next_due = time.time() + RETRY_SECONDS
         finally:
             self._reconciling = None
-        if next_due is not None:
+        if next_due is not None and math.isfinite(next_due):
             self._reconcile_soon(max(next_due - time.time(), 0.0) + 0.01)
+
+    async def delete_unreferenced(
+        self, grace: float, *, dry_run: bool = False
+    ) -> tuple[list[tuple[Digest, int]], float | None]:
+        """Delete the blobs no link references whose last use is ``grace`` seconds old
+        (links are read again first: one may have been written since the scan). Returns
+        what was deleted (with ``dry_run``: would be) and when the next one is due."""
+        next_due: float | None = None
+        pushed, proxied = await asyncio.to_thread(linked_digests, self.root)
+        now = time.time()
+        deleted: list[tuple[Digest, int]] = []
+        for digest in [d for d, e in self._entries.items() if e.state is State.UNREFERENCED]:
+            entry = self._entries.get(digest)  # the store may have spoken meanwhile
+            if entry is None or entry.state is not State.UNREFERENCED:
+                continue
+            if digest in pushed or digest in proxied:
+                entry.state = _state(digest, pushed, proxied, s3=self.shared is not None)
+                continue
+            due = entry.mtime + grace
+            if due <= now and (self.held(digest) or digest in self._deleting):
+                due = now + RETRY_SECONDS  # in use now: asked again later
+            if due > now:
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            if not dry_run:
+                await self._delete(digest, evicted=False)
+                if digest in self._entries:
+                    continue  # the deletion failed (logged)
+            deleted.append((digest, entry.size))
+        return deleted, next_due
 
     # -- eviction ----------------------------------------------------------------
 
@@ -341,7 +355,11 @@ class BlobCache:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="eviction")
 
     async def settle(self) -> None:
-        """Wait until eviction has caught up with every write so far."""
+        """Wait until the index is built and eviction (and a deletion of unreferenced
+        blobs under way) has caught up with every write so far."""
+        await self.wait_loaded()
+        if isinstance(self._reconciling, asyncio.Task):
+            await asyncio.shield(self._reconciling)
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
         if self._stamps:
@@ -446,6 +464,33 @@ class BlobCache:
                 pinned,
             )
 
+    async def trim(self, *, dry_run: bool = False) -> list[tuple[Digest, int]]:
+        """Evict the least recently used evictable blobs until the budget is at its low
+        watermark and the free-space floor has its margin, whether or not the high
+        watermark was passed (``regmirror gc``); the blobs evicted, or with ``dry_run``
+        those that would be (nothing is deleted then)."""
+        await self.wait_loaded()
+        self.uploads = await asyncio.to_thread(_tree_bytes, self.root / "uploads")
+        free = await asyncio.to_thread(self._free)
+        budgeted = self.budgeted
+        chosen: list[tuple[Digest, int]] = []
+        for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
+            if self._enough(free, budgeted):
+                break
+            entry = self._entries.get(digest)
+            if entry is None or not await self._evictable(digest):
+                continue
+            if dry_run:
+                budgeted -= entry.size
+                free = None if free is None else free + entry.size
+            else:
+                free = await self._delete(digest)
+                if digest in self._entries:
+                    continue  # the deletion failed (logged)
+                budgeted = self.budgeted
+            chosen.append((digest, entry.size))
+        return chosen
+
     def _free(self) -> int | None:
         return disk_free(self.root) if self.min_free_bytes > 0 else None
 
@@ -458,8 +503,10 @@ class BlobCache:
         over_budget = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
         return over_budget or (free is not None and free < self.min_free_bytes)
 
-    def _enough(self, free: int | None) -> bool:
-        under_budget = self.max_bytes is None or self.budgeted <= self.max_bytes * LOW_WATERMARK
+    def _enough(self, free: int | None, budgeted: int | None = None) -> bool:
+        if budgeted is None:
+            budgeted = self.budgeted
+        under_budget = self.max_bytes is None or budgeted <= self.max_bytes * LOW_WATERMARK
         return under_budget and (free is None or free >= self.min_free_bytes * FREE_MARGIN)
 
     async def _evictable(self, digest: Digest) -> bool:
