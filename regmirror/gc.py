@@ -134,15 +134,13 @@ def _partials(data_dir: Path, dry_run: bool) -> list[Removal]:
 
 async def _store(settings: Settings, data_dir: Path, report: Report, *, unreferenced: bool) -> None:
     shared = S3Driver(settings.s3) if settings.s3.bucket else None
-    cache = BlobCache(
-        data_dir,
-        max_bytes=settings.cache.max_bytes,
-        min_free_bytes=settings.cache.min_free_bytes,
-        shared=shared,
-        unreferenced_grace=float("inf"),  # deleted below, as asked, not in the background
-    )
+    # No limits and an endless grace while it loads: nothing is deleted in the background
+    # (a dry run must delete nothing); what goes is decided below.
+    cache = BlobCache(data_dir, shared=shared, unreferenced_grace=float("inf"))
     try:
         await cache.load()
+        cache.max_bytes = settings.cache.max_bytes
+        cache.min_free_bytes = settings.cache.min_free_bytes
         grace = 0.0 if unreferenced else settings.cache.unreferenced_grace
         gone, _ = await cache.delete_unreferenced(grace, dry_run=report.dry_run)
         why = "no link references it" + ("" if unreferenced else f" for {grace:g}s")
