@@ -24,7 +24,6 @@ from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
-from regmirror.storage.s3 import S3Driver
 from regmirror.uploads import Uploads
 from regmirror.upstream import UpstreamRouter
 
@@ -46,6 +45,9 @@ def create_app(settings: Settings) -> web.Application:
     local = FilesystemDriver(data_dir)
     shared = None
     if settings.s3.bucket:
+        # Imported only when used: boto3 is a tenth of a second of every start.
+        from regmirror.storage.s3 import S3Driver
+
         s3 = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
         shared = CountedDriver(s3, on_error=metrics.s3_error)
     cache = BlobCache(

@@ -37,7 +37,6 @@ from regmirror.digest import Digest
 from regmirror.eviction import LOW_WATERMARK, BlobCache
 from regmirror.fill import PARTIAL_SUFFIX
 from regmirror.storage.filesystem import TEMP_PREFIX
-from regmirror.storage.s3 import S3Driver
 from regmirror.uploads import FROZEN_SUFFIX
 
 SESSION = "upload session"
@@ -133,7 +132,11 @@ def _partials(data_dir: Path, dry_run: bool) -> list[Removal]:
 
 
 async def _store(settings: Settings, data_dir: Path, report: Report, *, unreferenced: bool) -> None:
-    shared = S3Driver(settings.s3) if settings.s3.bucket else None
+    shared = None
+    if settings.s3.bucket:
+        from regmirror.storage.s3 import S3Driver  # boto3 only when used
+
+        shared = S3Driver(settings.s3)
     # No limits and an endless grace while it loads: nothing is deleted in the background
     # (a dry run must delete nothing); what goes is decided below.
     cache = BlobCache(data_dir, shared=shared, unreferenced_grace=float("inf"))
