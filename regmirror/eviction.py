@@ -59,7 +59,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -619,13 +619,7 @@ def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State, float]]:
     found unreferenced (and its link is read again before it could be deleted)."""
     pushed, proxied = linked_digests(root)
     found = []
-    blobs = root / layout.ROOT / "blobs"
-    for data in blobs.glob("*/*/*/data"):
-        algorithm, encoded = data.parent.parent.parent.name, data.parent.name
-        try:
-            st = data.stat()
-        except FileNotFoundError:
-            continue
+    for algorithm, encoded, st in _blob_files(str(root / layout.ROOT / "blobs")):
         try:
             digest = Digest.parse(f"{algorithm}:{encoded}")
         except DigestInvalid:
@@ -633,6 +627,27 @@ def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State, float]]:
         found.append((st.st_mtime_ns, digest, st.st_size, _state(digest, pushed, proxied, s3=s3)))
     found.sort(key=lambda item: item[0])
     return [(digest, size, state, ns / 1e9) for ns, digest, size, state in found]
+
+
+def _blob_files(blobs: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(algorithm, encoded, stat) of each ``<alg>/<2 hex>/<encoded>/data`` under
+    ``blobs``; os.scandir, not pathlib: a 100,000-blob store is scanned at startup."""
+    for algorithm in _subdirs(blobs):
+        for prefix in _subdirs(algorithm.path):
+            for encoded in _subdirs(prefix.path):
+                try:
+                    st = os.stat(os.path.join(encoded.path, "data"))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                yield algorithm.name, encoded.name, st
+
+
+def _subdirs(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _state(digest: Digest, pushed: set[Digest], proxied: set[Digest], *, s3: bool) -> State:
@@ -655,8 +670,8 @@ def _linked(repositories: Path) -> set[Digest]:
     for directory, _, files in os.walk(repositories):
         if "link" not in files:
             continue
-        parts = Path(directory).parts
-        if len(parts) >= 3 and parts[-3] in ("_layers", "revisions"):
+        parts = directory.rsplit(os.sep, 3)
+        if len(parts) == 4 and parts[-3] in ("_layers", "revisions"):
             with contextlib.suppress(DigestInvalid):
                 linked.add(Digest.parse(f"{parts[-2]}:{parts[-1]}"))
     return linked
