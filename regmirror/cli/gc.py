@@ -74,7 +74,8 @@ def _print(report: Report) -> None:
             f"{verb} {removal.kind} {removal.path} ({size_text(removal.bytes)}): {removal.reason}"
         )
     for kind in (SESSION, PARTIAL, UNREFERENCED, EVICTED):
-        print(f"{kind}s: {report.count_of(kind)} {verb}, {size_text(report.bytes_of(kind))}")
+        done = "to remove" if report.dry_run else "removed"
+        print(f"{kind}s {done}: {report.count_of(kind)} ({size_text(report.bytes_of(kind))})")
     if report.unreferenced_kept:
         print(
             f"{report.unreferenced_kept} unreferenced blobs kept (within "
