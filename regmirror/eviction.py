@@ -399,14 +399,22 @@ class BlobCache:
         if size <= free - self.min_free_bytes:
             return None  # fits as things are: no need to wait for the index
         await self.wait_loaded()
-        evictable = sum(
-            e.size
-            for d, e in self._entries.items()
-            if e.state is not State.PINNED and not self.held(d)
-        )
-        if size > free - self.min_free_bytes + evictable:
+        if size > free - self.min_free_bytes + self.evictable_bytes():
             return "disk_full"
         return None
+
+    def evictable_bytes(self) -> int:
+        """Bytes eviction could free now: blobs neither pinned nor held (those still to be
+        checked against S3 included: S3 usually has them), nor unreferenced and still
+        within their grace. Only what is indexed so far while the index loads."""
+        now = time.time()
+        return sum(
+            e.size
+            for d, e in self._entries.items()
+            if e.state is not State.PINNED
+            and not self.held(d)
+            and not (e.state is State.UNREFERENCED and e.mtime + self.unreferenced_grace > now)
+        )
 
     def reserve(self, size: int) -> Reservation:
         """Count a fill of ``size`` bytes toward the budget until it is released (it is

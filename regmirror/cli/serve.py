@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             Listen(host, port),
             tls=tls,
             probes=Listen(*probes) if probes is not None else None,
+            settings=settings.server,
         )
     except DataDirBusy as exc:
         print(f"regmirror: {exc}", file=sys.stderr)
