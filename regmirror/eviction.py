@@ -318,7 +318,7 @@ class BlobCache:
 
     async def _evict(self) -> None:
         free = await asyncio.to_thread(self._free)
-        self.uploads = await asyncio.to_thread(_tree_bytes, self.root / "uploads")
+        self.uploads = await asyncio.to_thread(_sessions_bytes, self.root / "uploads")
         self._report()
         if not self._over(free):
             self._stuck = False
@@ -452,16 +452,21 @@ def _set_mtime(path: Path, ns: int) -> None:
         os.utime(path, ns=(ns, ns))
 
 
-def _tree_bytes(root: Path) -> int:
-    """The disk that ``root`` and everything under it take (as ``du`` counts: allocated
-    blocks, directories included, or the size when larger), 0 if it does not exist.
-    Blocking."""
+def _sessions_bytes(root: Path) -> int:
+    """The disk the upload sessions under ``root`` take, as ``du`` counts it (allocated
+    blocks, their directories included), 0 if there are none. A frozen session (being
+    committed) is left out: its bytes are moving into the store, counted there. Blocking."""
     total = 0
-    for directory, _, files in os.walk(root):
-        for path in (directory, *(os.path.join(directory, name) for name in files)):
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(path)
-                total += max(st.st_blocks * 512, 0 if path == directory else st.st_size)
+    try:
+        sessions = [e.path for e in os.scandir(root) if not e.name.endswith(".commit")]
+    except FileNotFoundError:
+        return 0
+    for session in sessions:
+        for directory, _, files in os.walk(session):
+            for path in (directory, *(os.path.join(directory, name) for name in files)):
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(path)
+                    total += max(st.st_blocks * 512, 0 if path == directory else st.st_size)
     return total
 
 

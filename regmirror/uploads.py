@@ -118,6 +118,8 @@ class Uploads:
         self._committing: set[str] = set()
         # Sessions a request is appending to: any other write is refused, not queued.
         self._writing: set[str] = set()
+        # Bytes each session was reported to take (on_growth), given back when it closes.
+        self._reported: dict[str, int] = {}
 
     async def load(self) -> int:
         """Count the sessions already on disk (an earlier run's) toward the caps."""
@@ -140,7 +142,7 @@ class Uploads:
                 await asyncio.to_thread(shutil.rmtree, upload.directory, True)
                 self._closed(upload_id)
                 raise
-        self._on_growth(SESSION_OVERHEAD)
+        self._grew(upload_id, SESSION_OVERHEAD)
         return upload
 
     def check_size(self, nbytes: int) -> None:
@@ -225,7 +227,7 @@ class Uploads:
                             break
                         self.check_size(offset + received)
                         await asyncio.to_thread(_write, handle, state, chunk)
-                        self._on_growth(len(chunk))
+                        self._grew(upload.id, len(chunk))
                     if length is not None and received != length:
                         raise SizeInvalid(
                             f"chunk announced {length} bytes but carried {received}",
@@ -235,7 +237,7 @@ class Uploads:
                 written = state.offset - offset
                 await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
                 self._hashes.pop(upload.id, None)
-                self._on_growth(-written)
+                self._grew(upload.id, -written)
                 if isinstance(exc, UploadRefused):
                     exc.headers.setdefault("Range", _range_headers(offset)["Range"])
                 raise
@@ -358,10 +360,16 @@ class Uploads:
         size = os.fstat(fd).st_size
         return frozen / "data", state if state is not None and state.offset == size else None, fd
 
+    def _grew(self, upload_id: str, nbytes: int) -> None:
+        self._reported[upload_id] = self._reported.get(upload_id, 0) + nbytes
+        self._on_growth(nbytes)
+
     def _closed(self, upload_id: str) -> None:
-        """The session is gone: it no longer counts toward the caps."""
+        """The session is gone: it no longer counts toward the caps or the disk budget."""
         if self.caps is not None:
             self.caps.close(upload_id)
+        if nbytes := self._reported.pop(upload_id, 0):
+            self._on_growth(-nbytes)
 
     def _check_not_committing(self, upload_id: str) -> None:
         if upload_id in self._committing:
