@@ -116,8 +116,9 @@ class Uploads:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Sessions frozen by a closing PUT: gone for every other request.
         self._committing: set[str] = set()
-        # Sessions a request is appending to: any other write is refused, not queued.
-        self._writing: set[str] = set()
+        # Sessions a request is appending to, with the offset its chunk starts at (None
+        # until known): any other write is refused, not queued.
+        self._writing: dict[str, int | None] = {}
         # Bytes each session was reported to take (on_growth), given back when it closes.
         self._reported: dict[str, int] = {}
 
@@ -190,12 +191,12 @@ class Uploads:
         self._check_not_committing(upload.id)
         if upload.id in self._writing:
             raise await self._busy(upload)
-        self._writing.add(upload.id)
+        self._writing[upload.id] = None
         try:
             async with self._lock(upload):
                 return await self._append_locked(upload, body, start=start, length=length)
         finally:
-            self._writing.discard(upload.id)
+            del self._writing[upload.id]
 
     async def _append_locked(
         self, upload: Upload, body: AsyncIterator[bytes], *, start: int | None, length: int | None
@@ -208,7 +209,7 @@ class Uploads:
         except BlockingIOError:  # another process is appending to it, or committing it
             raise await self._busy(upload) from None
         try:
-            offset = os.fstat(handle.fileno()).st_size
+            offset = self._writing[upload.id] = os.fstat(handle.fileno()).st_size
             if start is not None and start != offset:
                 raise RangeInvalid(
                     f"chunk starts at {start} but the upload holds {offset} bytes",
@@ -246,11 +247,14 @@ class Uploads:
         return offset + received
 
     async def _busy(self, upload: Upload) -> UploadBusy:
-        """The error for a write to a session another request is writing to."""
-        try:
-            size = (await asyncio.to_thread(os.stat, upload.data)).st_size
-        except FileNotFoundError:
-            size = 0
+        """The error for a write to a session another request is writing to; its Range is
+        what the session holds without the chunk being written."""
+        size = self._writing.get(upload.id)
+        if size is None:
+            try:
+                size = (await asyncio.to_thread(os.stat, upload.data)).st_size
+            except FileNotFoundError:
+                size = 0
         return UploadBusy(
             f"upload {upload.id} is being written by another request; retry once it ends "
             "(GET the session for the offset it holds)",
