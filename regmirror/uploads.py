@@ -146,13 +146,15 @@ class Uploads:
         self._grew(upload_id, SESSION_OVERHEAD)
         return upload
 
-    def check_size(self, nbytes: int) -> None:
-        """A blob of ``nbytes`` would be too large: 413 before anything is opened or read."""
+    def check_size(self, nbytes: int, *, holds: int | None = None) -> None:
+        """413 if a blob of ``nbytes`` would be too large (``holds``: what the session
+        keeps meanwhile, for the error's Range)."""
         if self.max_blob_bytes is not None and nbytes > self.max_blob_bytes:
             raise UploadTooLarge(
                 f"a blob of {nbytes} bytes is larger than this registry takes "
                 f"(uploads.max_blob_bytes: {self.max_blob_bytes})",
                 {"size": nbytes, "max": self.max_blob_bytes},
+                headers=None if holds is None else _range_headers(holds),
             )
 
     async def get(self, name: str, upload_id: str) -> Upload:
@@ -217,7 +219,7 @@ class Uploads:
                     headers=_range_headers(offset),
                 )
             if length is not None:
-                self.check_size(offset + length)
+                self.check_size(offset + length, holds=offset)
             state = await self._hash(upload, offset)
             received = 0
             try:

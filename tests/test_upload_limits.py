@@ -12,15 +12,32 @@ idle tests run ``regmirror serve`` as a process, so RSS is the server's alone.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient
 
-from tests.support.api import blob_bytes, sha256
+from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
+from regmirror.config import CacheSettings, UploadSettings
+from regmirror.eviction import _sessions_bytes
+from tests.support.api import (  # noqa: F401  (fixtures)
+    assert_error,
+    blob_bytes,
+    data_dir,
+    get_blob_bytes,
+    make_client,
+    push_blob,
+    sha256,
+    start_upload,
+)
+from tests.support.auth import request_from
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
+from tests.support.s3 import moto_s3  # noqa: F401
 from tests.support.stalled import StalledPatch, rss_kib
+from tests.test_eviction import on_disk, s3_settings
 
 NAME = "lib/app"
 KiB, MiB = 1024, 1024 * 1024
@@ -181,3 +198,123 @@ async def test_a_write_to_a_session_another_request_is_writing_is_refused_at_onc
         assert put.status == 201, await put.text()
     async with http.get(f"{server.url}/metrics") as metrics:
         assert refusals(await metrics.text(), "busy") >= 2
+
+
+# -- in process: size limit, session caps, disk budget ---------------------------------
+
+
+def sample(client: TestClient, name: str, **labels: str) -> float:
+    value = client.app[METRICS].registry.get_sample_value(name, labels)
+    assert value is not None, name
+    return value
+
+
+async def pieces(data: bytes, size: int = 16 * KiB) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def test_blob_over_max_blob_bytes_is_413_and_leaves_nothing(make_client, data_dir):
+    client = await make_client(uploads=UploadSettings(max_blob_bytes=100 * KiB))
+    data = blob_bytes(150 * KiB, seed=4)
+    location = await start_upload(client, NAME)
+    session = data_dir / "uploads" / location.rsplit("/", 1)[1]
+    assert (await client.patch(location, data=data[:60 * KiB])).status == 202
+
+    # Announced up front (Content-Length), then streamed past the limit (chunked).
+    declared = await client.patch(location, data=data[60 * KiB :])
+    streamed = await client.patch(location, data=pieces(data[60 * KiB :]))
+
+    for response in (declared, streamed):
+        await assert_error(response, 413, "BLOB_UPLOAD_INVALID")
+        assert "uploads.max_blob_bytes" in (await response.json())["errors"][0]["message"]
+        assert response.headers["Range"] == f"0-{60 * KiB - 1}"
+    assert (session / "data").stat().st_size == 60 * KiB  # the refused bytes are gone
+    assert sample(client, "regmirror_upload_refusals_total", reason="too_large") == 2
+    whole = await client.post(f"/v2/{NAME}/blobs/uploads/?digest={sha256(data)}", data=data)
+    await assert_error(whole, 413, "BLOB_UPLOAD_INVALID")
+    assert sorted(p.name for p in (data_dir / "uploads").iterdir()) == [session.name]
+    fits = data[: 100 * KiB]
+    put = await client.put(
+        f"{location}?digest={sha256(fits)}",
+        data=fits[60 * KiB :],
+        headers={"Content-Range": f"{60 * KiB}-{100 * KiB - 1}"},
+    )
+    assert put.status == 201, await put.text()  # exactly the limit is allowed
+    assert await get_blob_bytes(client, NAME, sha256(fits)) == fits
+
+
+async def test_open_sessions_are_capped_per_client_and_in_all(make_client, data_dir):
+    client = await make_client(
+        uploads=UploadSettings(max_sessions=3, max_sessions_per_client=2)
+    )
+    path = f"/v2/{NAME}/blobs/uploads/"
+    first = [await request_from(client, "127.0.0.2", "POST", path) for _ in range(2)]
+    refused = await request_from(client, "127.0.0.2", "POST", path)
+    other = await request_from(client, "127.0.0.3", "POST", path)
+    full = await request_from(client, "127.0.0.4", "POST", path)
+
+    assert [status for status, _, _ in first] == [202, 202]
+    assert refused[0] == 429 and b'"TOOMANYREQUESTS"' in refused[2]
+    assert b"max_sessions_per_client" in refused[2] and b"127.0.0.2" in refused[2]
+    assert other[0] == 202
+    assert full[0] == 429 and b"uploads.max_sessions)" in full[2]
+    assert len(list((data_dir / "uploads").iterdir())) == 3
+    assert sample(client, "regmirror_upload_refusals_total", reason="max_sessions") == 1
+    refusals_ = "regmirror_upload_refusals_total"
+    assert sample(client, refusals_, reason="max_sessions_per_client") == 1
+
+    # A session cancelled or committed frees its place; a restart still counts the rest.
+    status, _, _ = await request_from(client, "127.0.0.2", "DELETE", first[0][1]["Location"])
+    assert status == 204
+    data = blob_bytes(1000, seed=5)
+    status, _, _ = await request_from(
+        client, "127.0.0.2", "PUT", f"{first[1][1]['Location']}?digest={sha256(data)}", data=data
+    )
+    assert status == 201
+    assert (await request_from(client, "127.0.0.2", "POST", path))[0] == 202
+    assert (await request_from(client, "127.0.0.2", "POST", path))[0] == 202
+    assert (await request_from(client, "127.0.0.5", "POST", path))[0] == 429
+    restarted = await make_client(
+        uploads=UploadSettings(max_sessions=3, max_sessions_per_client=2)
+    )
+    assert (await request_from(restarted, "127.0.0.2", "POST", path))[0] == 429
+    assert (await request_from(restarted, "127.0.0.6", "POST", path))[0] == 429
+
+
+async def test_expired_sessions_free_their_places(make_client, data_dir):
+    client = await make_client(uploads=UploadSettings(max_sessions=1))
+    location = await start_upload(client, NAME)
+    response = await client.post(f"/v2/{NAME}/blobs/uploads/")
+    await assert_error(response, 429, "TOOMANYREQUESTS")
+    old = time.time() - client.app[UPLOADS].ttl - 60
+    for path in (data_dir / "uploads" / location.rsplit("/", 1)[1]).iterdir():
+        os.utime(path, (old, old))
+
+    assert await client.app[UPLOADS].expire() == 1
+
+    await start_upload(client, NAME)
+
+
+async def test_upload_sessions_count_in_the_disk_budget(make_client, moto_s3, data_dir):
+    budget = 200 * KiB
+    client = await make_client(s3=s3_settings(moto_s3), cache=CacheSettings(max_bytes=budget))
+    cache = client.app[REGISTRY].cache
+    pushed = [await push_blob(client, NAME, blob_bytes(20 * KiB, seed=s)) for s in range(6)]
+    await cache.settle()
+    assert len(on_disk(data_dir)) == len(pushed)  # 120 KiB: within the budget
+
+    location = await start_upload(client, NAME)
+    response = await client.patch(location, data=pieces(blob_bytes(100 * KiB, seed=9)))
+    assert response.status == 202
+    await cache.settle()
+
+    sessions = _sessions_bytes(data_dir / "uploads")
+    assert sessions >= 100 * KiB
+    assert sample(client, "regmirror_cache_staged_bytes") >= 100 * KiB
+    stored = sum(on_disk(data_dir).values())
+    assert len(on_disk(data_dir)) < len(pushed), "the session's bytes evicted nothing"
+    assert stored + sessions <= budget * 0.85
+
+    assert (await client.delete(location)).status == 204
+    assert sample(client, "regmirror_cache_staged_bytes") < 100 * KiB
