@@ -46,10 +46,6 @@ class HeapTrimmer:
         self._pending = 0  # bytes moved since the last trim
         self._recent = 0  # bytes moved in the current interval
 
-    @property
-    def available(self) -> bool:
-        return self._trim is not None
-
     def moved(self, nbytes: int) -> None:
         if nbytes > 0:
             self._pending += nbytes

@@ -21,8 +21,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
-from regmirror.config import CacheSettings, UploadSettings
+from regmirror.config import CacheSettings, ConfigError, UploadSettings, load
 from regmirror.eviction import _sessions_bytes
+from regmirror.memory import HeapTrimmer
 from tests.support.api import (  # noqa: F401  (fixtures)
     assert_error,
     blob_bytes,
@@ -318,3 +319,34 @@ async def test_upload_sessions_count_in_the_disk_budget(make_client, moto_s3, da
 
     assert (await client.delete(location)).status == 204
     assert sample(client, "regmirror_cache_staged_bytes") < 100 * KiB
+
+
+def test_upload_limit_settings_from_file_and_environment(tmp_path):
+    path = tmp_path / "regmirror.yml"
+    path.write_text("uploads:\n  max_blob_bytes: 2GiB\n  max_sessions: 10\n")
+    settings = load(
+        path,
+        environ={
+            "REGMIRROR_UPLOADS__IDLE_TIMEOUT": "2.5",
+            "REGMIRROR_UPLOADS__MAX_SESSIONS_PER_CLIENT": "3",
+        },
+    )
+    assert settings.uploads == UploadSettings(
+        max_blob_bytes=2 * 1024**3, max_sessions=10, max_sessions_per_client=3, idle_timeout=2.5
+    )
+    assert UploadSettings().max_blob_bytes == 10 * 1024**3
+    for key in ("idle_timeout", "max_blob_bytes", "max_sessions", "max_sessions_per_client"):
+        with pytest.raises(ConfigError, match=f"uploads.{key}"):
+            load(environ={f"REGMIRROR_UPLOADS__{key.upper()}": "0"})
+
+
+async def test_heap_is_trimmed_once_uploads_go_quiet_after_a_burst():
+    trimmer = HeapTrimmer(after_bytes=1 * MiB)
+    trimmer.moved(2 * MiB)
+    assert not await trimmer.tick()  # bytes moved in this interval: not quiet yet
+    assert await trimmer.tick()  # quiet after the burst: trimmed
+    assert not await trimmer.tick()  # once
+    trimmer.moved(512 * KiB)
+    await trimmer.tick()
+    assert not await trimmer.tick()  # too little moved since to be worth it
+    assert trimmer.trims == 1
