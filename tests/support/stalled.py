@@ -51,6 +51,17 @@ class StalledPatch:
             return 0, data
         return int(data[9:12]), data
 
+    async def closed(self, timeout: float) -> bool:
+        """Whether the server closes the connection within ``timeout`` seconds."""
+        assert self.reader is not None
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.reader.read(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
