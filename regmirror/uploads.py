@@ -221,6 +221,7 @@ class Uploads:
             if length is not None:
                 self.check_size(offset + length, holds=offset)
             state = await self._hash(upload, offset)
+            before = state.hasher.copy()  # a rollback resumes from it, no rehash of the file
             received = 0
             try:
                 with disk_full("store this chunk; the upload keeps what it held before it"):
@@ -238,8 +239,10 @@ class Uploads:
                         )
             except BaseException as exc:
                 written = state.offset - offset
-                await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
                 self._hashes.pop(upload.id, None)
+                await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
+                state.hasher, state.offset = before, offset
+                self._hashes[upload.id] = state
                 self._grew(upload.id, -written)
                 if isinstance(exc, UploadRefused):
                     exc.headers.setdefault("Range", _range_headers(offset)["Range"])

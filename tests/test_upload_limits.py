@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from regmirror import uploads as uploads_module
 from regmirror.api.keys import METRICS, REGISTRY, UPLOADS
 from regmirror.config import CacheSettings, ConfigError, UploadSettings, load
 from regmirror.eviction import _sessions_bytes
@@ -27,6 +28,7 @@ from regmirror.memory import HeapTrimmer
 from tests.support.api import (  # noqa: F401  (fixtures)
     assert_error,
     blob_bytes,
+    client,
     data_dir,
     get_blob_bytes,
     make_client,
@@ -90,7 +92,9 @@ async def test_stalled_uploads_keep_server_memory_bounded(regmirror_server, http
     await asyncio.sleep(SETTLE)
     after = rss_kib(pid) * KiB
 
-    print(f"RSS before {before / MiB:.1f} MiB, stalled {during / MiB:.1f}, closed {after / MiB:.1f}")
+    print(
+        f"RSS before {before / MiB:.1f} MiB, stalled {during / MiB:.1f}, closed {after / MiB:.1f}"
+    )
     assert during - before < RSS_GROWTH_BOUND, (before, during)
     assert after - before < RSS_GROWTH_BOUND, (before, after)
     assert streamed == STALLED * STALLED_BYTES, "stalled chunks were not written to disk"
@@ -132,7 +136,9 @@ async def test_stalled_chunked_patch_is_cut_after_idle_timeout_and_session_stays
     async with http.get(f"{server.url}{location}") as status_:
         assert status_.status == 204 and status_.headers["Range"] == "0-999"
     async with http.patch(
-        f"{server.url}{location}", data=data[1000:], headers={"Content-Range": f"1000-{len(data) - 1}"}
+        f"{server.url}{location}",
+        data=data[1000:],
+        headers={"Content-Range": f"1000-{len(data) - 1}"},
     ) as rest:
         assert rest.status == 202, await rest.text()
     async with http.put(f"{server.url}{location}?digest={sha256(data)}") as put:
@@ -220,7 +226,7 @@ async def test_blob_over_max_blob_bytes_is_413_and_leaves_nothing(make_client, d
     data = blob_bytes(150 * KiB, seed=4)
     location = await start_upload(client, NAME)
     session = data_dir / "uploads" / location.rsplit("/", 1)[1]
-    assert (await client.patch(location, data=data[:60 * KiB])).status == 202
+    assert (await client.patch(location, data=data[: 60 * KiB])).status == 202
 
     # Announced up front (Content-Length), then streamed past the limit (chunked).
     declared = await client.patch(location, data=data[60 * KiB :])
@@ -246,9 +252,7 @@ async def test_blob_over_max_blob_bytes_is_413_and_leaves_nothing(make_client, d
 
 
 async def test_open_sessions_are_capped_per_client_and_in_all(make_client, data_dir):
-    client = await make_client(
-        uploads=UploadSettings(max_sessions=3, max_sessions_per_client=2)
-    )
+    client = await make_client(uploads=UploadSettings(max_sessions=3, max_sessions_per_client=2))
     path = f"/v2/{NAME}/blobs/uploads/"
     first = [await request_from(client, "127.0.0.2", "POST", path) for _ in range(2)]
     refused = await request_from(client, "127.0.0.2", "POST", path)
@@ -276,9 +280,7 @@ async def test_open_sessions_are_capped_per_client_and_in_all(make_client, data_
     assert (await request_from(client, "127.0.0.2", "POST", path))[0] == 202
     assert (await request_from(client, "127.0.0.2", "POST", path))[0] == 202
     assert (await request_from(client, "127.0.0.5", "POST", path))[0] == 429
-    restarted = await make_client(
-        uploads=UploadSettings(max_sessions=3, max_sessions_per_client=2)
-    )
+    restarted = await make_client(uploads=UploadSettings(max_sessions=3, max_sessions_per_client=2))
     assert (await request_from(restarted, "127.0.0.2", "POST", path))[0] == 429
     assert (await request_from(restarted, "127.0.0.6", "POST", path))[0] == 429
 
@@ -350,3 +352,26 @@ async def test_heap_is_trimmed_once_uploads_go_quiet_after_a_burst():
     await trimmer.tick()
     assert not await trimmer.tick()  # too little moved since to be worth it
     assert trimmer.trims == 1
+
+
+async def test_a_rolled_back_chunk_resumes_the_running_hash_without_reading_the_file(
+    client, monkeypatch
+):
+    data = blob_bytes(300 * KiB, seed=11)
+    location = await start_upload(client, NAME)
+    assert (await client.patch(location, data=pieces(data[: 200 * KiB]))).status == 202
+    rehashed = []
+    monkeypatch.setattr(uploads_module, "_hash_file", lambda *args: rehashed.append(args))
+
+    short = await client.patch(
+        location,
+        data=pieces(data[200 * KiB : 250 * KiB]),
+        headers={"Content-Range": f"{200 * KiB}-{300 * KiB - 1}"},
+    )
+    await assert_error(short, 400, "SIZE_INVALID")
+    rest = await client.patch(location, data=pieces(data[200 * KiB :]))
+    put = await client.put(f"{location}?digest={sha256(data)}")
+
+    assert rest.status == 202 and put.status == 201, await put.text()
+    assert rehashed == []  # a cut at 9 GiB must not cost reading 9 GiB again
+    assert await get_blob_bytes(client, NAME, sha256(data)) == data
