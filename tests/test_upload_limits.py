@@ -375,3 +375,36 @@ async def test_a_rolled_back_chunk_resumes_the_running_hash_without_reading_the_
     assert rest.status == 202 and put.status == 201, await put.text()
     assert rehashed == []  # a cut at 9 GiB must not cost reading 9 GiB again
     assert await get_blob_bytes(client, NAME, sha256(data)) == data
+
+
+async def raw_exchange(client: TestClient, head: str, body: bytes | None = None) -> bytes:
+    """Send ``head``; read what the server answers before any body (then send ``body``
+    and read the rest). Returns everything the server sent."""
+    url = client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head.encode())
+        await writer.drain()
+        received = await asyncio.wait_for(reader.read(65536), 5)
+        if body is not None:
+            writer.write(body)
+            await writer.drain()
+            while b"\r\n\r\n" not in received.partition(b"100 Continue\r\n\r\n")[2]:
+                received += await asyncio.wait_for(reader.read(65536), 5)
+        return received
+    finally:
+        writer.close()
+
+
+async def test_expect_continue_refuses_a_too_large_body_before_it_is_sent(make_client):
+    client = await make_client(uploads=UploadSettings(max_blob_bytes=100 * KiB))
+    location = await start_upload(client, NAME)
+    request = "PATCH {} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n"
+
+    refused = await raw_exchange(client, request.format(location, 200 * KiB))
+    accepted = await raw_exchange(client, request.format(location, 10), body=b"0123456789")
+
+    assert refused.startswith(b"HTTP/1.1 413 "), refused[:200]
+    assert b'"BLOB_UPLOAD_INVALID"' in refused and b"100 Continue" not in refused
+    assert accepted.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 "), accepted[:200]
+    assert sample(client, "regmirror_upload_refusals_total", reason="too_large") == 1

@@ -18,14 +18,21 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import StreamReader, web
+from aiohttp import HttpVersion11, StreamReader, web
 
 from regmirror.api import params
 from regmirror.api.envelope import error_response
 from regmirror.api.keys import METRICS, REGISTRY, TRUSTED_PROXIES, UPLOAD_IDLE_TIMEOUT, UPLOADS
 from regmirror.auth.clients import client_address
 from regmirror.digest import Digest
-from regmirror.errors import BlobUploadUnknown, SizeInvalid, UploadIdle, UploadRefused
+from regmirror.errors import (
+    BlobUploadUnknown,
+    RegistryError,
+    SizeInvalid,
+    UploadIdle,
+    UploadRefused,
+    UploadTooLarge,
+)
 from regmirror.names import check_name
 from regmirror.uploads import Upload, disk_full
 
@@ -58,6 +65,30 @@ async def _close_after(request: web.Request, response: web.Response) -> web.Resp
     await response.write_eof()
     request.protocol.force_close()  # closes the transport once what was written is sent
     return response
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` (curl sends it for large bodies): a body larger than any
+    blob may be is refused with its 413 before the client sends it; otherwise "100
+    Continue", as aiohttp's own handler answers. Runs before the middlewares, so it
+    raises nothing: a malformed Content-Length is the handler's to refuse."""
+    try:
+        declared = params.content_length(request)
+        if declared is not None:
+            request.app[UPLOADS].check_size(declared)
+    except UploadTooLarge as exc:
+        request.app[METRICS].upload_refused(exc.reason)
+        response = error_response(exc)
+        response.force_close()  # the body it announced is not coming, or not wanted
+        return response
+    except RegistryError:
+        pass
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+        return None
+    raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:100]}")
 
 
 @_counted
