@@ -11,10 +11,10 @@ down to the low watermark, or until ``min_free_bytes`` plus a margin is free.
 
 What counts toward ``max_bytes``: the stored blobs, the sizes of the fills in flight
 (reserved when a fill starts, so eviction makes room ahead of it; see
-:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads``: the disk they
-take, directories and empty sessions included, measured by each eviction pass and
-counted up as uploads write (:meth:`BlobCache.uploads_grew`), so a push that fills the
-disk or the budget starts eviction as it goes, not at the next blob. A write that finds the disk full calls :meth:`BlobCache.make_room`:
+:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads``: measured by
+each eviction pass and counted up as uploads write (:meth:`BlobCache.uploads_grew`), so
+a push that fills the disk or the budget starts eviction as it goes, not at the next
+blob. A write that finds the disk full calls :meth:`BlobCache.make_room`:
 ENOSPC is an eviction trigger, with or without configured limits.
 
 LRU order survives a restart: a read stamps the blob file's mtime (a blob's content
@@ -453,9 +453,10 @@ def _set_mtime(path: Path, ns: int) -> None:
 
 
 def _sessions_bytes(root: Path) -> int:
-    """The disk the upload sessions under ``root`` take, as ``du`` counts it (allocated
-    blocks, their directories included), 0 if there are none. A frozen session (being
-    committed) is left out: its bytes are moving into the store, counted there. Blocking."""
+    """Bytes of the upload sessions' files under ``root`` (0 if there are none), counted
+    as blobs are, by size; what the filesystem adds (directories, blocks) the free-space
+    floor sees. A frozen session (being committed) is left out: its bytes are moving into
+    the store, counted there. Blocking."""
     total = 0
     try:
         sessions = [e.path for e in os.scandir(root) if not e.name.endswith(".commit")]
@@ -463,10 +464,9 @@ def _sessions_bytes(root: Path) -> int:
         return 0
     for session in sessions:
         for directory, _, files in os.walk(session):
-            for path in (directory, *(os.path.join(directory, name) for name in files)):
+            for name in files:
                 with contextlib.suppress(FileNotFoundError):
-                    st = os.stat(path)
-                    total += max(st.st_blocks * 512, 0 if path == directory else st.st_size)
+                    total += os.stat(os.path.join(directory, name)).st_size
     return total
 
 

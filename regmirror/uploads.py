@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 _UUID = re.compile(r"^[0-9a-f]{32}$")
 # Files are hashed off the event loop in reads of this size.
 BATCH = 1024 * 1024
-# What a new session takes on disk before its first byte (a directory, two files' blocks),
-# counted toward the disk budget until the cache's next measure.
-SESSION_OVERHEAD = 8192
 # A frozen session (being committed) is renamed to ``<uuid>`` + this suffix.
 FROZEN_SUFFIX = ".commit"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -143,7 +140,7 @@ class Uploads:
                 await asyncio.to_thread(shutil.rmtree, upload.directory, True)
                 self._closed(upload_id)
                 raise
-        self._grew(upload_id, SESSION_OVERHEAD)
+        self._grew(upload_id, len(info))
         return upload
 
     def check_size(self, nbytes: int, *, holds: int | None = None) -> None:
