@@ -13,13 +13,22 @@ import aiohttp
 from aiohttp import web
 
 from regmirror.api.envelope import envelope, stamp_api_version
-from regmirror.api.keys import METRICS, REGISTRY, TRUSTED_PROXIES, UPLOAD_IDLE_TIMEOUT, UPLOADS
+from regmirror.api.keys import (
+    METRICS,
+    REGISTRY,
+    SHUTDOWN,
+    TRUSTED_PROXIES,
+    UPLOAD_IDLE_TIMEOUT,
+    UPLOADS,
+    WATCHDOG,
+)
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.auth.clients import networks
 from regmirror.config import Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
+from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.memory import HeapTrimmer
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
@@ -95,6 +104,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
     app[TRUSTED_PROXIES] = networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
+    app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
+    app[SHUTDOWN] = Shutdown()
     app.on_response_prepare.append(stamp_api_version)
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
@@ -102,6 +113,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_upstreams(settings, registry))
     app.cleanup_ctx.append(_close_stores(registry))
     app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
+    app.cleanup_ctx.append(_watch_loop)
     # With metrics_listen, /metrics is served there only; the probes stay here too, where
     # load balancers and kubelets already look for them.
     add_routes(app, metrics=settings.metrics_listen is None)
@@ -113,6 +125,8 @@ def create_probe_app(app: web.Application) -> web.Application:
     probes = web.Application(middlewares=[envelope])
     probes[METRICS] = app[METRICS]
     probes[REGISTRY] = app[REGISTRY]
+    probes[WATCHDOG] = app[WATCHDOG]
+    probes[SHUTDOWN] = app[SHUTDOWN]
     add_probe_routes(probes)
     return probes
 
@@ -169,6 +183,13 @@ def _trim_heap(trimmer: HeapTrimmer) -> Context:
         task.cancel()
 
     return trim
+
+
+async def _watch_loop(app: web.Application) -> AsyncIterator[None]:
+    """The watchdog ``/readyz`` asks whether the event loop stalls."""
+    task = asyncio.create_task(app[WATCHDOG].run(), name="loop-watchdog")
+    yield
+    task.cancel()
 
 
 def _upstreams(settings: Settings, registry: Registry) -> Context:

@@ -154,6 +154,26 @@ class UploadSettings:
 
 
 @dataclass
+class ServerSettings:
+    """How the listening ports treat clients and how SIGTERM ends the process."""
+
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight, in total
+    header_timeout: float = 15.0  # seconds a client has to send a request's headers
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept
+    # Open connections per port; beyond it the longest idle one is closed (or, with none
+    # idle, the new one). Lowered at startup to leave room under the fd limit.
+    max_connections: int = 2048
+    max_loop_lag: float = 5.0  # seconds the event loop may stall before /readyz fails
+
+    def __post_init__(self) -> None:
+        for name in ("drain_timeout", "header_timeout", "keepalive_timeout", "max_loop_lag"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+
+
+@dataclass
 class Settings:
     listen: str = "127.0.0.1:5000"
     data_dir: str = field(default_factory=default_data_dir)
@@ -163,6 +183,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     uploads: UploadSettings = field(default_factory=UploadSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port
     # then stops serving /metrics. None: everything on ``listen``.
     metrics_listen: str | None = None
