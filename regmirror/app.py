@@ -29,6 +29,7 @@ from regmirror.config import Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.health import LoopWatchdog, Shutdown
+from regmirror.logs import access as access_log
 from regmirror.memory import HeapTrimmer
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
@@ -55,10 +56,14 @@ def create_app(settings: Settings) -> web.Application:
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    trusted_proxies = networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
+    logged = access_log.middlewares(settings.log.access, trusted_proxies)
+    # The access log's first: it sees every request, refused or failed ones too.
     app = web.Application(
-        middlewares=[envelope, *([access.middleware] if access else [])],
+        middlewares=[*logged, envelope, *([access.middleware] if access else [])],
         handler_args={"read_bufsize": READ_BUFSIZE},
     )
+    app[access_log.ENABLED] = settings.log.access
     app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None
@@ -103,7 +108,7 @@ def create_app(settings: Settings) -> web.Application:
         on_growth=_upload_growth(cache, trimmer),
     )
     app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
-    app[TRUSTED_PROXIES] = networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
+    app[TRUSTED_PROXIES] = trusted_proxies
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
     app[SHUTDOWN] = Shutdown()
     app.on_response_prepare.append(stamp_api_version)

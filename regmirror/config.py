@@ -153,6 +153,21 @@ class UploadSettings:
                 raise ConfigError(f"uploads.{key}: must be more than 0")
 
 
+def _one_of(*choices: str) -> Any:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
+
+
+@dataclass
+class LogSettings:
+    format: str = field(default="text", metadata={"parse": _one_of("text", "json")})
+    access: bool = True  # one line per request on the registry port
+
+
 @dataclass
 class ServerSettings:
     """How the listening ports treat clients and how SIGTERM ends the process."""
@@ -184,6 +199,7 @@ class Settings:
     uploads: UploadSettings = field(default_factory=UploadSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port
     # then stops serving /metrics. None: everything on ``listen``.
     metrics_listen: str | None = None

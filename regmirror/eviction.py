@@ -327,12 +327,18 @@ class BlobCache:
         if not self._over(free):
             self._stuck = False
             return
+        started, count, freed = time.monotonic(), 0, 0
         for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
             if self._enough(free):
                 break
             if not await self._evictable(digest):
                 continue
+            entry = self._entries.get(digest)
             free = await self._delete(digest)
+            if entry is not None and digest not in self._entries:
+                count, freed = count + 1, freed + entry.size
+        if count:
+            _log_round(count, freed, time.monotonic() - started, self)
         if self._enough(free):
             self._stuck = False
         elif not self._stuck:
@@ -422,6 +428,26 @@ class BlobCache:
         if self.observer is not None:
             self.observer.cache_bytes(self.total)
             self.observer.staged_bytes(self.reserved + self.uploads)
+
+
+def _log_round(count: int, freed: int, seconds: float, cache: BlobCache) -> None:
+    log.info(
+        "eviction: %d blobs, %d bytes freed in %.2f s; cache now %d bytes (max_bytes %s)",
+        count,
+        freed,
+        seconds,
+        cache.total,
+        cache.max_bytes,
+        extra={
+            "fields": {
+                "event": "eviction",
+                "blobs": count,
+                "bytes_freed": freed,
+                "seconds": round(seconds, 3),
+                "cache_bytes": cache.total,
+            }
+        },
+    )
 
 
 class Reservation:
