@@ -12,8 +12,18 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from regmirror import datalock
 from regmirror.api.envelope import envelope, stamp_api_version
-from regmirror.api.keys import ACCEL_REDIRECT, METRICS, REGISTRY, SHUTDOWN, UPLOADS, WATCHDOG
+from regmirror.api.keys import (
+    ACCEL_REDIRECT,
+    METRICS,
+    REGISTRY,
+    SHUTDOWN,
+    TRUSTED_PROXIES,
+    UPLOAD_IDLE_TIMEOUT,
+    UPLOADS,
+    WATCHDOG,
+)
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.auth.clients import networks
@@ -22,11 +32,12 @@ from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.logs import access as access_log
+from regmirror.memory import HeapTrimmer
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
-from regmirror.storage.s3 import S3Driver
+from regmirror.upload_caps import SessionCaps
 from regmirror.uploads import Uploads
 from regmirror.upstream import UpstreamRouter
 
@@ -34,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # A temp file this old belongs to no live writer: a crash left it.
 STALE_TEMP_SECONDS = 3600.0
+# What aiohttp buffers of a request body before it stops reading the socket (it pauses
+# at twice this): an upload holds about this much in memory, whatever the blob's size.
+READ_BUFSIZE = 64 * 1024
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -43,16 +57,21 @@ def create_app(settings: Settings) -> web.Application:
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    logged = access_log.middlewares(
-        settings.log.access, networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
-    )
+    trusted_proxies = networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
+    logged = access_log.middlewares(settings.log.access, trusted_proxies)
     # The access log's first: it sees every request, refused or failed ones too.
-    app = web.Application(middlewares=[*logged, envelope, *([access.middleware] if access else [])])
+    app = web.Application(
+        middlewares=[*logged, envelope, *([access.middleware] if access else [])],
+        handler_args={"read_bufsize": READ_BUFSIZE},
+    )
     app[access_log.ENABLED] = settings.log.access
     app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None
     if settings.s3.bucket:
+        # Imported only when used: boto3 is a tenth of a second of every start.
+        from regmirror.storage.s3 import S3Driver
+
         s3 = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
         shared = CountedDriver(s3, on_error=metrics.s3_error)
     cache = BlobCache(
@@ -61,6 +80,7 @@ def create_app(settings: Settings) -> web.Application:
         min_free_bytes=settings.cache.min_free_bytes,
         shared=shared,
         observer=metrics,
+        unreferenced_grace=settings.cache.unreferenced_grace,
     )
     metrics.cache_max.set(settings.cache.max_bytes or 0)
     fills = Fills(
@@ -83,12 +103,26 @@ def create_app(settings: Settings) -> web.Application:
     )
     if settings.server.accel_redirect is not None:
         app[ACCEL_REDIRECT] = settings.server.accel_redirect
-    app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
+    trimmer = HeapTrimmer()
+    app[UPLOADS] = Uploads(
+        data_dir / "uploads",
+        ttl=settings.uploads.ttl,
+        max_blob_bytes=settings.uploads.max_blob_bytes,
+        caps=SessionCaps(
+            total=settings.uploads.max_sessions,
+            per_client=settings.uploads.max_sessions_per_client,
+        ),
+        on_growth=_upload_growth(cache, trimmer),
+    )
+    app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
+    app[TRUSTED_PROXIES] = trusted_proxies
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
     app[SHUTDOWN] = Shutdown()
     app.on_response_prepare.append(stamp_api_version)
+    app.cleanup_ctx.append(_data_dir_lock(data_dir))  # first: nothing starts without it
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
+    app.cleanup_ctx.append(_trim_heap(trimmer))
     app.cleanup_ctx.append(_upstreams(settings, registry))
     app.cleanup_ctx.append(_close_stores(registry))
     app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
@@ -110,13 +144,42 @@ def create_probe_app(app: web.Application) -> web.Application:
     return probes
 
 
+def _data_dir_lock(data_dir: Path) -> Context:
+    """Held while serving, so ``regmirror gc`` refuses to run under this server (and this
+    server refuses to start under ``gc``): see :mod:`regmirror.datalock`."""
+
+    async def lock(app: web.Application) -> AsyncIterator[None]:
+        held = datalock.acquire(data_dir, exclusive=False)
+        try:
+            yield
+        finally:
+            held.release()
+
+    return lock
+
+
 def _sweep_leftovers(data_dir: Path, fills: Fills) -> Context:
+    """Partial files a crash left are deleted in the background: walking a large store
+    takes seconds, and nothing served needs them gone first (a fill claims its partial
+    file with a lock, not by its absence)."""
+
     async def sweep(app: web.Application) -> AsyncIterator[None]:
-        removed = await asyncio.to_thread(remove_stale_temp_files, data_dir, STALE_TEMP_SECONDS)
-        removed += await asyncio.to_thread(fills.remove_stale)
-        if removed:
-            log.info("removed %d partial files left by an earlier run", removed)
+        async def run() -> None:
+            try:
+                removed = await asyncio.to_thread(fills.remove_stale)
+                removed += await asyncio.to_thread(
+                    remove_stale_temp_files, data_dir, STALE_TEMP_SECONDS
+                )
+            except OSError:
+                log.exception("removing partial files left by an earlier run failed")
+                return
+            if removed:
+                log.info("removed %d partial files left by an earlier run", removed)
+
+        task = asyncio.create_task(run(), name="sweep leftovers")
         yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     return sweep
 
@@ -138,9 +201,30 @@ def remove_stale_temp_files(root: Path, older_than: float) -> int:
 
 async def _expire_uploads(app: web.Application) -> AsyncIterator[None]:
     uploads = app[UPLOADS]
+    if found := await uploads.load():
+        log.info("%d upload sessions open from an earlier run", found)
     task = asyncio.create_task(uploads.expire_forever(min(uploads.ttl / 4, 3600.0)))
     yield
     task.cancel()
+
+
+def _upload_growth(cache: BlobCache, trimmer: HeapTrimmer) -> Callable[[int], None]:
+    """Upload bytes count toward the disk budget, and are memory that passed through."""
+
+    def grew(nbytes: int) -> None:
+        cache.uploads_grew(nbytes)
+        trimmer.moved(nbytes)
+
+    return grew
+
+
+def _trim_heap(trimmer: HeapTrimmer) -> Context:
+    async def trim(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(trimmer.run_forever(), name="heap-trim")
+        yield
+        task.cancel()
+
+    return trim
 
 
 async def _watch_loop(app: web.Application) -> AsyncIterator[None]:
@@ -173,11 +257,12 @@ def _upstreams(settings: Settings, registry: Registry) -> Context:
 
 
 def _blob_cache(cache: BlobCache) -> Context:
-    """The index of local blobs is rebuilt before the first request (then evicts if
-    over budget); eviction in progress is stopped at shutdown."""
+    """The index of local blobs is rebuilt in the background (then evicts if over
+    budget, and deletes blobs no link references): requests are served meanwhile. What
+    is in progress is stopped at shutdown."""
 
     async def index(app: web.Application) -> AsyncIterator[None]:
-        await cache.load()
+        cache.start_loading()
         yield
         await cache.close()
 

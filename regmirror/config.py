@@ -60,6 +60,9 @@ class CacheSettings:
     min_free_bytes: int = _size(default=1024**3)
     fill_timeout: float = 3600.0  # seconds one fill from S3 or an upstream may take
     fill_idle_timeout: float = 60.0  # seconds without a byte from the source before it fails
+    # Seconds a blob no link references (a crash between its rename and its link) is kept
+    # after its last use before it is deleted; leaves a push in flight time to link it.
+    unreferenced_grace: float = 3600.0
 
 
 @dataclass
@@ -142,6 +145,15 @@ class TLSSettings:
 @dataclass
 class UploadSettings:
     ttl: float = 24 * 3600.0  # idle seconds after which a session is dropped
+    idle_timeout: float = 60.0  # seconds without a byte of a request body before it is cut
+    max_blob_bytes: int = _size(default=10 * 1024**3)  # the largest blob one may push
+    max_sessions: int = 1000  # open upload sessions in all
+    max_sessions_per_client: int = 250  # open upload sessions per client address
+
+    def __post_init__(self) -> None:
+        for key in ("idle_timeout", "max_blob_bytes", "max_sessions", "max_sessions_per_client"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"uploads.{key}: must be more than 0")
 
 
 def _one_of(*choices: str) -> Any:

@@ -11,8 +11,10 @@ down to the low watermark, or until ``min_free_bytes`` plus a margin is free.
 
 What counts toward ``max_bytes``: the stored blobs, the sizes of the fills in flight
 (reserved when a fill starts, so eviction makes room ahead of it; see
-:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads`` (measured by
-each eviction pass). A write that finds the disk full calls :meth:`BlobCache.make_room`:
+:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads``: measured by
+each eviction pass and counted up as uploads write (:meth:`BlobCache.uploads_grew`), so
+a push that fills the disk or the budget starts eviction as it goes, not at the next
+blob. A write that finds the disk full calls :meth:`BlobCache.make_room`:
 ENOSPC is an eviction trigger, with or without configured limits.
 
 LRU order survives a restart: a read stamps the blob file's mtime (a blob's content
@@ -29,13 +31,22 @@ The never-evict rule: **a blob is evictable iff another tier can give it back.**
 - without S3, a pushed blob or manifest is the registry's only copy: pinned, forever;
 - found by the startup scan: evictable if only pull-through links name it (the
   upstream has it); else, with S3, evictable once S3 is seen to hold it (checked
-  when it is about to go: the data directory may predate the bucket); else pinned.
+  when it is about to go: the data directory may predate the bucket); else pinned;
+- found by the startup scan with no link naming it at all (a kill between a blob's
+  rename into the store and its link, or links deleted since): *unreferenced*. No
+  request can reach it (every read goes through a link), so once it is older than
+  ``unreferenced_grace`` seconds (by its mtime, its last use) it is deleted, links
+  re-read first; the grace leaves a push in flight elsewhere time to write its link.
 
 Blobs held (being served, or being committed) are skipped; fills in flight are not in
 the store yet. An :class:`~collections.OrderedDict` is the index rather than
 :class:`cachetools.LRUCache`, whose eviction happens inside ``__setitem__``, by its own
 size rule, with no way to skip pinned or held entries or to await a file deletion or an
 S3 check: here the cache only orders entries, and this module decides what goes.
+
+The index is built in the background (:meth:`BlobCache.start_loading`): serving never
+waits for it (a stored blob is found by its path), eviction and admission do
+(:meth:`BlobCache.wait_loaded`), so startup takes the same time whatever the store holds.
 
 One process per data directory: another process's writes are only seen after restart.
 """
@@ -46,10 +57,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -64,7 +76,11 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 0.95  # of max_bytes: above it, eviction starts
 LOW_WATERMARK = 0.85  # of max_bytes: eviction stops at or below it
 FREE_MARGIN = 1.1  # x min_free_bytes: free space eviction stops at
+RETRY_SECONDS = 60.0  # until an unreferenced blob in use (or failing to go) is tried again
 MAX_RUNS = 100  # eviction passes one task makes before it lets the next write restart it
+# Upload bytes written between the passes that measure them while no limit seems crossed;
+# a pass (a statvfs and a walk of the sessions) then checks the free-space floor.
+UPLOAD_RECHECK_BYTES = 64 * 1024**2
 
 
 def disk_free(root: Path) -> int:
@@ -77,12 +93,17 @@ class State(enum.Enum):
     PINNED = "pinned"  # the only copy: never evicted
     CHECK_S3 = "check_s3"  # evictable once S3 is seen to hold it
     EVICTABLE = "evictable"
+    UNREFERENCED = "unreferenced"  # no link names it: deleted after the grace period
+
+
+UNREFERENCED_GRACE = 3600.0  # seconds an unreferenced blob is kept after its last use
 
 
 @dataclass(slots=True)
 class _Entry:
     size: int
     state: State
+    mtime: float = 0.0  # seconds; for UNREFERENCED, when the grace period started
 
 
 class CacheObserver(Protocol):
@@ -106,8 +127,10 @@ class BlobCache:
         min_free_bytes: int = 0,
         shared: Driver | None = None,
         observer: CacheObserver | None = None,
+        unreferenced_grace: float = UNREFERENCED_GRACE,
     ):
         self.root = root
+        self.unreferenced_grace = unreferenced_grace
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.shared = shared
@@ -120,10 +143,14 @@ class BlobCache:
         self._again = False
         self._stuck = False  # warned that nothing more can be evicted
         self.reserved = 0  # bytes of the fills in flight (their whole size)
-        self.uploads = 0  # bytes under <data>/uploads, as last measured
+        self.uploads = 0  # bytes under <data>/uploads: as last measured, plus growth since
+        self._uploads_unmeasured = 0  # growth since a pass was last scheduled for it
         self._stamps: set[asyncio.Task[None]] = set()
         self._last_stamp = 0
         self._newest_stamped: Digest | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self._reconciling: asyncio.TimerHandle | asyncio.Task[None] | None = None
         self._on_evicted: list[Callable[[Digest], None]] = []
 
     def on_evicted(self, forget: Callable[[Digest], None]) -> None:
@@ -139,6 +166,24 @@ class BlobCache:
         self._entries.move_to_end(digest)
         self._stamp(digest)
         self._schedule()
+
+    def uploads_grew(self, nbytes: int) -> None:
+        """Upload sessions took ``nbytes`` more on disk (negative: gave them back).
+
+        Counted at once; an eviction pass (which measures the sessions again) is started
+        when they push the budget over its high watermark, and every
+        :data:`UPLOAD_RECHECK_BYTES` of growth, for the free-space floor. While nothing
+        more can be evicted, only the latter: a stuck cache is not rescanned per chunk.
+        """
+        self.uploads = max(0, self.uploads + nbytes)
+        self._report()
+        if nbytes <= 0:
+            return
+        self._uploads_unmeasured += nbytes
+        over = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
+        if self._uploads_unmeasured >= UPLOAD_RECHECK_BYTES or (over and not self._stuck):
+            self._uploads_unmeasured = 0
+            self._schedule()
 
     def touched(self, digest: Digest) -> None:
         """``digest`` was read: the most recently used now."""
@@ -195,31 +240,138 @@ class BlobCache:
         else:
             self._holds.pop(digest, None)
 
-    def _put(self, digest: Digest, size: int, state: State) -> None:
+    def _put(self, digest: Digest, size: int, state: State, mtime: float = 0.0) -> None:
         old = self._entries.get(digest)
         if old is not None:
             self.total -= old.size
-            if State.PINNED in (old.state, state):
+            if old.state is State.UNREFERENCED:
+                pass  # the store has spoken since the scan: it knows better
+            elif State.PINNED in (old.state, state):
                 state = State.PINNED
             elif State.EVICTABLE in (old.state, state):
                 state = State.EVICTABLE
-        self._entries[digest] = _Entry(size, state)
+        self._entries[digest] = _Entry(size, state, mtime)
         self.total += size
         self._report()
 
     # -- startup -----------------------------------------------------------------
 
+    def start_loading(self) -> None:
+        """Build the index in the background (see the module's note on startup)."""
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(self._load(), name="index")
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    async def wait_loaded(self) -> None:
+        """Until the index holds every blob on disk (at once when it does, or when no
+        load was started: an index told about writes only)."""
+        if self._loading is not None:
+            await self._loaded.wait()
+
     async def load(self) -> None:
         """Rebuild the index from the data directory, then evict if over budget."""
-        found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+        self.start_loading()
+        await self.wait_loaded()
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+        except Exception:
+            log.exception("indexing the local cache failed: only new blobs are known")
+            found = []
         # Hottest first, each put before the previous: coldest first in the end, and
         # all of them colder than what the store has told us about since.
-        for digest, size, state in reversed(found):
+        unreferenced = 0
+        for digest, size, state, mtime in reversed(found):
             if digest not in self._entries:  # what the store said since beats the scan
-                self._put(digest, size, state)
+                self._put(digest, size, state, mtime)
                 self._entries.move_to_end(digest, last=False)
-        log.info("local cache: %d blobs, %d bytes", len(self._entries), self.total)
+                unreferenced += state is State.UNREFERENCED
+        self._loaded.set()
+        log.info(
+            "local cache indexed in %.2fs: %d blobs, %d bytes (%d referenced by no link)",
+            time.monotonic() - started,
+            len(self._entries),
+            self.total,
+            unreferenced,
+        )
         self._schedule()
+        if unreferenced:
+            self._reconcile_soon(0)
+
+    # -- unreferenced blobs ----------------------------------------------------------
+
+    def unreferenced(self) -> list[tuple[Digest, int]]:
+        """The blobs in the index that no link named when they were found."""
+        return [(d, e.size) for d, e in self._entries.items() if e.state is State.UNREFERENCED]
+
+    def _reconcile_soon(self, delay: float) -> None:
+        if self._reconciling is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if delay <= 0:
+            self._reconciling = loop.create_task(self._reconcile(), name="reconcile")
+            return
+
+        def start() -> None:
+            self._reconciling = loop.create_task(self._reconcile(), name="reconcile")
+
+        self._reconciling = loop.call_later(delay, start)
+
+    async def _reconcile(self) -> None:
+        """Delete the unreferenced blobs past their grace period; runs again when the
+        next one's grace ends."""
+        next_due: float | None = None
+        try:
+            deleted, next_due = await self.delete_unreferenced(self.unreferenced_grace)
+            if deleted:
+                log.info(
+                    "deleted %d blobs (%d bytes) that no link references (left by a crash "
+                    "between a blob and its link, or unlinked since)",
+                    len(deleted),
+                    sum(size for _, size in deleted),
+                )
+        except Exception:
+            log.exception("deleting unreferenced blobs failed")
+            next_due = time.time() + RETRY_SECONDS
+        finally:
+            self._reconciling = None
+        if next_due is not None and math.isfinite(next_due):
+            self._reconcile_soon(max(next_due - time.time(), 0.0) + 0.01)
+
+    async def delete_unreferenced(
+        self, grace: float, *, dry_run: bool = False
+    ) -> tuple[list[tuple[Digest, int]], float | None]:
+        """Delete the blobs no link references whose last use is ``grace`` seconds old
+        (links are read again first: one may have been written since the scan). Returns
+        what was deleted (with ``dry_run``: would be) and when the next one is due."""
+        next_due: float | None = None
+        pushed, proxied = await asyncio.to_thread(linked_digests, self.root)
+        now = time.time()
+        deleted: list[tuple[Digest, int]] = []
+        for digest in [d for d, e in self._entries.items() if e.state is State.UNREFERENCED]:
+            entry = self._entries.get(digest)  # the store may have spoken meanwhile
+            if entry is None or entry.state is not State.UNREFERENCED:
+                continue
+            if digest in pushed or digest in proxied:
+                entry.state = _state(digest, pushed, proxied, s3=self.shared is not None)
+                continue
+            due = entry.mtime + grace
+            if due <= now and (self.held(digest) or digest in self._deleting):
+                due = now + RETRY_SECONDS  # in use now: asked again later
+            if due > now:
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            if not dry_run:
+                await self._delete(digest, evicted=False)
+                if digest in self._entries:
+                    continue  # the deletion failed (logged)
+            deleted.append((digest, entry.size))
+        return deleted, next_due
 
     # -- eviction ----------------------------------------------------------------
 
@@ -232,18 +384,28 @@ class BlobCache:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="eviction")
 
     async def settle(self) -> None:
-        """Wait until eviction has caught up with every write so far."""
+        """Wait until the index is built and eviction (and a deletion of unreferenced
+        blobs under way) has caught up with every write so far."""
+        await self.wait_loaded()
+        if isinstance(self._reconciling, asyncio.Task):
+            await asyncio.shield(self._reconciling)
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
         if self._stamps:
             await asyncio.gather(*self._stamps, return_exceptions=True)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if isinstance(self._reconciling, asyncio.TimerHandle):
+            self._reconciling.cancel()
+        tasks: list[asyncio.Task[None]] = [
+            t for t in (self._task, self._loading, self._reconciling) if isinstance(t, asyncio.Task)
+        ]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
+        await self.wait_loaded()  # evicting by a partial index would pick the wrong blobs
         for _ in range(MAX_RUNS):
             self._again = False
             try:
@@ -263,17 +425,24 @@ class BlobCache:
         if self.max_bytes is not None and size > self.max_bytes * LOW_WATERMARK:
             return "over_budget"
         free = await asyncio.to_thread(disk_free, self.root)
+        if size <= free - self.min_free_bytes:
+            return None  # fits as things are: no need to wait for the index
+        await self.wait_loaded()
         if size > free - self.min_free_bytes + self.evictable_bytes():
             return "disk_full"
         return None
 
     def evictable_bytes(self) -> int:
         """Bytes eviction could free now: blobs neither pinned nor held (those still to be
-        checked against S3 included: S3 usually has them)."""
+        checked against S3 included: S3 usually has them), nor unreferenced and still
+        within their grace. Only what is indexed so far while the index loads."""
+        now = time.time()
         return sum(
             e.size
             for d, e in self._entries.items()
-            if e.state is not State.PINNED and not self.held(d)
+            if e.state is not State.PINNED
+            and not self.held(d)
+            and not (e.state is State.UNREFERENCED and e.mtime + self.unreferenced_grace > now)
         )
 
     def reserve(self, size: int) -> Reservation:
@@ -287,6 +456,7 @@ class BlobCache:
         """The disk is full (ENOSPC): evict the least recently used evictable blobs until
         ``nbytes`` plus the floor are free and the budget is under its low watermark;
         the bytes evicted (0: nothing left to evict). Works with no limits configured."""
+        await self.wait_loaded()
         freed = 0
         free = await asyncio.to_thread(disk_free, self.root)
         for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
@@ -303,7 +473,7 @@ class BlobCache:
 
     async def _evict(self) -> None:
         free = await asyncio.to_thread(self._free)
-        self.uploads = await asyncio.to_thread(_tree_bytes, self.root / "uploads")
+        self.uploads = await asyncio.to_thread(_sessions_bytes, self.root / "uploads")
         self._report()
         if not self._over(free):
             self._stuck = False
@@ -337,6 +507,33 @@ class BlobCache:
                 pinned,
             )
 
+    async def trim(self, *, dry_run: bool = False) -> list[tuple[Digest, int]]:
+        """Evict the least recently used evictable blobs until the budget is at its low
+        watermark and the free-space floor has its margin, whether or not the high
+        watermark was passed (``regmirror gc``); the blobs evicted, or with ``dry_run``
+        those that would be (nothing is deleted then)."""
+        await self.wait_loaded()
+        self.uploads = await asyncio.to_thread(_sessions_bytes, self.root / "uploads")
+        free = await asyncio.to_thread(self._free)
+        budgeted = self.budgeted
+        chosen: list[tuple[Digest, int]] = []
+        for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
+            if self._enough(free, budgeted):
+                break
+            entry = self._entries.get(digest)
+            if entry is None or not await self._evictable(digest):
+                continue
+            if dry_run:
+                budgeted -= entry.size
+                free = None if free is None else free + entry.size
+            else:
+                free = await self._delete(digest)
+                if digest in self._entries:
+                    continue  # the deletion failed (logged)
+                budgeted = self.budgeted
+            chosen.append((digest, entry.size))
+        return chosen
+
     def _free(self) -> int | None:
         return disk_free(self.root) if self.min_free_bytes > 0 else None
 
@@ -349,14 +546,18 @@ class BlobCache:
         over_budget = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
         return over_budget or (free is not None and free < self.min_free_bytes)
 
-    def _enough(self, free: int | None) -> bool:
-        under_budget = self.max_bytes is None or self.budgeted <= self.max_bytes * LOW_WATERMARK
+    def _enough(self, free: int | None, budgeted: int | None = None) -> bool:
+        if budgeted is None:
+            budgeted = self.budgeted
+        under_budget = self.max_bytes is None or budgeted <= self.max_bytes * LOW_WATERMARK
         return under_budget and (free is None or free >= self.min_free_bytes * FREE_MARGIN)
 
     async def _evictable(self, digest: Digest) -> bool:
         entry = self._entries.get(digest)
         if entry is None or entry.state is State.PINNED or self.held(digest):
             return False
+        if entry.state is State.UNREFERENCED:
+            return entry.mtime + self.unreferenced_grace <= time.time()
         if entry.state is State.CHECK_S3:
             if not await self._in_s3(digest):
                 return False
@@ -381,8 +582,9 @@ class BlobCache:
             entry.state = State.EVICTABLE
         return True
 
-    async def _delete(self, digest: Digest) -> int | None:
-        """Delete the file, then the index entry; the free space after."""
+    async def _delete(self, digest: Digest, *, evicted: bool = True) -> int | None:
+        """Delete the file, then the index entry; the free space after. ``evicted``:
+        counted as an eviction (else an unreferenced blob reconciled away)."""
         done = self._deleting[digest] = asyncio.Event()
         path = self.root / layout.blob_data(digest)
         try:
@@ -398,7 +600,7 @@ class BlobCache:
         entry = self._entries.pop(digest, None)
         if entry is not None:
             self.total -= entry.size
-            if self.observer is not None:
+            if self.observer is not None and evicted:
                 self.observer.blob_evicted(entry.size)
             self._report()
         return free
@@ -465,40 +667,73 @@ def _set_mtime(path: Path, ns: int) -> None:
         os.utime(path, ns=(ns, ns))
 
 
-def _tree_bytes(root: Path) -> int:
-    """Bytes of the files under ``root`` (0 if it does not exist). Blocking."""
+def _sessions_bytes(root: Path) -> int:
+    """Bytes of the upload sessions' files under ``root`` (0 if there are none), counted
+    as blobs are, by size; what the filesystem adds (directories, blocks) the free-space
+    floor sees. A frozen session (being committed) is left out: its bytes are moving into
+    the store, counted there. Blocking."""
     total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(directory, name)).st_size
+    try:
+        sessions = [e.path for e in os.scandir(root) if not e.name.endswith(".commit")]
+    except FileNotFoundError:
+        return 0
+    for session in sessions:
+        for directory, _, files in os.walk(session):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(directory, name)).st_size
     return total
 
 
-def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State]]:
+def scan(root: Path, *, s3: bool) -> list[tuple[Digest, int, State, float]]:
     """Every blob under ``root``, coldest first (by mtime: the last use stamped on it),
-    with its state per the module's rule. Blocking: run it in a thread."""
-    pushed = _linked(root / layout.REPOSITORIES)
-    proxied = _linked(root / "proxy" / layout.REPOSITORIES)
+    with its state per the module's rule and its mtime (seconds). Blocking: run it in a
+    thread. Links are read before blobs, so a blob linked while this runs is at worst
+    found unreferenced (and its link is read again before it could be deleted)."""
+    pushed, proxied = linked_digests(root)
     found = []
-    blobs = root / layout.ROOT / "blobs"
-    for data in blobs.glob("*/*/*/data"):
-        algorithm, encoded = data.parent.parent.parent.name, data.parent.name
-        try:
-            st = data.stat()
-        except FileNotFoundError:
-            continue
+    for algorithm, encoded, st in _blob_files(str(root / layout.ROOT / "blobs")):
         try:
             digest = Digest.parse(f"{algorithm}:{encoded}")
         except DigestInvalid:
             continue  # not a blob of ours
-        if digest in proxied and digest not in pushed:
-            state = State.EVICTABLE
-        else:
-            state = State.CHECK_S3 if s3 else State.PINNED
-        found.append((st.st_mtime_ns, digest, st.st_size, state))
+        found.append((st.st_mtime_ns, digest, st.st_size, _state(digest, pushed, proxied, s3=s3)))
     found.sort(key=lambda item: item[0])
-    return [(digest, size, state) for _, digest, size, state in found]
+    return [(digest, size, state, ns / 1e9) for ns, digest, size, state in found]
+
+
+def _blob_files(blobs: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(algorithm, encoded, stat) of each ``<alg>/<2 hex>/<encoded>/data`` under
+    ``blobs``; os.scandir, not pathlib: a 100,000-blob store is scanned at startup."""
+    for algorithm in _subdirs(blobs):
+        for prefix in _subdirs(algorithm.path):
+            for encoded in _subdirs(prefix.path):
+                try:
+                    st = os.stat(os.path.join(encoded.path, "data"))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                yield algorithm.name, encoded.name, st
+
+
+def _subdirs(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return [e for e in entries if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _state(digest: Digest, pushed: set[Digest], proxied: set[Digest], *, s3: bool) -> State:
+    if digest in proxied and digest not in pushed:
+        return State.EVICTABLE  # the upstream has it
+    if digest not in pushed:
+        return State.UNREFERENCED
+    return State.CHECK_S3 if s3 else State.PINNED
+
+
+def linked_digests(root: Path) -> tuple[set[Digest], set[Digest]]:
+    """The digests pushed links name, and those pull-through links name. Blocking."""
+    return _linked(root / layout.REPOSITORIES), _linked(root / "proxy" / layout.REPOSITORIES)
 
 
 def _linked(repositories: Path) -> set[Digest]:
@@ -508,8 +743,8 @@ def _linked(repositories: Path) -> set[Digest]:
     for directory, _, files in os.walk(repositories):
         if "link" not in files:
             continue
-        parts = Path(directory).parts
-        if len(parts) >= 3 and parts[-3] in ("_layers", "revisions"):
+        parts = directory.rsplit(os.sep, 3)
+        if len(parts) == 4 and parts[-3] in ("_layers", "revisions"):
             with contextlib.suppress(DigestInvalid):
                 linked.add(Digest.parse(f"{parts[-2]}:{parts[-1]}"))
     return linked

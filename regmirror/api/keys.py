@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from regmirror.auth.clients import Network
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
@@ -14,5 +15,9 @@ UPLOADS = web.AppKey("uploads", Uploads)
 METRICS = web.AppKey("metrics", Metrics)
 WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
+# auth.trusted_proxies: whose X-Forwarded-For names the client (session caps per client).
+TRUSTED_PROXIES = web.AppKey[tuple[Network, ...]]("trusted_proxies")
+# uploads.idle_timeout: seconds a request body may send nothing before it is cut.
+UPLOAD_IDLE_TIMEOUT = web.AppKey("upload_idle_timeout", float)
 # server.accel_redirect, when set: the nginx location stored blobs are redirected to.
 ACCEL_REDIRECT = web.AppKey("accel_redirect", str)

@@ -49,6 +49,8 @@ async def status(request: web.Request) -> web.Response:
             # The index holds one entry per blob on local disk (eviction.py has no
             # public count; reading its length is all this needs).
             "blobs": len(cache._entries),
+            "index_loaded": cache.loaded,  # built in the background after start
+            "unreferenced_blobs": len(cache.unreferenced()),
             "max_bytes": cache.max_bytes,
             "high_watermark_bytes": _mark(cache.max_bytes, HIGH_WATERMARK),
             "low_watermark_bytes": _mark(cache.max_bytes, LOW_WATERMARK),

@@ -10,11 +10,11 @@ import argparse
 from types import ModuleType
 
 from regmirror import __version__
-from regmirror.cli import fsck, serve, status, warm
+from regmirror.cli import fsck, gc, serve, status, warm
 from regmirror.logs import formatting
 
 # Subcommands in the order ``--help`` lists them.
-COMMANDS: tuple[ModuleType, ...] = (serve, warm, status, fsck)
+COMMANDS: tuple[ModuleType, ...] = (serve, warm, status, gc, fsck)
 
 
 def main(argv: list[str] | None = None) -> int:

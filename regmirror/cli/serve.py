@@ -11,6 +11,7 @@ from typing import Any
 from regmirror import __version__
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
+from regmirror.datalock import DataDirBusy
 from regmirror.logs import formatting
 from regmirror.logs.redact import without_secrets
 from regmirror.server import Listen
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
             probes=Listen(*probes) if probes is not None else None,
             settings=settings.server,
         )
+    except DataDirBusy as exc:
+        print(f"regmirror: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"regmirror: cannot listen: {exc}", file=sys.stderr)
         return 2

@@ -247,6 +247,7 @@ def run_regmirror(
     ssl_context: ssl.SSLContext | None = None,
     ready_status: int = 200,
     command_prefix: Sequence[str] = (),
+    module: str = "regmirror",
 ) -> Iterator[ServerProcess]:
     """Run ``python -m regmirror serve`` on a free port of 127.0.0.1.
 
@@ -264,6 +265,8 @@ def run_regmirror(
       is ``https://`` and readiness is polled through this client context.
     - ``ready_status``: what ``GET /v2/`` answers once it is up (401 with ``auth``).
     - ``command_prefix``: run under it, e.g. ``["prlimit", "--nofile=1024:1024", "--"]``.
+    - ``module``: run as ``python -m MODULE serve``: a wrapper of regmirror's command line
+      (``tests.support.crashpoint`` injects faults).
     """
     base_dir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or base_dir / "data"
@@ -275,7 +278,7 @@ def run_regmirror(
         config_path = Path(config)
 
     def argv(port: int) -> tuple[list[str], Path | None]:
-        command = [*command_prefix, sys.executable, "-m", "regmirror", "serve"]
+        command = [*command_prefix, sys.executable, "-m", module, "serve"]
         if config_path is not None:
             command += ["--config", str(config_path)]
         command += ["--listen", f"{HOST}:{port}", "--data-dir", str(data_dir)]
@@ -360,6 +363,8 @@ def run_distribution(
     - ``env``: extra environment; inherited ``REGISTRY_*`` variables (which registry:2
       reads as config overrides) are dropped.
     - ``ready_status``: what ``GET /v2/`` answers once it is up (401 with ``auth``).
+    - ``module``: run as ``python -m MODULE serve``: a wrapper of regmirror's command line
+      (``tests.support.crashpoint`` injects faults).
     """
     if not os.access(binary, os.X_OK):
         pytest.skip(f"{binary} not installed (Debian package docker-registry)")
