@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from regmirror import workers
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import ACCEL_REDIRECT, METRICS, REGISTRY, UPLOADS
 from regmirror.api.routes import add_probe_routes, add_routes
@@ -35,8 +36,11 @@ STALE_TEMP_SECONDS = 3600.0
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, worker: int | None = None) -> web.Application:
+    """The application; ``worker``: its index among several serving processes
+    (:mod:`regmirror.workers`; worker 0 owns eviction), None when it serves alone."""
     metrics = Metrics()
+    owner = worker is None or worker == 0
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +56,9 @@ def create_app(settings: Settings) -> web.Application:
         max_bytes=settings.cache.max_bytes,
         min_free_bytes=settings.cache.min_free_bytes,
         shared=shared,
-        observer=metrics,
+        observer=metrics if owner else None,
+        evicts=owner,
+        reindex=workers.REINDEX_SECONDS if worker == 0 else None,
     )
     metrics.cache_max.set(settings.cache.max_bytes or 0)
     fills = Fills(
@@ -72,6 +78,7 @@ def create_app(settings: Settings) -> web.Application:
         write_back=settings.s3.write_back,
         on_upstream_error=metrics.upstream_error,
         cache=cache,
+        shared_dir_ttl=None if worker is None else workers.CROSS_PROCESS_LINK_TTL,
     )
     if settings.server.accel_redirect is not None:
         app[ACCEL_REDIRECT] = settings.server.accel_redirect

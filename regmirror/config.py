@@ -152,8 +152,13 @@ class ServerSettings:
     # a stored blob's GET is answered with X-Accel-Redirect there, after the same checks,
     # and nginx sends the bytes. Only behind nginx with deploy/nginx/regmirror-accel.conf.
     accel_redirect: str | None = None
+    # Serving processes on the one port, over the one data directory (regmirror.workers):
+    # null, one per CPU; 1, a single process.
+    workers: int | None = None
 
     def __post_init__(self) -> None:
+        if self.workers is not None and not 1 <= self.workers <= 256:
+            raise ConfigError(f"server.workers: {self.workers} is not 1..256")
         location = self.accel_redirect
         if location is not None and (
             not location.startswith("/") or any(c in location for c in "?#\r\n ")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import time
@@ -106,8 +107,16 @@ class BlobCache:
         min_free_bytes: int = 0,
         shared: Driver | None = None,
         observer: CacheObserver | None = None,
+        evicts: bool = True,
+        reindex: float | None = None,
     ):
+        """``evicts`` False: this process never deletes a blob (another process owns
+        eviction, :mod:`regmirror.workers`); ``reindex``: seconds between rescans of the
+        data directory, for the owner to learn what other processes stored."""
         self.root = root
+        self.evicts = evicts
+        self.reindex = reindex
+        self._reindexing: asyncio.Task[None] | None = None
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.shared = shared
@@ -220,10 +229,29 @@ class BlobCache:
                 self._entries.move_to_end(digest, last=False)
         log.info("local cache: %d blobs, %d bytes", len(self._entries), self.total)
         self._schedule()
+        if self.reindex is not None and self._reindexing is None:
+            self._reindexing = asyncio.get_running_loop().create_task(self._rescan(self.reindex))
+
+    async def _rescan(self, every: float) -> None:
+        """Learn, every ``every`` seconds, what other processes stored (and evict)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+            except OSError as exc:
+                log.warning("rescanning the local cache failed: %s", exc)
+                continue
+            for digest, size, state in reversed(found):
+                if digest not in self._entries:
+                    self._put(digest, size, state)
+                    self._entries.move_to_end(digest, last=False)
+            self._schedule()
 
     # -- eviction ----------------------------------------------------------------
 
     def _schedule(self) -> None:
+        if not self.evicts:
+            return  # another process owns eviction
         if self.max_bytes is None and self.min_free_bytes <= 0:
             return  # no limits: nothing to evict, ever
         if self._task is not None and not self._task.done():
@@ -239,9 +267,10 @@ class BlobCache:
             await asyncio.gather(*self._stamps, return_exceptions=True)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._reindexing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
         for _ in range(MAX_RUNS):
@@ -283,6 +312,8 @@ class BlobCache:
         """The disk is full (ENOSPC): evict the least recently used evictable blobs until
         ``nbytes`` plus the floor are free and the budget is under its low watermark;
         the bytes evicted (0: nothing left to evict). Works with no limits configured."""
+        if not self.evicts:
+            return 0  # another process owns eviction: the fill streams through
         freed = 0
         free = await asyncio.to_thread(disk_free, self.root)
         for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
@@ -379,6 +410,9 @@ class BlobCache:
             free = await asyncio.to_thread(self._unlink, path)
             for forget in self._on_evicted:
                 forget(digest)
+        except BlockingIOError:
+            log.debug("not evicting %s: another process is serving it", digest)
+            return await asyncio.to_thread(self._free)
         except OSError as exc:
             log.warning("evicting %s failed: %s", digest, exc)
             return await asyncio.to_thread(self._free)
@@ -394,7 +428,17 @@ class BlobCache:
         return free
 
     def _unlink(self, path: Path) -> int | None:
-        path.unlink(missing_ok=True)
+        """Delete the blob unless a process is serving it (it holds ``LOCK_SH``:
+        BlockingIOError, and the blob stays)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._free()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
         return self._free()
 
     def _report(self) -> None:

@@ -25,11 +25,22 @@ MAX_LINK_BYTES = 1024  # a link holds one digest; anything bigger is not a link
 
 
 class LinkStore:
-    def __init__(self, primary: Driver, *, local: FilesystemDriver | None = None, ttl: float = 0):
+    def __init__(
+        self,
+        primary: Driver,
+        *,
+        local: FilesystemDriver | None = None,
+        ttl: float = 0,
+        shared_dir_ttl: float | None = None,
+    ):
+        """``shared_dir_ttl``: other processes write the same directory (workers), so a
+        link read is trusted that many seconds only."""
         self.primary = primary
         self.local = local if local is not primary else None
         self._cache: Cache[str, Digest] | None
-        if self.local is None:
+        if self.local is None and shared_dir_ttl is not None:
+            self._cache = TTLCache(CACHE_ENTRIES, shared_dir_ttl)
+        elif self.local is None:
             self._cache = LRUCache(CACHE_ENTRIES)
         else:
             self._cache = TTLCache(CACHE_ENTRIES, ttl) if ttl > 0 else None

@@ -70,7 +70,10 @@ class Registry:
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
+        shared_dir_ttl: float | None = None,
     ):
+        """``shared_dir_ttl``: seconds a link read from local disk is trusted, when other
+        processes serve the same data directory (:mod:`regmirror.workers`)."""
         self.local = local
         # What local disk holds, kept within its budget; unbounded unless given one.
         self.cache = cache or BlobCache(local.root, shared=shared)
@@ -79,7 +82,9 @@ class Registry:
         # Stored blobs' sizes and headers, forgotten when eviction deletes one.
         self.stored = StoredFiles(local)
         self.cache.on_evicted(self.stored.forget)
-        self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
+        self.links = LinkStore(
+            shared or local, local=local, ttl=link_ttl, shared_dir_ttl=shared_dir_ttl
+        )
         self.router = router
         self._on_upstream_error = on_upstream_error
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
@@ -87,7 +92,9 @@ class Registry:
         )
         self.pullthrough = PullThrough(
             local=local,
-            links=LinkStore(FilesystemDriver(local.root / "proxy")),
+            links=LinkStore(
+                FilesystemDriver(local.root / "proxy"), shared_dir_ttl=shared_dir_ttl
+            ),
             fills=fills,
             manifests=self._manifests,
             shared=shared,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,10 +34,10 @@ class Listen:
 
 def run(
     app: web.Application,
-    registry: Listen,
+    registry: Listen | socket.socket,
     *,
     tls: ServerTLS | None = None,
-    probes: Listen | None = None,
+    probes: Listen | socket.socket | None = None,
     drain_timeout: float = DRAIN_TIMEOUT,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain."""
@@ -44,14 +46,14 @@ def run(
 
 async def serve(
     app: web.Application,
-    registry: Listen,
+    registry: Listen | socket.socket,
     *,
     tls: ServerTLS | None = None,
-    probes: Listen | None = None,
+    probes: Listen | socket.socket | None = None,
     drain_timeout: float = DRAIN_TIMEOUT,
 ) -> None:
     """Serve ``app`` on ``registry`` (and its probes on ``probes``) until SIGTERM or
-    SIGINT."""
+    SIGINT; either an address, or a socket already listening (:mod:`regmirror.workers`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -62,17 +64,21 @@ async def serve(
         await main.setup()
         runners.append(main)
         ssl_context = tls.context if tls is not None else None
-        await web.TCPSite(main, registry.host, registry.port, ssl_context=ssl_context).start()
-        scheme = "https" if tls is not None else "http"
-        log.info("serving %s://%s:%d/v2/", scheme, registry.host, registry.port)
+        await _site(main, registry, ssl_context).start()
+        if isinstance(registry, Listen):
+            scheme = "https" if tls is not None else "http"
+            log.info("serving %s://%s:%d/v2/", scheme, registry.host, registry.port)
         if probes is not None:
             side = web.AppRunner(create_probe_app(app), access_log=None, shutdown_timeout=5.0)
             await side.setup()
             runners.append(side)
-            await web.TCPSite(side, probes.host, probes.port).start()
-            log.info(
-                "serving /metrics, /healthz and /readyz on http://%s:%d", probes.host, probes.port
-            )
+            await _site(side, probes, None).start()
+            if isinstance(probes, Listen):
+                log.info(
+                    "serving /metrics, /healthz and /readyz on http://%s:%d",
+                    probes.host,
+                    probes.port,
+                )
         await stop.wait()
         log.info("stopping: draining requests in flight (up to %.0f s)", drain_timeout)
     finally:
@@ -80,3 +86,11 @@ async def serve(
             await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal changes nothing
             loop.remove_signal_handler(signum)
+
+
+def _site(
+    runner: web.AppRunner, where: Listen | socket.socket, ssl_context: ssl.SSLContext | None
+) -> web.BaseSite:
+    if isinstance(where, socket.socket):
+        return web.SockSite(runner, where, ssl_context=ssl_context)
+    return web.TCPSite(runner, where.host, where.port, ssl_context=ssl_context)

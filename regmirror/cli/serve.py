@@ -8,10 +8,10 @@ import logging
 import sys
 from typing import Any
 
-from regmirror import __version__
+from regmirror import __version__, workers
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
-from regmirror.server import Listen
+from regmirror.server import DRAIN_TIMEOUT, Listen
 from regmirror.server import run as run_server
 from regmirror.tls import server_tls
 
@@ -62,17 +62,38 @@ def run(args: argparse.Namespace) -> int:
             host,
             who,
         )
+    count = settings.server.workers or workers.default_workers()
     try:
-        run_server(
-            app,
-            Listen(host, port),
-            tls=tls,
-            probes=Listen(*probes) if probes is not None else None,
-        )
+        if count == 1:
+            run_server(
+                app,
+                Listen(host, port),
+                tls=tls,
+                probes=Listen(*probes) if probes is not None else None,
+            )
+            return 0
+        # The ports, reserved: taken or not ours is an error now, not in every worker.
+        reserved = [workers.bind(host, port, listen=False)]
+        if probes is not None:
+            reserved.append(workers.bind(*probes, listen=False))
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"regmirror: cannot listen: {exc}", file=sys.stderr)
         return 2
-    return 0
+    del app  # each worker builds its own (checked above: the settings are usable)
+    ports = [sock.getsockname()[1] for sock in reserved]
+
+    def serve_worker(index: int) -> int:
+        for sock in reserved:
+            sock.close()  # the worker's own sockets listen
+        run_server(
+            create_app(settings, worker=index),
+            workers.bind(host, ports[0], listen=True),
+            tls=server_tls(settings.tls),
+            probes=workers.bind(probes[0], ports[1], listen=True) if probes else None,
+        )
+        return 0
+
+    return workers.supervise(count, serve_worker, DRAIN_TIMEOUT)
 
 
 def _is_loopback(host: str) -> bool:
