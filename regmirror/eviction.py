@@ -37,7 +37,10 @@ the store yet. An :class:`~collections.OrderedDict` is the index rather than
 size rule, with no way to skip pinned or held entries or to await a file deletion or an
 S3 check: here the cache only orders entries, and this module decides what goes.
 
-One process per data directory: another process's writes are only seen after restart.
+Several processes on one data directory (``server.workers``): one of them owns eviction
+and rescans the directory every ``reindex`` seconds to learn what the others stored;
+the others never delete (``evicts=False``). A blob is deleted only when no process holds
+``flock(LOCK_SH)`` on it, which a process serving it does (:mod:`regmirror.workers`).
 """
 
 from __future__ import annotations

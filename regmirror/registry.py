@@ -92,9 +92,7 @@ class Registry:
         )
         self.pullthrough = PullThrough(
             local=local,
-            links=LinkStore(
-                FilesystemDriver(local.root / "proxy"), shared_dir_ttl=shared_dir_ttl
-            ),
+            links=LinkStore(FilesystemDriver(local.root / "proxy"), shared_dir_ttl=shared_dir_ttl),
             fills=fills,
             manifests=self._manifests,
             shared=shared,
@@ -102,6 +100,7 @@ class Registry:
             on_upstream_error=on_upstream_error,
             cache=self.cache,
             stored=self.stored,
+            shared_dir=shared_dir_ttl is not None,
         )
 
     @property

@@ -34,6 +34,7 @@ What is per process becomes correct across processes this way:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("regmirror")
 
@@ -52,8 +54,17 @@ MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gi
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def default_workers() -> int:
-    return os.cpu_count() or 1
+def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """One per CPU this process may use: its affinity, capped by a cgroup v2 CPU quota
+    (a container limited to 2 CPUs on a 64-core node gets 2 workers, not 64)."""
+    cpus = len(os.sched_getaffinity(0)) or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 def bind(host: str, port: int, *, listen: bool) -> socket.socket:

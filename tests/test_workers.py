@@ -7,6 +7,7 @@ supervisor's multiprocess directory."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -18,9 +19,10 @@ import aiohttp
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from regmirror import layout
+from regmirror import layout, workers
 from regmirror.config import ConfigError, load
 from regmirror.digest import Digest
+from regmirror.eviction import BlobCache
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -149,13 +151,13 @@ async def test_a_herd_spread_over_the_workers_makes_one_upstream_get(
     assert sum(by_worker.values()) == 24
 
 
-async def test_one_worker_evicts_and_a_blob_being_served_elsewhere_is_kept(
+async def test_one_worker_evicts_what_every_worker_stored(
     regmirror_server: Start,  # noqa: F811
     upstream_registry: ServerProcess,
     session: aiohttp.ClientSession,
 ) -> None:
     """Pulled-through blobs over the budget are evicted by the owner, whichever worker
-    filled them; none of them is deleted while a worker holds it open to serve it."""
+    filled them (it rescans what the others stored)."""
     size = 1024 * 1024
     images = [
         await push_image(session, upstream_registry.url, f"team/e{i}", layer=os.urandom(size))
@@ -237,3 +239,52 @@ def test_workers_setting_is_checked() -> None:
     for bad in ("0", "-1", "1000"):
         with pytest.raises(ConfigError, match="workers"):
             load(environ={"REGMIRROR_SERVER__WORKERS": bad})
+
+
+async def test_eviction_skips_a_blob_another_process_is_serving(tmp_path: Path) -> None:
+    """A worker serving a stored blob holds LOCK_SH on it (api.blobs); the owner's
+    eviction deletes only a file it can lock exclusively, and takes it once it is free."""
+    cache = BlobCache(tmp_path, max_bytes=1000, min_free_bytes=0)
+    data = os.urandom(4000)
+    digest = Digest.of(data)
+    path = tmp_path / layout.blob_data(digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    serving = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(serving, fcntl.LOCK_SH)  # another open file: as another process's
+        cache.added(digest, len(data), evictable=True)
+        await cache.settle()
+        assert path.exists() and cache.total == len(data)
+    finally:
+        os.close(serving)
+    cache.added(digest, len(data), evictable=True)  # the next write's pass
+    await cache.settle()
+    assert not path.exists() and cache.total == 0
+    await cache.close()
+
+
+async def test_a_worker_that_does_not_own_eviction_never_deletes(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, max_bytes=1000, min_free_bytes=0, evicts=False)
+    data = os.urandom(4000)
+    digest = Digest.of(data)
+    path = tmp_path / layout.blob_data(digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    cache.added(digest, len(data), evictable=True)
+    await cache.settle()
+    assert await cache.make_room(len(data)) == 0
+    assert path.exists()
+    await cache.close()
+
+
+def test_one_worker_per_cpu_within_a_cgroup_quota(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert workers.default_workers(tmp_path / "absent") == cpus
+    cpu_max.write_text("max 100000\n")
+    assert workers.default_workers(cpu_max) == cpus
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: 2 workers, if there are 2
+    assert workers.default_workers(cpu_max) == min(cpus, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert workers.default_workers(cpu_max) == 1
