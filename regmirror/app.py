@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from regmirror import datalock
+from regmirror import datalock, workers
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import (
     ACCEL_REDIRECT,
@@ -52,8 +52,11 @@ READ_BUFSIZE = 64 * 1024
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, worker: int | None = None) -> web.Application:
+    """The application; ``worker``: its index among several serving processes
+    (:mod:`regmirror.workers`; worker 0 owns eviction), None when it serves alone."""
     metrics = Metrics()
+    owner = worker is None or worker == 0
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +82,10 @@ def create_app(settings: Settings) -> web.Application:
         max_bytes=settings.cache.max_bytes,
         min_free_bytes=settings.cache.min_free_bytes,
         shared=shared,
-        observer=metrics,
+        observer=metrics if owner else None,
         unreferenced_grace=settings.cache.unreferenced_grace,
+        evicts=owner,
+        reindex=workers.REINDEX_SECONDS if worker == 0 else None,
     )
     metrics.cache_max.set(settings.cache.max_bytes or 0)
     fills = Fills(
@@ -100,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
         write_back=settings.s3.write_back,
         on_upstream_error=metrics.upstream_error,
         cache=cache,
+        shared_dir=worker is not None,
     )
     if settings.server.accel_redirect is not None:
         app[ACCEL_REDIRECT] = settings.server.accel_redirect

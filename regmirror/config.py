@@ -186,6 +186,10 @@ class ServerSettings:
     # set, a stored blob's GET is answered with X-Accel-Redirect there, after the same
     # checks, and nginx sends the bytes. Only behind deploy/nginx/regmirror-accel.conf.
     accel_redirect: str | None = None
+    # Serving processes on the one port, over the one data directory (regmirror.workers):
+    # 1, this process alone; 0, one per CPU this process may use. Opt-in: see README for
+    # what differs across workers.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("drain_timeout", "header_timeout", "keepalive_timeout", "max_loop_lag"):
@@ -193,6 +197,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be a positive number of seconds")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if not 0 <= self.workers <= 256:
+            raise ValueError(f"workers: {self.workers} is not 0..256 (0: one per CPU)")
         location = self.accel_redirect
         if location is not None and (
             not location.startswith("/") or any(c in location for c in "?#\r\n ")

@@ -90,13 +90,17 @@ class Listener:
         limits: Limits,
         ssl_context: SSLContext | None = None,
         name: str = "registry",
+        reuse_port: bool = False,
     ):
+        """``reuse_port``: one of several processes listening on the port
+        (:mod:`regmirror.workers`); the kernel spreads new connections over them."""
         assert runner.server is not None, "runner.setup() first"
         self.runner = runner
         self.host, self.port = host, port
         self.limits = limits
         self.ssl_context = ssl_context
         self.name = name
+        self.reuse_port = reuse_port
         self._server: asyncio.base_events.Server | None = None
         self._open: dict[RequestHandler, _Connection] = {}
         self._idle: OrderedDict[_Connection, None] = OrderedDict()  # longest idle first
@@ -128,6 +132,7 @@ class Listener:
             ssl_handshake_timeout=self.limits.header_timeout if self.ssl_context else None,
             backlog=BACKLOG,
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
 
     def stop_listening(self) -> None:

@@ -48,7 +48,10 @@ The index is built in the background (:meth:`BlobCache.start_loading`): serving 
 waits for it (a stored blob is found by its path), eviction and admission do
 (:meth:`BlobCache.wait_loaded`), so startup takes the same time whatever the store holds.
 
-One process per data directory: another process's writes are only seen after restart.
+Several processes on one data directory (``server.workers``): one of them owns eviction
+and rescans the directory every ``reindex`` seconds to learn what the others stored;
+the others never delete (``evicts=False``). A blob is deleted only when no process holds
+``flock(LOCK_SH)`` on it, which a process serving it does (:mod:`regmirror.workers`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import logging
 import math
 import os
@@ -128,9 +132,17 @@ class BlobCache:
         shared: Driver | None = None,
         observer: CacheObserver | None = None,
         unreferenced_grace: float = UNREFERENCED_GRACE,
+        evicts: bool = True,
+        reindex: float | None = None,
     ):
+        """``evicts`` False: this process never deletes a blob (another process owns
+        eviction, :mod:`regmirror.workers`); ``reindex``: seconds between rescans of the
+        data directory, for the owner to learn what other processes stored."""
         self.root = root
         self.unreferenced_grace = unreferenced_grace
+        self.evicts = evicts
+        self.reindex = reindex
+        self._reindexing: asyncio.Task[None] | None = None
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self.shared = shared
@@ -300,8 +312,10 @@ class BlobCache:
             unreferenced,
         )
         self._schedule()
-        if unreferenced:
+        if unreferenced and self.evicts:
             self._reconcile_soon(0)
+        if self.reindex is not None and self._reindexing is None:
+            self._reindexing = asyncio.get_running_loop().create_task(self._rescan(self.reindex))
 
     # -- unreferenced blobs ----------------------------------------------------------
 
@@ -373,9 +387,30 @@ class BlobCache:
             deleted.append((digest, entry.size))
         return deleted, next_due
 
+    async def _rescan(self, every: float) -> None:
+        """Learn, every ``every`` seconds, what other processes stored (and evict)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                found = await asyncio.to_thread(scan, self.root, s3=self.shared is not None)
+            except OSError as exc:
+                log.warning("rescanning the local cache failed: %s", exc)
+                continue
+            unreferenced = 0
+            for digest, size, state, mtime in reversed(found):
+                if digest not in self._entries:
+                    self._put(digest, size, state, mtime)
+                    self._entries.move_to_end(digest, last=False)
+                    unreferenced += state is State.UNREFERENCED
+            self._schedule()
+            if unreferenced and self.evicts:
+                self._reconcile_soon(0)
+
     # -- eviction ----------------------------------------------------------------
 
     def _schedule(self) -> None:
+        if not self.evicts:
+            return  # another process owns eviction
         if self.max_bytes is None and self.min_free_bytes <= 0:
             return  # no limits: nothing to evict, ever
         if self._task is not None and not self._task.done():
@@ -398,7 +433,7 @@ class BlobCache:
         if isinstance(self._reconciling, asyncio.TimerHandle):
             self._reconciling.cancel()
         tasks: list[asyncio.Task[None]] = [
-            t for t in (self._task, self._loading, self._reconciling) if isinstance(t, asyncio.Task)
+            t for t in (self._task, self._loading, self._reconciling, self._reindexing) if isinstance(t, asyncio.Task)
         ]
         for task in tasks:
             task.cancel()
@@ -456,6 +491,8 @@ class BlobCache:
         """The disk is full (ENOSPC): evict the least recently used evictable blobs until
         ``nbytes`` plus the floor are free and the budget is under its low watermark;
         the bytes evicted (0: nothing left to evict). Works with no limits configured."""
+        if not self.evicts:
+            return 0  # another process owns eviction: the fill streams through
         await self.wait_loaded()
         freed = 0
         free = await asyncio.to_thread(disk_free, self.root)
@@ -591,6 +628,9 @@ class BlobCache:
             free = await asyncio.to_thread(self._unlink, path)
             for forget in self._on_evicted:
                 forget(digest)
+        except BlockingIOError:
+            log.debug("not evicting %s: another process is serving it", digest)
+            return await asyncio.to_thread(self._free)
         except OSError as exc:
             log.warning("evicting %s failed: %s", digest, exc)
             return await asyncio.to_thread(self._free)
@@ -606,7 +646,17 @@ class BlobCache:
         return free
 
     def _unlink(self, path: Path) -> int | None:
-        path.unlink(missing_ok=True)
+        """Delete the blob unless a process is serving it (it holds ``LOCK_SH``:
+        BlockingIOError, and the blob stays)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._free()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
         return self._free()
 
     def _report(self) -> None:

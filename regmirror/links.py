@@ -9,9 +9,16 @@ disk, so that what this host has served keeps being served while S3 is down
 (stale-if-error). How long a read may wait for S3, and that it is not asked again for
 a while after it failed, is the shared store's wrapper's business
 (:mod:`regmirror.storage.counted`): a failed read falls back to the local copy here.
+
+With several worker processes on one data directory (``server.workers``) local disk is
+written by all of them: a link kept in memory is then checked against its file on every
+read (one ``stat``: a link is replaced by a rename, so a new inode says it changed, and a
+missing file that it was deleted), so what one worker changes the others see at once.
 """
 
 from __future__ import annotations
+
+import os
 
 from cachetools import Cache, LRUCache, TTLCache
 
@@ -25,18 +32,40 @@ MAX_LINK_BYTES = 1024  # a link holds one digest; anything bigger is not a link
 
 
 class LinkStore:
-    def __init__(self, primary: Driver, *, local: FilesystemDriver | None = None, ttl: float = 0):
+    def __init__(
+        self,
+        primary: Driver,
+        *,
+        local: FilesystemDriver | None = None,
+        ttl: float = 0,
+        shared_dir: bool = False,
+    ):
+        """``shared_dir``: other processes write the same directory (workers), so a link
+        kept in memory is checked against its file on every read."""
         self.primary = primary
         self.local = local if local is not primary else None
         self._cache: Cache[str, Digest] | None
-        if self.local is None:
+        # key -> the link file's (inode, mtime, size) when its digest was read
+        self._seen: Cache[str, tuple[int, int, int]] | None = None
+        self._dir = primary if shared_dir and isinstance(primary, FilesystemDriver) else None
+        if self.local is None and self._dir is not None:
+            self._cache = LRUCache(CACHE_ENTRIES)
+            self._seen = LRUCache(CACHE_ENTRIES)
+        elif self.local is None:
             self._cache = LRUCache(CACHE_ENTRIES)
         else:
             self._cache = TTLCache(CACHE_ENTRIES, ttl) if ttl > 0 else None
 
     async def read(self, key: str) -> Digest:
         """The digest a link holds; PathNotFound when there is no such link."""
-        if self._cache is not None and (cached := self._cache.get(key)) is not None:
+        seen = None
+        if self._dir is not None:
+            seen = self._file_id(key)  # raises PathNotFound: deleted, maybe by another worker
+            if self._cache is not None and self._seen is not None and self._seen.get(key) == seen:
+                cached = self._cache.get(key)
+                if cached is not None:
+                    return cached
+        elif self._cache is not None and (cached := self._cache.get(key)) is not None:
             return cached
         try:
             digest = _parse(key, await self.primary.get(key, limit=MAX_LINK_BYTES))
@@ -46,9 +75,22 @@ class LinkStore:
             return await self._stale(key, exc)
         if self._cache is not None:
             self._cache[key] = digest
+        if self._seen is not None and seen is not None:
+            self._seen[key] = seen  # as stat'ed before the read: a change since reads again
         if self.local is not None:
             await self._copy_locally(key, digest)
         return digest
+
+    def _file_id(self, key: str) -> tuple[int, int, int]:
+        """The link file's identity now (a stat of a hot dentry: microseconds, no thread)."""
+        assert self._dir is not None
+        try:
+            st = os.stat(self._dir.path(key))
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if self._cache is not None:
+                self._cache.pop(key, None)
+            raise PathNotFound(key) from exc
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     async def exists(self, key: str) -> bool:
         try:
@@ -61,6 +103,8 @@ class LinkStore:
         await self.primary.put(key, str(digest).encode())
         if self._cache is not None:
             self._cache[key] = digest
+        if self._seen is not None:
+            self._seen.pop(key, None)  # the next read stat()s the file written
         if self.local is not None:
             await self.local.put(key, str(digest).encode())
 

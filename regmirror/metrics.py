@@ -6,7 +6,16 @@ repository name or a digest, whose number has no bound.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+)
 from prometheus_client.exposition import generate_latest
 
 from regmirror.digest import Digest
@@ -90,6 +99,7 @@ class Metrics:
             "regmirror_s3_clock_skew_seconds",
             "The correction applied to this host's clock when signing S3 requests.",
             registry=self.registry,
+            multiprocess_mode="livemostrecent",
         )
         self.clock_skew_corrections = Counter(
             "regmirror_s3_clock_skew_corrections_total",
@@ -113,16 +123,19 @@ class Metrics:
             "regmirror_cache_bytes",
             "Bytes of blobs on local disk (evictable or not).",
             registry=self.registry,
+            multiprocess_mode="livemax",  # reported by the eviction owner (regmirror.workers)
         )
         self.staged_size = Gauge(
             "regmirror_cache_staged_bytes",
             "Bytes of fills in flight and upload sessions, counted toward cache.max_bytes.",
             registry=self.registry,
+            multiprocess_mode="livemax",  # reported by the eviction owner (regmirror.workers)
         )
         self.cache_max = Gauge(
             "regmirror_cache_max_bytes",
             "The local cache's byte budget, cache.max_bytes; 0 when there is none.",
             registry=self.registry,
+            multiprocess_mode="livemax",  # reported by the eviction owner (regmirror.workers)
         )
         self.evictions = Counter(
             "regmirror_evictions_total",
@@ -214,4 +227,11 @@ class Metrics:
         children[1].observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """This process's metrics; with several workers (prometheus-client's multiprocess
+        directory set), every worker's, each counted once."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=directory)
+        return generate_latest(merged), CONTENT_TYPE_LATEST

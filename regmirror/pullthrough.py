@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -75,8 +76,12 @@ class PullThrough:
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
         stored: StoredFiles | None = None,
+        shared_dir: bool = False,
     ):
+        """``shared_dir``: other processes serve the same data directory (workers): a
+        tag one of them confirmed upstream (its link's mtime) is fresh here too."""
         self.local = local
+        self.shared_dir = shared_dir
         self.cache = cache or BlobCache(local.root, shared=shared)
         self.stored = stored or StoredFiles(local)
         self.links = links
@@ -151,6 +156,8 @@ class PullThrough:
         just confirmed it."""
         known = self._tags.get((name, tag, wanted.key))
         now = time.monotonic()
+        if known is None and self.shared_dir:
+            known = await self._confirmed_elsewhere(name, tag, wanted, now)
         if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
             return known[0], False
         try:
@@ -175,6 +182,22 @@ class PullThrough:
             return stale, False
         self._tags[(name, tag, wanted.key)] = (head.digest, now)
         return head.digest, True
+
+    async def _confirmed_elsewhere(
+        self, name: str, tag: str, wanted: Representation, now: float
+    ) -> tuple[Digest, float] | None:
+        """The tag as another process last confirmed it, and when (on this clock): its
+        link is rewritten on every confirmation, so the file's mtime says when."""
+        primary = self.links.primary
+        if not isinstance(primary, FilesystemDriver):
+            return None
+        key = tag_link(name, tag, wanted)
+        try:
+            age = time.time() - (await asyncio.to_thread(os.stat, primary.path(key))).st_mtime
+            digest = await self.links.read(key)
+        except (OSError, PathNotFound):
+            return None
+        return digest, now - max(age, 0.0)
 
     async def _last_known(self, name: str, tag: str, wanted: Representation) -> Digest | None:
         try:

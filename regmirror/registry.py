@@ -71,7 +71,10 @@ class Registry:
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
+        shared_dir: bool = False,
     ):
+        """``shared_dir``: other processes serve the same data directory
+        (:mod:`regmirror.workers`)."""
         self.local = local
         # What local disk holds, kept within its budget; unbounded unless given one.
         self.cache = cache or BlobCache(local.root, shared=shared)
@@ -80,7 +83,9 @@ class Registry:
         # Stored blobs' sizes and headers, forgotten when eviction deletes one.
         self.stored = StoredFiles(local)
         self.cache.on_evicted(self.stored.forget)
-        self.links = LinkStore(shared or local, local=local, ttl=link_ttl)
+        self.links = LinkStore(
+            shared or local, local=local, ttl=link_ttl, shared_dir=shared_dir
+        )
         self.router = router
         self._on_upstream_error = on_upstream_error
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
@@ -88,7 +93,7 @@ class Registry:
         )
         self.pullthrough = PullThrough(
             local=local,
-            links=LinkStore(FilesystemDriver(local.root / "proxy")),
+            links=LinkStore(FilesystemDriver(local.root / "proxy"), shared_dir=shared_dir),
             fills=fills,
             manifests=self._manifests,
             shared=shared,
@@ -96,6 +101,7 @@ class Registry:
             on_upstream_error=on_upstream_error,
             cache=self.cache,
             stored=self.stored,
+            shared_dir=shared_dir,
         )
 
     @property

@@ -53,9 +53,12 @@ def run(
     tls: ServerTLS | None = None,
     probes: Listen | None = None,
     settings: ServerSettings | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain."""
-    asyncio.run(serve(app, registry, tls=tls, probes=probes, settings=settings))
+    asyncio.run(
+        serve(app, registry, tls=tls, probes=probes, settings=settings, reuse_port=reuse_port)
+    )
 
 
 async def serve(
@@ -65,9 +68,10 @@ async def serve(
     tls: ServerTLS | None = None,
     probes: Listen | None = None,
     settings: ServerSettings | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve ``app`` on ``registry`` (and its probes on ``probes``) until SIGTERM or
-    SIGINT."""
+    SIGINT; ``reuse_port``: as one of several worker processes (:mod:`regmirror.workers`)."""
     settings = settings or ServerSettings()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,14 +85,25 @@ async def serve(
         main = await _runner(app, limits)
         ssl_context = tls.context if tls is not None else None
         listeners.append(
-            Listener(main, registry.host, registry.port, limits=limits, ssl_context=ssl_context)
+            Listener(
+                main,
+                registry.host,
+                registry.port,
+                limits=limits,
+                ssl_context=ssl_context,
+                reuse_port=reuse_port,
+            )
         )
         await listeners[0].start()
         scheme = "https" if tls is not None else "http"
         log.info("serving %s://%s:%d/v2/", scheme, registry.host, registry.port)
         if probes is not None:
             side = await _runner(create_probe_app(app), limits)
-            listeners.append(Listener(side, probes.host, probes.port, limits=limits, name="probe"))
+            listeners.append(
+                Listener(
+                    side, probes.host, probes.port, limits=limits, name="probe", reuse_port=reuse_port
+                )
+            )
             await listeners[1].start()
             log.info(
                 "serving /metrics, /healthz and /readyz on http://%s:%d", probes.host, probes.port

@@ -12,6 +12,8 @@ out, the connection is cut so that the client sees a short body, never a clean e
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import os
 import re
@@ -86,6 +88,9 @@ async def _answer(
             os.stat(found.path)  # a HEAD sends no body, but says what is there now
         else:
             file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+            with contextlib.suppress(BlockingIOError):  # a fill's owner still holds it
+                # Serving: kept from eviction by another process (regmirror.workers).
+                fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
     except FileNotFoundError:
         # Gone since it was found (removed behind this process's back): look once more,
         # as if it had never been seen.

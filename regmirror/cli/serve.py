@@ -6,9 +6,10 @@ import argparse
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
-from regmirror import __version__
+from regmirror import __version__, datalock, workers
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
 from regmirror.datalock import DataDirBusy
@@ -77,21 +78,52 @@ def run(args: argparse.Namespace) -> int:
             host,
             who,
         )
+    count = settings.server.workers or workers.default_workers()  # 0: one per CPU
     try:
-        run_server(
-            app,
-            Listen(host, port),
-            tls=tls,
-            probes=Listen(*probes) if probes is not None else None,
-            settings=settings.server,
-        )
+        if count == 1:
+            run_server(
+                app,
+                Listen(host, port),
+                tls=tls,
+                probes=Listen(*probes) if probes is not None else None,
+                settings=settings.server,
+            )
+            return 0
+        # Checked here, once: the data directory is not under gc, the ports are ours
+        # (reserved, not listening, until the workers listen beside the reservation).
+        held = datalock.acquire(Path(settings.data_dir).expanduser().resolve(), exclusive=False)
+        reserved = [workers.bind(host, port, listen=False)]
+        if probes is not None:
+            reserved.append(workers.bind(*probes, listen=False))
     except DataDirBusy as exc:
         print(f"regmirror: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"regmirror: cannot listen: {exc}", file=sys.stderr)
         return 2
-    return 0
+    del app  # each worker builds its own (checked above: the settings are usable)
+    ports = [sock.getsockname()[1] for sock in reserved]
+
+    def serve_worker(index: int) -> int:
+        held.release()  # the worker takes its own (the app's data directory lock)
+        for sock in reserved:
+            sock.close()
+        run_server(
+            create_app(settings, worker=index),
+            Listen(host, ports[0]),
+            tls=server_tls(settings.tls),
+            probes=Listen(probes[0], ports[1]) if probes is not None else None,
+            settings=settings.server,
+            reuse_port=True,
+        )
+        return 0
+
+    try:
+        return workers.supervise(count, serve_worker, settings.server.drain_timeout)
+    finally:
+        held.release()
+        for sock in reserved:
+            sock.close()
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,0 +1,207 @@
+"""``server.workers``: several serving processes on one port over one data directory.
+
+The supervisor (this module, in the process ``regmirror serve`` started) binds each
+port first with ``SO_REUSEPORT`` without listening (so "address in use" is an error at
+startup, and the port stays reserved), then forks the workers, each of which listens on
+the port with a socket of its own (``SO_REUSEPORT``): the kernel spreads new connections
+evenly over them. Not one shared socket: there, whichever worker wakes first accepts a
+whole burst (asyncio accepts up to 100 at a time), and a herd of connections all land
+in one process. The supervisor runs no event loop and holds no application state.
+
+What is per process becomes correct across processes this way:
+
+- **fills**: the partial file's ``flock`` is already the single-flight token across
+  processes (:mod:`regmirror.fill`): one upstream GET however the herd is spread;
+- **eviction has one owner**: worker 0's index evicts (it rescans the data directory
+  every ``REINDEX_SECONDS`` to learn what the others stored; their reads stamp the
+  files' mtimes, so LRU order is shared too); the others never delete a blob. Rather
+  than a shared index (SQLite) because the directory already is the shared truth and
+  eviction is rare, bounded work: one evictor means no two processes ever race to
+  delete, and no lock on the serving path. A worker serving a stored blob holds
+  ``flock(LOCK_SH)`` on its file; the owner deletes only a file it can lock
+  exclusively, so nobody's blob is evicted under it;
+- **links**: a link a worker keeps in memory is checked against its file (one ``stat``)
+  on every read, so a tag moved or deleted in one worker is seen by the others at once
+  (:mod:`regmirror.links`);
+- **metrics**: prometheus-client's multiprocess mode, in a directory of the
+  supervisor's, emptied at start: ``/metrics`` from any worker sums every worker's
+  counters (dead ones' too), so each request is counted exactly once;
+- **drain**: SIGTERM or SIGINT to the supervisor goes to every worker, which drains as
+  a single process does (each runs :class:`~regmirror.connections.Listener` with
+  ``SO_REUSEPORT``, within ``server.drain_timeout``: they drain side by side); the supervisor waits for all of them (SIGKILL after the drain
+  timeout and a margin). A worker that dies otherwise is started again, at most
+  ``MAX_RESTARTS`` times a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("regmirror")
+
+REINDEX_SECONDS = 10.0  # how often the eviction owner rescans the data directory
+STOP_MARGIN = 10.0  # seconds past the drain timeout before a worker is killed
+MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gives up
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """One per CPU this process may use: its affinity, capped by a cgroup v2 CPU quota
+    (a container limited to 2 CPUs on a 64-core node gets 2 workers, not 64)."""
+    cpus = len(os.sched_getaffinity(0)) or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
+def bind(host: str, port: int, *, listen: bool) -> socket.socket:
+    """A TCP socket bound with ``SO_REUSEPORT``: the supervisor's reservation of the
+    port (not listening), or a worker's listening socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(4096)
+            sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def use_multiprocess_metrics() -> None:
+    """In a worker, before any metric exists: values live in the shared directory."""
+    from prometheus_client import values
+
+    values.ValueClass = values.MultiProcessValue()
+
+
+def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> int:
+    """Fork ``count`` workers running ``serve(index)`` (its return is the exit status);
+    until SIGTERM/SIGINT, then drain them. The exit status: 0 when all ended cleanly."""
+    metrics_dir = tempfile.mkdtemp(prefix="regmirror-metrics-")
+    os.environ[METRICS_ENV] = metrics_dir
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    children: dict[int, int] = {}  # pid -> worker index
+    deaths: deque[float] = deque(maxlen=MAX_RESTARTS)
+    status = 0
+    try:
+        for index in range(count):
+            children[_fork(index, serve)] = index
+        log.info(
+            "serving with %d worker processes (%s); their metrics in %s",
+            count,
+            ", ".join(map(str, children)),
+            metrics_dir,
+        )
+        while children and not stopping:
+            pid, code = _reap()
+            if pid == 0:
+                time.sleep(0.1)  # a signal sets ``stopping``; waitpid would be resumed
+                continue
+            index = children.pop(pid)
+            _mark_dead(pid)
+            if stopping:
+                break
+            log.error("worker %d (pid %d) exited unexpectedly (%s)", index, pid, code)
+            deaths.append(time.monotonic())
+            if len(deaths) == MAX_RESTARTS and deaths[-1] - deaths[0] < 60.0:
+                log.error("workers keep dying: stopping")
+                status = 1
+                break
+            children[_fork(index, serve)] = index
+        status = max(status, _drain(children, drain_timeout + STOP_MARGIN))
+    finally:
+        for pid in children:
+            _kill(pid, signal.SIGKILL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.environ.pop(METRICS_ENV, None)
+    return status
+
+
+def _fork(index: int, serve: Callable[[int], int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's loop sets its own
+            signal.signal(signum, signal.SIG_DFL)
+        use_multiprocess_metrics()
+        code = serve(index)
+    except BaseException:
+        log.exception("worker %d failed", index)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+    return 0  # not reached
+
+
+def _drain(children: dict[int, int], timeout: float) -> int:
+    """SIGTERM every worker and wait for them, SIGKILL after ``timeout``."""
+    for pid in children:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    status = 0
+    while children and time.monotonic() < deadline:
+        pid, code = _reap()
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        children.pop(pid, None)
+        _mark_dead(pid)
+        status = max(status, 1 if code else 0)
+    for pid in list(children):
+        log.error("worker pid %d did not drain in %.0f s: killed", pid, timeout)
+        _kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        children.pop(pid)
+        status = 1
+    return status
+
+
+def _reap() -> tuple[int, int]:
+    try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return 0, 0
+    return (pid, os.waitstatus_to_exitcode(status)) if pid else (0, 0)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _mark_dead(pid: int) -> None:
+    """Its gauges leave the live aggregations; its counters stay counted."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, os.environ.get(METRICS_ENV))
