@@ -119,6 +119,7 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
             per_client=settings.uploads.max_sessions_per_client,
         ),
         on_growth=_upload_growth(cache, trimmer),
+        shared_dir=worker is not None,
     )
     app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
     app[TRUSTED_PROXIES] = trusted_proxies

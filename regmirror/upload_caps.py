@@ -4,7 +4,9 @@ Every session costs a directory and two files on disk until it is committed, can
 expires (``uploads.ttl``), so a client that opens sessions and walks away could fill the
 disk and the directory. The count lives in memory: rebuilt at startup from the sessions'
 ``info.json`` (which records the client address), then kept as sessions open and close.
-One process per data directory, as for the blob cache's index.
+With several worker processes (``server.workers``) the count is brought up to date from
+disk before each new session (:meth:`regmirror.uploads.Uploads.start`), so the caps hold for the host, not per
+worker; two workers opening the last free session at the same instant may both get it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class SessionCaps:
             self._counts[client] -= 1
             if self._counts[client] <= 0:
                 del self._counts[client]
+
+    def ids(self) -> set[str]:
+        return set(self._clients)
 
     def load(self, sessions: Iterable[tuple[str, str]]) -> None:
         """Count the sessions found on disk (id, client): never refused, even over a cap."""

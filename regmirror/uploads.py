@@ -103,9 +103,14 @@ class Uploads:
         max_blob_bytes: int | None = None,
         caps: SessionCaps | None = None,
         on_growth: OnGrowth | None = None,
+        shared_dir: bool = False,
     ):
         self.root = root
         self.ttl = ttl
+        # Other processes open and close sessions here too (server.workers): the caps are
+        # brought up to date from disk before each new session is counted.
+        self.shared_dir = shared_dir
+        self._opening: set[str] = set()  # counted, their directory not made yet
         self.max_blob_bytes = max_blob_bytes
         self.caps = caps
         self._on_growth = on_growth or (lambda nbytes: None)
@@ -131,8 +136,11 @@ class Uploads:
         upload_id = uuid.uuid4().hex
         upload = Upload(upload_id, name, self.root / upload_id)
         if self.caps is not None:
+            if self.shared_dir:
+                await self._recount()
             self.caps.open(upload_id, client)
         info = json.dumps({"name": name, "started_at": time.time(), "client": client}).encode()
+        self._opening.add(upload_id)
         with disk_full("open an upload session"):
             try:
                 await asyncio.to_thread(self._create, upload, info)
@@ -140,8 +148,21 @@ class Uploads:
                 await asyncio.to_thread(shutil.rmtree, upload.directory, True)
                 self._closed(upload_id)
                 raise
+            finally:
+                self._opening.discard(upload_id)
         self._grew(upload_id, len(info))
         return upload
+
+    async def _recount(self) -> None:
+        """The caps' count made the disk's: sessions other processes opened are counted,
+        the ones they closed (or committed, whoever opened them) are not. A directory
+        listing, and one small read per session new to this process."""
+        assert self.caps is not None
+        counted = self.caps.ids()
+        on_disk, new = await asyncio.to_thread(_sessions_besides, self.root, counted)
+        for upload_id in counted - on_disk - self._opening:
+            self._closed(upload_id)  # its bytes leave the disk budget too
+        self.caps.load(new)
 
     def check_size(self, nbytes: int, *, holds: int | None = None) -> None:
         """413 if a blob of ``nbytes`` would be too large (``holds``: what the session
@@ -461,13 +482,28 @@ def _sessions(root: Path) -> list[tuple[str, str]]:
     for entry in entries:
         if not _UUID.match(entry.name):
             continue  # a frozen session (a crash mid-commit) or a stranger
-        try:
-            info = json.loads(Path(entry.path, "info.json").read_bytes())
-        except (OSError, ValueError):
-            info = {}
-        client = info.get("client") if isinstance(info, dict) else None
-        found.append((entry.name, client if isinstance(client, str) else "-"))
+        found.append((entry.name, _client(Path(entry.path))))
     return found
+
+
+def _client(directory: Path) -> str:
+    """The client address a session's ``info.json`` records ("-": none, or not yet)."""
+    try:
+        info = json.loads((directory / "info.json").read_bytes())
+    except (OSError, ValueError):
+        info = {}
+    client = info.get("client") if isinstance(info, dict) else None
+    return client if isinstance(client, str) else "-"
+
+
+def _sessions_besides(root: Path, known: set[str]) -> tuple[set[str], list[tuple[str, str]]]:
+    """The ids of the open sessions under ``root``, and (id, client) of those not in
+    ``known``. Blocking."""
+    try:
+        names = {name for name in os.listdir(root) if _UUID.match(name)}
+    except FileNotFoundError:
+        return set(), []
+    return names, [(i, _client(root / i)) for i in names - known]
 
 
 def _stale_entries(root: Path, cutoff: float) -> list[str]:

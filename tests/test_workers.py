@@ -195,6 +195,61 @@ async def test_one_worker_evicts_what_every_worker_stored(
         assert status == 200 and body == image.layer
 
 
+async def test_a_tag_moved_or_deleted_in_one_worker_is_seen_at_once_by_every_worker(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,
+) -> None:
+    """Each worker keeps the links it read in memory; a tag moved or deleted through one
+    worker must be served as it now is by the next request, whichever worker it reaches
+    (with a link trusted for a while, the other worker served the old digest)."""
+    server = regmirror_server(config={"server": {"workers": 2}})
+    one = await push_image(session, server.url, "team/moving", "v1")
+    two = await push_image(session, server.url, "team/moving", "v2")
+    tag = f"{server.url}/v2/team/moving/manifests/current"
+    for round_ in range(8):
+        image = (one, two)[round_ % 2]
+        async with session.put(
+            tag, data=image.manifest, headers={"Content-Type": DOCKER_MANIFEST}
+        ) as response:
+            assert response.status == 201
+        # Fresh connections, so both workers answer (and cache) it.
+        for _ in range(6):
+            status, body = await fresh_get(tag, Accept=DOCKER_MANIFEST)
+            assert (status, Digest.of(body)) == (200, image.digest), round_
+    async with session.delete(tag) as response:
+        assert response.status == 202, await response.text()
+    for _ in range(12):
+        status, _ = await fresh_get(tag, Accept=DOCKER_MANIFEST)
+        assert status == 404
+    by_worker = requests_by_worker(server, "/v2/{name}/manifests/{reference}")
+    assert len(by_worker) == 2, by_worker  # both workers served the tag
+
+
+def test_a_link_changed_by_another_process_is_read_anew(tmp_path: Path) -> None:
+    """Two link stores on one directory (two workers): a change by one is seen by the
+    other's very next read, without waiting for any cache to expire."""
+    from regmirror.links import LinkStore
+    from regmirror.storage.driver import PathNotFound
+    from regmirror.storage.filesystem import FilesystemDriver
+
+    a = LinkStore(FilesystemDriver(tmp_path), shared_dir=True)
+    b = LinkStore(FilesystemDriver(tmp_path), shared_dir=True)
+    first, second = Digest.of(b"first"), Digest.of(b"second")
+
+    async def scenario() -> None:
+        await a.write("repo/_tags/t", first)
+        assert await b.read("repo/_tags/t") == first
+        await a.write("repo/_tags/t", second)
+        assert await b.read("repo/_tags/t") == second
+        await a.delete("repo/_tags/t")
+        with pytest.raises(PathNotFound):
+            await b.read("repo/_tags/t")
+        await a.write("repo/_tags/t", first)
+        assert await b.read("repo/_tags/t") == first
+
+    asyncio.run(scenario())
+
+
 async def test_sigterm_drains_every_worker(
     regmirror_server: Start,  # noqa: F811
     upstream_registry: ServerProcess,
@@ -332,3 +387,31 @@ def test_one_worker_per_cpu_within_a_cgroup_quota(tmp_path: Path) -> None:
     assert workers.default_workers(cpu_max) == min(cpus, 2)
     cpu_max.write_text("50000 100000\n")
     assert workers.default_workers(cpu_max) == 1
+
+
+async def test_upload_caps_hold_for_every_worker_together(tmp_path: Path) -> None:
+    """Two workers' session stores on one directory: the caps count the sessions on disk,
+    whichever worker opened or closed them (counted in memory per worker, each worker
+    allowed the cap on its own)."""
+    from regmirror.errors import TooManyUploads
+    from regmirror.upload_caps import SessionCaps
+    from regmirror.uploads import Uploads
+
+    def worker() -> Uploads:
+        caps = SessionCaps(total=3, per_client=2)
+        return Uploads(tmp_path / "uploads", ttl=3600, caps=caps, shared_dir=True)
+
+    a, b = worker(), worker()
+    first = await a.start("team/app", client="10.0.0.1")
+    await a.start("team/app", client="10.0.0.1")
+    with pytest.raises(TooManyUploads, match="max_sessions_per_client"):
+        await b.start("team/app", client="10.0.0.1")  # a opened both
+    third = await b.start("team/app", client="10.0.0.2")
+    with pytest.raises(TooManyUploads, match="uploads.max_sessions\\)"):
+        await a.start("team/app", client="10.0.0.3")  # three open, one of them b's
+    await b.cancel(await b.get("team/app", first.id))  # closed by the other worker
+    await a.start("team/app", client="10.0.0.1")  # a's own count knows it is gone
+    await a.cancel(await a.get("team/app", third.id))
+    await b.start("team/app", client="10.0.0.3")
+    with pytest.raises(TooManyUploads, match="uploads.max_sessions\\)"):
+        await a.start("team/app", client="10.0.0.4")  # b's new one counted here too
