@@ -102,10 +102,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_regmirror(work: Path) -> Server:
+def start_regmirror(work: Path, workers: int = 1) -> Server:
     server = Server(REGMIRROR, free_port(), work / "regmirror-data", work / "regmirror.log")
     server.data_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGMIRROR_")}
+    env["REGMIRROR_SERVER__WORKERS"] = str(workers)  # server.workers (0: one per CPU)
     server.log_file = open(server.log_path, "wb")  # noqa: SIM115 (open while the server runs; stop() closes)
     server.proc = subprocess.Popen(
         [
@@ -684,7 +685,7 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
     images = await asyncio.to_thread(make_images, work, args.big_mib)
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "runs": []}
     try:
-        regmirror = start_regmirror(work)
+        regmirror = start_regmirror(work, args.regmirror_workers)
         servers.append(regmirror)
         servers.append(start_registry2(work, args.registry_binary))
         if not args.no_nginx:
@@ -804,6 +805,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.cpu_count() or 1,
         help="nginx static's worker processes (one per core)",
     )
+    p.add_argument(
+        "--regmirror-workers",
+        type=int,
+        default=1,
+        help="regmirror's server.workers (1: one process, 0: one per CPU)",
+    )
     p.add_argument("--no-nginx", action="store_true", help="leave out the nginx static column")
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     args = p.parse_args(argv)
@@ -824,6 +831,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("the nginx static column needs nginx (apt-get install nginx-light), or --no-nginx")
     if args.nginx_workers < 1:
         p.error("--nginx-workers must be positive")
+    if args.regmirror_workers < 0:
+        p.error("--regmirror-workers must be 0 (one per CPU) or more")
     if args.profile and not shutil.which(args.py_spy):
         p.error("--profile needs py-spy (pip install py-spy)")
     return args

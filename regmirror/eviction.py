@@ -433,7 +433,9 @@ class BlobCache:
         if isinstance(self._reconciling, asyncio.TimerHandle):
             self._reconciling.cancel()
         tasks: list[asyncio.Task[None]] = [
-            t for t in (self._task, self._loading, self._reconciling, self._reindexing) if isinstance(t, asyncio.Task)
+            t
+            for t in (self._task, self._loading, self._reconciling, self._reindexing)
+            if isinstance(t, asyncio.Task)
         ]
         for task in tasks:
             task.cancel()

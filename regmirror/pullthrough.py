@@ -156,9 +156,14 @@ class PullThrough:
         just confirmed it."""
         known = self._tags.get((name, tag, wanted.key))
         now = time.monotonic()
-        if known is None and self.shared_dir:
-            known = await self._confirmed_elsewhere(name, tag, wanted, now)
-        if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
+        ttl = route.upstream.settings.tag_ttl
+        if self.shared_dir and (known is None or now - known[1] >= ttl):
+            # Another worker may have confirmed it since (one upstream HEAD per tag_ttl
+            # for the host, not per worker).
+            elsewhere = await self._confirmed_elsewhere(name, tag, wanted, now)
+            if elsewhere is not None and (known is None or elsewhere[1] > known[1]):
+                known = elsewhere
+        if known is not None and now - known[1] < ttl:
             return known[0], False
         try:
             head = await self._ask(

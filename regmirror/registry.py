@@ -83,9 +83,7 @@ class Registry:
         # Stored blobs' sizes and headers, forgotten when eviction deletes one.
         self.stored = StoredFiles(local)
         self.cache.on_evicted(self.stored.forget)
-        self.links = LinkStore(
-            shared or local, local=local, ttl=link_ttl, shared_dir=shared_dir
-        )
+        self.links = LinkStore(shared or local, local=local, ttl=link_ttl, shared_dir=shared_dir)
         self.router = router
         self._on_upstream_error = on_upstream_error
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(

@@ -101,7 +101,12 @@ async def serve(
             side = await _runner(create_probe_app(app), limits)
             listeners.append(
                 Listener(
-                    side, probes.host, probes.port, limits=limits, name="probe", reuse_port=reuse_port
+                    side,
+                    probes.host,
+                    probes.port,
+                    limits=limits,
+                    name="probe",
+                    reuse_port=reuse_port,
                 )
             )
             await listeners[1].start()

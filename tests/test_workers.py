@@ -225,6 +225,43 @@ async def test_a_tag_moved_or_deleted_in_one_worker_is_seen_at_once_by_every_wor
     assert len(by_worker) == 2, by_worker  # both workers served the tag
 
 
+async def test_a_tag_is_checked_upstream_once_per_tag_ttl_for_all_workers(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Once both workers have confirmed a tag themselves, the next expiry still costs one
+    upstream HEAD, not one per worker: each sees the other's confirmation (the link's
+    mtime) before asking."""
+    await push_image(session, upstream_registry.url, "team/fresh")
+    proxy = CountingProxy(upstream_registry.url, session)
+    ttl = 2.0
+    async with serve(proxy.app()) as upstream_url:
+        server = regmirror_server(
+            config={
+                "upstreams": [{"url": upstream_url, "tag_ttl": ttl}],
+                "server": {"workers": 2},
+            }
+        )
+        manifest = f"{server.url}/v2/team/fresh/manifests/latest"
+
+        def heads() -> int:
+            return sum(
+                1
+                for method, path in proxy.requests
+                if method == "HEAD" and path.endswith("/latest")
+            )
+
+        for round_ in range(4):
+            before = heads()
+            for _ in range(10):  # one after the other: sequential, fresh connections
+                assert (await fresh_get(manifest, Accept=DOCKER_MANIFEST))[0] == 200
+            assert heads() - before == 1, (round_, proxy.requests)
+            await asyncio.sleep(ttl + 0.2)
+        by_worker = requests_by_worker(server, "/v2/{name}/manifests/{reference}")
+        assert len(by_worker) == 2, by_worker
+
+
 def test_a_link_changed_by_another_process_is_read_anew(tmp_path: Path) -> None:
     """Two link stores on one directory (two workers): a change by one is seen by the
     other's very next read, without waiting for any cache to expire."""
