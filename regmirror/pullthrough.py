@@ -45,6 +45,7 @@ from regmirror.errors import (
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
+from regmirror.fleet.coordinator import Fleet
 from regmirror.links import LinkStore
 from regmirror.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, Manifest, media_type_of, parse
 from regmirror.negotiation import EVERYTHING, Representation, default_image, negotiate
@@ -72,8 +73,10 @@ class PullThrough:
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
+        fleet: Fleet | None = None,
     ):
         self.local = local
+        self.fleet = fleet if write_back and shared is not None else None
         self.cache = cache or BlobCache(local.root, shared=shared)
         self.links = links
         self.fills = fills
@@ -361,21 +364,34 @@ class PullThrough:
 
     def _source(self, route: Route, digest: Digest) -> Source:
         """Where a fill reads from; only ever for a digest the upstream confirmed for this
-        repository (see :meth:`blob`), so a copy in S3 is the same bytes."""
+        repository (see :meth:`blob`), so a copy in S3 is the same bytes. In fleet mode a
+        blob S3 lacks is fetched by one host of the fleet, the others stream it from that
+        host (:class:`~regmirror.fleet.coordinator.Fleet`)."""
+        key = layout.blob_data(digest)
 
-        async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
-            if self.shared is not None:
-                key = layout.blob_data(digest)
-                try:
-                    size = await self.shared.stat(key)
-                except PathNotFound:
-                    pass
-                except StorageUnavailable as exc:
-                    log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
-                else:
-                    return size, self.shared.reader(key, offset)
+        async def from_shared(offset: int) -> tuple[int, AsyncIterator[bytes]] | None:
+            if self.shared is None:
+                return None
+            try:
+                size = await self.shared.stat(key)
+            except PathNotFound:
+                return None
+            except StorageUnavailable as exc:
+                log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
+                return None
+            return size, self.shared.reader(key, offset)
+
+        async def from_upstream(offset: int) -> tuple[int, AsyncIterator[bytes]]:
             stream = await self._ask(route, route.upstream.open_blob(route.name, digest, offset))
             return stream.size, stream.chunks
+
+        async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
+            found = await from_shared(offset)
+            if self.fleet is not None:
+                if found is not None:
+                    return found[0], self.fleet.counted("s3", found[1])
+                return await self.fleet.open(digest, offset, from_upstream, from_shared)
+            return found if found is not None else await from_upstream(offset)
 
         return open_at
 
@@ -383,15 +399,21 @@ class PullThrough:
         assert self.shared is not None
         key = layout.blob_data(fill.digest)
         try:
-            path = await fill.wait()
-        except FillFailed:
-            return  # failed, or streamed through without being kept: nothing to write back
-        try:
-            await self.shared.stat(key)
-        except PathNotFound:
-            await self.shared.put_file(key, path)
-        except Exception:  # the pull itself is unaffected; only the shared copy is missed
-            log.warning("writing %s back to S3 failed", fill.digest, exc_info=True)
+            try:
+                path = await fill.wait()
+            except FillFailed:
+                return  # failed, or streamed through without being kept: nothing to write back
+            if self.fleet is not None and not self.fleet.owns(fill.digest):
+                return  # another host of the fleet filled it from the upstream: it writes back
+            try:
+                await self.shared.stat(key)
+            except PathNotFound:
+                await self.shared.put_file(key, path)
+            except Exception:  # the pull itself is unaffected; only the shared copy is missed
+                log.warning("writing %s back to S3 failed", fill.digest, exc_info=True)
+        finally:
+            if self.fleet is not None:
+                await self.fleet.release(fill.digest)  # in S3 now (or failed): others may go
 
     async def _ask(self, route: Route, call: Awaitable[T]) -> T:
         """An upstream request, its failure counted by upstream host and kind."""

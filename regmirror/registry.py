@@ -41,6 +41,7 @@ from regmirror.errors import (
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills
+from regmirror.fleet.coordinator import Fleet
 from regmirror.links import LinkStore
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
 from regmirror.pullthrough import PullThrough, read_manifest
@@ -70,6 +71,7 @@ class Registry:
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
+        fleet: Fleet | None = None,
     ):
         self.local = local
         # What local disk holds, kept within its budget; unbounded unless given one.
@@ -91,6 +93,7 @@ class Registry:
             write_back=write_back,
             on_upstream_error=on_upstream_error,
             cache=self.cache,
+            fleet=fleet,
         )
 
     @property

@@ -82,8 +82,25 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
             headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
             return web.Response(headers=headers)
-        metrics = request.app[METRICS]
-        metrics.cache_request(hit=isinstance(found, StoredBlob))
+        request.app[METRICS].cache_request(hit=isinstance(found, StoredBlob))
+        handed_over = True  # respond() releases it
+        return await respond(request, found, digest, hold, headers)
+    finally:
+        if not handed_over:
+            hold.release()
+
+
+async def respond(
+    request: web.Request,
+    found: StoredBlob | Fill,
+    digest: Digest,
+    hold: Hold,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    """The blob's body (Range honoured): by sendfile from the store, else from its fill as
+    it arrives. Releases ``hold`` once the stored blob is sent (or at once for a fill)."""
+    handed_over = False
+    try:
         if isinstance(found, Fill) and not (found.done and found.kept):
             return await _stream_fill(request, found, digest, headers)
         path = found.path if isinstance(found, StoredBlob) else found.final
@@ -91,7 +108,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         ranged = _range(request.headers.get("Range"), size)
         response = _CountedFileResponse(
             path,
-            metrics,
+            request.app[METRICS],
             hold,
             None if ranged == (0, size) else ranged,
             headers=headers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from regmirror.fleet.coordinator import Fleet
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.uploads import Uploads
@@ -11,3 +12,4 @@ from regmirror.uploads import Uploads
 REGISTRY = web.AppKey("registry", Registry)
 UPLOADS = web.AppKey("uploads", Uploads)
 METRICS = web.AppKey("metrics", Metrics)
+FLEET = web.AppKey("fleet", Fleet)  # set only in fleet mode

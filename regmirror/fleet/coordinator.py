@@ -1,0 +1,268 @@
+"""The fleet's fill source: one host fetches a blob from the upstream, the others stream
+it from that host while it arrives.
+
+:meth:`Fleet.open` is what a fill reads from when the blob is neither on local disk nor
+in S3. It claims the blob's lease. Won: the fill reads the upstream, and the lease is
+renewed while bytes come (:meth:`Fleet.release` drops it once the blob is written back to
+S3). Held by another host: the fill streams from that host's peer endpoint. When that
+stream fails (the owner was killed, stalls for ``fleet.peer_timeout``, cannot be reached),
+the lease is taken over (If-Match on the ETag seen) and the fill goes on *from the byte it
+had reached*: from S3 if the blob got there meanwhile, else from the upstream with a
+Range, else from whichever host took the lease first. The fill hashes the whole blob
+whatever the mix of sources, so bytes a peer got wrong fail that fill only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from regmirror.config import FleetSettings
+from regmirror.digest import Digest
+from regmirror.errors import UpstreamUnavailable
+from regmirror.fleet.leases import Lease, Leases, blob_key
+from regmirror.fleet.peers import PeerError, Peers
+from regmirror.storage.driver import StorageUnavailable
+from regmirror.storage.s3 import S3Driver
+
+__all__ = ["Fleet", "FleetObserver", "Opened", "Stored"]
+
+log = logging.getLogger(__name__)
+
+SWITCHES = 6  # sources one fill may go through before it fails
+Opened = tuple[int, AsyncIterator[bytes]]
+Upstream = Callable[[int], Awaitable[Opened]]
+Stored = Callable[[int], Awaitable[Opened | None]]  # S3, when it holds the blob
+
+
+class FleetObserver(Protocol):
+    def fleet_lease(self, result: str) -> None: ...
+    def fleet_bytes_received(self, source: str, nbytes: int) -> None: ...
+    def fleet_peer_error(self, kind: str) -> None: ...
+    def fleet_tag(self, result: str) -> None: ...
+
+
+@dataclass
+class _Held:
+    """A lease this host owns, and what its renewal needs to know."""
+
+    lease: Lease
+    progress: int = 0
+    finished: bool = False
+    lost: bool = False
+    renewal: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Fleet:
+    def __init__(self, s3: S3Driver, settings: FleetSettings, observer: FleetObserver):
+        assert settings.advertise_url is not None
+        self.settings = settings
+        self.observer = observer
+        self.leases = Leases(
+            s3, owner=settings.advertise_url, ttl=settings.lease_ttl, observe=observer.fleet_lease
+        )
+        self.secret = settings.secret
+        self._session: aiohttp.ClientSession | None = None
+        self._held: dict[Digest, _Held] = {}
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def close(self) -> None:
+        for held in list(self._held.values()):
+            if held.renewal is not None:
+                held.renewal.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def peers(self) -> Peers:
+        assert self._session is not None, "Fleet.start() first"
+        return Peers(self._session, secret=self.secret, timeout=self.settings.peer_timeout)
+
+    @property
+    def coordinating(self) -> bool:
+        """Leases work on this store (known after the first fill)."""
+        return self.leases.supported_known is True
+
+    def owns(self, digest: Digest) -> bool:
+        """Whether this host is the one to write ``digest`` back to S3: it holds the lease
+        (or leases are not in use, and every host writes back what it filled)."""
+        if not self.coordinating:
+            return True
+        held = self._held.get(digest)
+        return held is not None and not held.lost
+
+    async def open(self, digest: Digest, offset: int, upstream: Upstream, stored: Stored) -> Opened:
+        """Where a fill of ``digest`` reads from ``offset``: the upstream (lease won) or
+        the owner (lease held elsewhere); see the module's docstring."""
+        try:
+            supported = await self.leases.supported()
+        except StorageUnavailable as exc:
+            log.warning("fleet: S3 unavailable (%s); %s filled by this host alone", exc, digest)
+            supported = False
+        if not supported:
+            size, chunks = await upstream(offset)
+            return size, self.counted("upstream", chunks)
+        return await self._source(digest, offset, upstream, stored, None, 0)
+
+    async def release(self, digest: Digest) -> None:
+        """Drop this host's lease on ``digest`` (its blob is in S3, or its fill failed)."""
+        held = self._held.pop(digest, None)
+        if held is None:
+            return
+        if held.renewal is not None:
+            held.renewal.cancel()
+        if held.lost:
+            return
+        try:
+            await self.leases.release(held.lease)
+        except StorageUnavailable as exc:  # it expires by itself
+            log.warning("fleet: could not delete the lease on %s: %s", digest, exc)
+
+    # -- choosing a source ---------------------------------------------------------
+
+    async def _source(
+        self,
+        digest: Digest,
+        offset: int,
+        upstream: Upstream,
+        stored: Stored,
+        failed: Lease | None,
+        switches: int,
+    ) -> Opened:
+        key = blob_key(digest)
+        while switches < SWITCHES:
+            switches += 1
+            if failed is not None and (found := await stored(offset)) is not None:
+                log.info("fleet: %s resumes from S3 at byte %d", digest, offset)
+                return found[0], self.counted("s3", found[1])
+            lease, won = await self.leases.acquire(key)
+            if won:
+                return await self._own(lease, digest, offset, upstream, stored)
+            if self.leases.mine(lease):
+                # A second fill of ours (a replay of a blob streamed through): no lease.
+                size, chunks = await upstream(offset)
+                return size, self.counted("upstream", chunks)
+            if lease.expired() or (failed is not None and lease.instance == failed.instance):
+                taken = await self.leases.take_over(lease)
+                if taken is not None:
+                    return await self._own(taken, digest, offset, upstream, stored)
+                continue  # changed since we read it: look again
+            try:
+                size, chunks = await self.peers.open(lease.owner, digest, offset)
+            except PeerError as exc:
+                self._peer_failed(digest, exc)
+                failed = lease
+                continue
+            log.info("fleet: %s streams from %s from byte %d", digest, lease.owner, offset)
+            return size, self._following(
+                lease, digest, offset, size, chunks, upstream, stored, switches
+            )
+        raise UpstreamUnavailable(f"fleet: no source delivered {digest} after {SWITCHES} tries")
+
+    async def _own(
+        self, lease: Lease, digest: Digest, offset: int, upstream: Upstream, stored: Stored
+    ) -> Opened:
+        held = self._held[digest] = _Held(lease)
+        try:
+            # Written back and released between our look at S3 and our win: no new fetch.
+            if (found := await stored(offset)) is not None:
+                await self.release(digest)
+                return found[0], self.counted("s3", found[1])
+            held.renewal = asyncio.create_task(self._renew(held), name=f"lease {digest}")
+            size, chunks = await upstream(offset)
+        except BaseException:
+            await self.release(digest)
+            raise
+        log.info("fleet: %s is filled here (from byte %d)", digest, offset)
+        return size, self._owning(held, digest, chunks)
+
+    # -- the streams -----------------------------------------------------------------
+
+    async def _owning(
+        self, held: _Held, digest: Digest, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                held.progress += len(chunk)
+                self.observer.fleet_bytes_received("upstream", len(chunk))
+                yield chunk
+            held.finished = True  # renewed until written back (release)
+        except BaseException:
+            await self.release(digest)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def _following(
+        self,
+        lease: Lease,
+        digest: Digest,
+        offset: int,
+        size: int,
+        chunks: AsyncIterator[bytes],
+        upstream: Upstream,
+        stored: Stored,
+        switches: int,
+    ) -> AsyncIterator[bytes]:
+        position = offset
+        try:
+            async for chunk in chunks:
+                position += len(chunk)
+                self.observer.fleet_bytes_received("peer", len(chunk))
+                yield chunk
+            return
+        except PeerError as exc:
+            self._peer_failed(digest, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+        resumed_size, rest = await self._source(digest, position, upstream, stored, lease, switches)
+        if resumed_size != size:
+            raise UpstreamUnavailable(f"fleet: {digest} is {resumed_size} bytes now, {size} before")
+        async for chunk in rest:
+            yield chunk
+
+    async def counted(self, source: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``chunks``, counted as bytes received from ``source``."""
+        try:
+            async for chunk in chunks:
+                self.observer.fleet_bytes_received(source, len(chunk))
+                yield chunk
+        finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+    def _peer_failed(self, digest: Digest, exc: PeerError) -> None:
+        log.warning("fleet: fill of %s from a peer failed (%s): %s", digest, exc.kind, exc)
+        self.observer.fleet_peer_error(exc.kind)
+
+    # -- renewal -------------------------------------------------------------------
+
+    async def _renew(self, held: _Held) -> None:
+        """Push the deadline on while the fill progresses (or is done and being written
+        back); a fill that stalls stops renewing, so its lease runs out."""
+        interval = self.settings.lease_ttl / 3
+        seen = 0
+        while True:
+            await asyncio.sleep(interval)
+            if held.progress == seen and not held.finished:
+                continue
+            seen = held.progress
+            try:
+                renewed = await self.leases.renew(held.lease)
+            except StorageUnavailable as exc:
+                log.warning("fleet: renewing %s failed: %s", held.lease.key, exc)
+                continue
+            if renewed is None:
+                held.lost = True
+                return
+            held.lease = renewed
