@@ -45,7 +45,9 @@ from regmirror.errors import (
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Source
+from regmirror.fleet import tags as fleet_tags
 from regmirror.fleet.coordinator import Fleet
+from regmirror.fleet.leases import manifest_lease
 from regmirror.links import LinkStore
 from regmirror.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, Manifest, media_type_of, parse
 from regmirror.negotiation import EVERYTHING, Representation, default_image, negotiate
@@ -151,10 +153,21 @@ class PullThrough:
         now = time.monotonic()
         if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
             return known[0], False
-        try:
+
+        async def ask() -> Digest:
             head = await self._ask(
                 route, route.upstream.head_manifest(route.name, tag, wanted.accept)
             )
+            return head.digest
+
+        try:
+            if self.fleet is not None:  # one revalidation per TTL for the fleet
+                key = fleet_tags.record_key(name, tag, wanted.key)
+                digest = await fleet_tags.revalidate(
+                    self.fleet, key, route.upstream.settings.tag_ttl, ask
+                )
+            else:
+                digest = await ask()
         except (UpstreamUnavailable, TooManyRequests) as exc:
             stale = known[0] if known is not None else await self._last_known(name, tag, wanted)
             if stale is None:
@@ -171,8 +184,8 @@ class PullThrough:
             # per TTL instead of every pull.
             self._tags[(name, tag, wanted.key)] = (stale, time.monotonic())
             return stale, False
-        self._tags[(name, tag, wanted.key)] = (head.digest, now)
-        return head.digest, True
+        self._tags[(name, tag, wanted.key)] = (digest, now)
+        return digest, True
 
     async def _last_known(self, name: str, tag: str, wanted: Representation) -> Digest | None:
         try:
@@ -246,10 +259,34 @@ class PullThrough:
                 pass
             except StorageUnavailable as exc:  # S3 is a shortcut here, not a requirement
                 log.warning("S3 unavailable; manifest %s from the upstream: %s", digest, exc)
-        fetched = await self._ask(
-            route, route.upstream.get_manifest(route.name, str(digest), accept)
-        )
-        return fetched.raw, fetched.media_type
+
+        async def fetch() -> tuple[bytes, str | None]:
+            fetched = await self._ask(
+                route, route.upstream.get_manifest(route.name, str(digest), accept)
+            )
+            return fetched.raw, fetched.media_type
+
+        if self.fleet is None or self.shared is None:
+            return await fetch()
+        shared = self.shared
+
+        async def published() -> tuple[bytes, str | None] | None:
+            try:
+                return await read_manifest(shared, digest), None
+            except (PathNotFound, ManifestTooLarge, StorageUnavailable):
+                return None
+
+        async def fetch_and_publish() -> tuple[bytes, str | None]:
+            raw, media_type = await fetch()
+            if Digest.of(raw, digest.algorithm) == digest:  # only what the others may read
+                try:
+                    await shared.put(layout.blob_data(digest), raw)
+                except StorageUnavailable as exc:
+                    log.warning("writing manifest %s back to S3 failed: %s", digest, exc)
+            return raw, media_type
+
+        # One host of the fleet GETs it; the others read what it wrote back.
+        return await self.fleet.single(manifest_lease(digest), published, fetch_and_publish)
 
     def _remember(self, digest: Digest, raw: bytes, media_type: str | None) -> Manifest:
         try:

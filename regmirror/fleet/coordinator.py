@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 
@@ -35,6 +36,8 @@ __all__ = ["Fleet", "FleetObserver", "Opened", "Stored"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+POLL = 0.05  # seconds between looks at S3 while another host does a small thing
 SWITCHES = 6  # sources one fill may go through before it fails
 Opened = tuple[int, AsyncIterator[bytes]]
 Upstream = Callable[[int], Awaitable[Opened]]
@@ -111,6 +114,45 @@ class Fleet:
             size, chunks = await upstream(offset)
             return size, self.counted("upstream", chunks)
         return await self._source(digest, offset, upstream, stored, None, 0)
+
+    async def single(
+        self, key: str, ready: Callable[[], Awaitable[T | None]], work: Callable[[], Awaitable[T]]
+    ) -> T:
+        """``work()`` done once for the fleet, for small things it publishes to S3 itself
+        (a manifest, a tag's revalidation): the host that wins the lease ``key`` runs it;
+        the others poll ``ready()`` (what the winner published) until it answers, or the
+        lease goes away or expires (then they try for it again). Past ``fleet.tag_wait``
+        seconds a waiter runs ``work()`` itself, so a slow peer delays, never blocks."""
+        try:
+            if not await self.leases.supported():
+                return await work()
+        except StorageUnavailable:
+            return await work()
+        deadline = time.monotonic() + self.settings.tag_wait
+        while time.monotonic() < deadline:
+            try:
+                lease, won = await self.leases.acquire(key)
+                if not won and lease.expired():
+                    taken = await self.leases.take_over(lease)
+                    lease, won = (taken, True) if taken is not None else (lease, False)
+            except StorageUnavailable:
+                break
+            if won:
+                try:
+                    found = await ready()  # published between our look and our win
+                    return found if found is not None else await work()
+                finally:
+                    with contextlib.suppress(StorageUnavailable):
+                        await self.leases.release(lease)
+            while time.monotonic() < deadline:
+                await asyncio.sleep(POLL)
+                if (found := await ready()) is not None:
+                    return found
+                current = await self.leases.read(key)
+                if current is None or current.etag != lease.etag or current.expired():
+                    break  # the owner gave up (or died): try for the lease again
+        log.warning("fleet: %s not done by another host in time; doing it here", key)
+        return await work()
 
     async def release(self, digest: Digest) -> None:
         """Drop this host's lease on ``digest`` (its blob is in S3, or its fill failed)."""

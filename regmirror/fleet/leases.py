@@ -38,6 +38,10 @@ def blob_key(digest: Digest) -> str:
     return f"{ROOT}/leases/blobs/{digest.algorithm}/{digest.hex}"
 
 
+def manifest_lease(digest: Digest) -> str:
+    return f"{ROOT}/leases/manifests/{digest.algorithm}/{digest.hex}"
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     key: str
