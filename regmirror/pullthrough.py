@@ -480,6 +480,8 @@ class PullThrough:
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         if name in {t.get_name() for t in self._background}:
+            if asyncio.iscoroutine(work):
+                work.close()  # already running: never started, so never awaited
             return
         task = asyncio.ensure_future(work)
         task.set_name(name)

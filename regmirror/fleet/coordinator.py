@@ -70,6 +70,9 @@ class Fleet:
         self.leases = Leases(
             s3, owner=settings.advertise_url, ttl=settings.lease_ttl, observe=observer.fleet_lease
         )
+        # Leases on manifests and tags (see single()): short, and not counted with blobs'.
+        self.small = Leases(s3, owner=settings.advertise_url, ttl=settings.lease_ttl)
+        self.small.instance = self.leases.instance
         self.secret = settings.secret
         self._session: aiohttp.ClientSession | None = None
         self._held: dict[Digest, _Held] = {}
@@ -131,9 +134,9 @@ class Fleet:
         deadline = time.monotonic() + self.settings.tag_wait
         while time.monotonic() < deadline:
             try:
-                lease, won = await self.leases.acquire(key)
+                lease, won = await self.small.acquire(key)
                 if not won and lease.expired():
-                    taken = await self.leases.take_over(lease)
+                    taken = await self.small.take_over(lease)
                     lease, won = (taken, True) if taken is not None else (lease, False)
             except StorageUnavailable:
                 break
@@ -143,12 +146,12 @@ class Fleet:
                     return found if found is not None else await work()
                 finally:
                     with contextlib.suppress(StorageUnavailable):
-                        await self.leases.release(lease)
+                        await self.small.release(lease)
             while time.monotonic() < deadline:
                 await asyncio.sleep(POLL)
                 if (found := await ready()) is not None:
                     return found
-                current = await self.leases.read(key)
+                current = await self.small.read(key)
                 if current is None or current.etag != lease.etag or current.expired():
                     break  # the owner gave up (or died): try for the lease again
         log.warning("fleet: %s not done by another host in time; doing it here", key)
