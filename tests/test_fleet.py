@@ -73,7 +73,14 @@ async def proxy(
 class Fleet:
     """``count`` hosts on a fresh bucket, all pulling through ``proxy``."""
 
-    def __init__(self, start: Start, moto: MotoS3, proxy: CountingProxy, count: int):
+    def __init__(
+        self,
+        start: Start,
+        moto: MotoS3,
+        proxy: CountingProxy,
+        count: int,
+        extra: dict[str, str] | None = None,
+    ):
         self.moto = moto
         self.bucket = moto.new_bucket("fleet")
         self.proxy = proxy
@@ -86,6 +93,7 @@ class Fleet:
                 "REGMIRROR_FLEET__LEASE_TTL": str(LEASE_TTL),
                 "REGMIRROR_FLEET__PEER_TIMEOUT": str(PEER_TIMEOUT),
                 "REGMIRROR_CACHE__FILL_IDLE_TIMEOUT": "20",
+                **(extra or {}),
             }
         )
         self.hosts = [start(env=env) for _ in range(count)]
@@ -427,3 +435,62 @@ def test_fleet_mode_needs_the_bucket_write_back_and_a_secret() -> None:
         with pytest.raises(ConfigError, match=problem):
             check_fleet(load(environ=environ))
     check_fleet(load(environ={**with_s3, "REGMIRROR_FLEET__SECRET": "s"}))
+
+
+async def test_a_store_that_ignores_conditional_writes_turns_fleet_mode_off_with_a_warning(
+    regmirror_server: Start,
+    moto_s3: MotoS3,
+    proxy: CountingProxy,
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> None:
+    image = await image_of(session, upstream_registry, "fleet/unconditional", 256 * 1024)
+
+    async def forget_conditions(request: web.Request) -> web.StreamResponse:
+        """moto, as a store that ignores If-None-Match and If-Match would answer."""
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("host", "if-none-match", "if-match")
+        }
+        async with session.request(
+            request.method,
+            f"{moto_s3.endpoint_url}{request.path_qs}",
+            headers=headers,
+            data=await request.read(),
+            allow_redirects=False,
+        ) as response:
+            body = await response.read()
+            hop = ("transfer-encoding", "connection", "content-length")
+            answer = web.Response(
+                status=response.status,
+                body=body,
+                headers={k: v for k, v in response.headers.items() if k.lower() not in hop},
+            )
+            if request.method == "HEAD" and response.content_length is not None:
+                answer.headers["Content-Length"] = str(response.content_length)
+            return answer
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", forget_conditions)
+    async with serve(app) as store:
+        fleet = Fleet(
+            regmirror_server,
+            moto_s3,
+            proxy,
+            2,
+            extra={"REGMIRROR_S3__ENDPOINT_URL": store},
+        )
+        for host in fleet.hosts:
+            await pull_manifest(session, host, image)
+        proxy.hold_after = 64 * 1024
+        pulls = [asyncio.create_task(pull_blob(session, h, image)) for h in fleet.hosts]
+        for _ in range(int(BOUND / 0.05)):
+            if proxy.blob_gets == 2:
+                break
+            await asyncio.sleep(0.05)
+        proxy.release.set()
+        assert await asyncio.gather(*pulls) == [image.layer, image.layer]
+    assert proxy.blob_gets == 2  # every host fills on its own, as without fleet mode
+    assert all("ignores conditional writes" in host.logs() for host in fleet.hosts)
+    assert not any("/leases/" in key for key in moto_s3.keys(fleet.bucket))
