@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -24,6 +25,7 @@ from regmirror.digest import Digest
 from regmirror.fleet import credential
 from regmirror.fleet.leases import Leases, blob_key
 from regmirror.storage.s3 import S3Driver
+from tests.support.auth import basic, write_htpasswd
 from tests.support.processes import (  # pytest fixtures among them
     HOST,
     ServerProcess,
@@ -80,6 +82,7 @@ class Fleet:
         proxy: CountingProxy,
         count: int,
         extra: dict[str, str] | None = None,
+        ready_status: int = 200,
     ):
         self.moto = moto
         self.bucket = moto.new_bucket("fleet")
@@ -96,7 +99,7 @@ class Fleet:
                 **(extra or {}),
             }
         )
-        self.hosts = [start(env=env) for _ in range(count)]
+        self.hosts = [start(env=env, ready_status=ready_status) for _ in range(count)]
 
     def lease_key(self, digest: Digest) -> str:
         return f"{PREFIX}/{blob_key(digest)}"
@@ -494,3 +497,40 @@ async def test_a_store_that_ignores_conditional_writes_turns_fleet_mode_off_with
     assert proxy.blob_gets == 2  # every host fills on its own, as without fleet mode
     assert all("ignores conditional writes" in host.logs() for host in fleet.hosts)
     assert not any("/leases/" in key for key in moto_s3.keys(fleet.bucket))
+
+
+async def test_with_auth_on_the_peer_credential_opens_the_peer_endpoint_and_nothing_else(
+    regmirror_server: Start,
+    moto_s3: MotoS3,
+    proxy: CountingProxy,
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    image = await image_of(session, upstream_registry, "fleet/private", 64 * 1024)
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"ci": "ci-password"})
+    auth = {
+        "REGMIRROR_AUTH__HTPASSWD": str(htpasswd),
+        "REGMIRROR_AUTH__ANONYMOUS_PULL": "[]",
+    }
+    fleet = Fleet(regmirror_server, moto_s3, proxy, 2, extra=auth, ready_status=401)
+    owner, peer = fleet.hosts
+    manifest = f"/v2/{image.repo}/manifests/{image.tag}"
+    layer = f"/v2/{image.repo}/blobs/{image.layer_digest}"
+    for path in (manifest, layer, "/v2/"):
+        signed = {"Authorization": credential.sign(SECRET, "GET", path)}
+        async with session.get(f"{owner.url}{path}", headers=signed) as response:
+            assert response.status == 401, path  # the peer credential is no login
+    ci = basic("ci", "ci-password")
+    async with session.get(
+        f"{owner.url}{manifest}", headers={**ci, "Accept": DOCKER_MANIFEST}
+    ) as response:
+        assert response.status == 200
+    async with session.get(f"{peer.url}{layer}", headers=ci) as response:
+        assert response.status == 200 and await response.read() == image.layer
+    path = f"/-/fleet/blobs/{image.layer_digest}"
+    async with session.get(f"{peer.url}{path}", headers=ci) as response:
+        assert response.status == 401  # a user's login is not the peer credential
+    signed = {"Authorization": credential.sign(SECRET, "GET", path)}
+    async with session.get(f"{peer.url}{path}", headers=signed) as response:
+        assert response.status == 200 and await response.read() == image.layer
