@@ -163,9 +163,10 @@ class PullThrough:
         try:
             if self.fleet is not None:  # one revalidation per TTL for the fleet
                 key = fleet_tags.record_key(name, tag, wanted.key)
-                digest = await fleet_tags.revalidate(
+                digest, age = await fleet_tags.revalidate(
                     self.fleet, key, route.upstream.settings.tag_ttl, ask
                 )
+                now -= age  # confirmed when the host that asked did
             else:
                 digest = await ask()
         except (UpstreamUnavailable, TooManyRequests) as exc:

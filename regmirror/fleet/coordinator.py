@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 POLL = 0.05  # seconds between looks at S3 while another host does a small thing
-SWITCHES = 6  # sources one fill may go through before it fails
+SWITCHES = 6
+# Seconds a lease is still renewed after its fill finished, while the blob is written back.
+FINISHED_HOLD = 1800.0  # sources one fill may go through before it fails
 Opened = tuple[int, AsyncIterator[bytes]]
 Upstream = Callable[[int], Awaitable[Opened]]
 Stored = Callable[[int], Awaitable[Opened | None]]  # S3, when it holds the blob
@@ -75,10 +77,12 @@ class Fleet:
         self.small.instance = self.leases.instance
         self.secret = settings.secret
         self._session: aiohttp.ClientSession | None = None
+        self._peers: Peers | None = None
         self._held: dict[Digest, _Held] = {}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(auto_decompress=False)
+        self._peers = Peers(self._session, secret=self.secret, timeout=self.settings.peer_timeout)
 
     async def close(self) -> None:
         for held in list(self._held.values()):
@@ -89,8 +93,8 @@ class Fleet:
 
     @property
     def peers(self) -> Peers:
-        assert self._session is not None, "Fleet.start() first"
-        return Peers(self._session, secret=self.secret, timeout=self.settings.peer_timeout)
+        assert self._peers is not None, "Fleet.start() first"
+        return self._peers
 
     @property
     def coordinating(self) -> bool:
@@ -113,10 +117,13 @@ class Fleet:
         except StorageUnavailable as exc:
             log.warning("fleet: S3 unavailable (%s); %s filled by this host alone", exc, digest)
             supported = False
-        if not supported:
-            size, chunks = await upstream(offset)
-            return size, self.counted("upstream", chunks)
-        return await self._source(digest, offset, upstream, stored, None, 0)
+        if supported:
+            try:
+                return await self._source(digest, offset, upstream, stored, None, 0)
+            except StorageUnavailable as exc:  # no lease to be had: this host fills alone
+                log.warning("fleet: S3 unavailable (%s); %s filled by this host alone", exc, digest)
+        size, chunks = await upstream(offset)
+        return size, self.counted("upstream", chunks)
 
     async def single(
         self, key: str, ready: Callable[[], Awaitable[T | None]], work: Callable[[], Awaitable[T]]
@@ -147,13 +154,16 @@ class Fleet:
                 finally:
                     with contextlib.suppress(StorageUnavailable):
                         await self.small.release(lease)
-            while time.monotonic() < deadline:
-                await asyncio.sleep(POLL)
-                if (found := await ready()) is not None:
-                    return found
-                current = await self.small.read(key)
-                if current is None or current.etag != lease.etag or current.expired():
-                    break  # the owner gave up (or died): try for the lease again
+            try:
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(POLL)
+                    if (found := await ready()) is not None:
+                        return found
+                    current = await self.small.read(key)
+                    if current is None or current.etag != lease.etag or current.expired():
+                        break  # the owner gave up (or died): try for the lease again
+            except StorageUnavailable:
+                break
         log.warning("fleet: %s not done by another host in time; doing it here", key)
         return await work()
 
@@ -270,7 +280,14 @@ class Fleet:
         finally:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
-        resumed_size, rest = await self._source(digest, position, upstream, stored, lease, switches)
+        try:
+            resumed_size, rest = await self._source(
+                digest, position, upstream, stored, lease, switches
+            )
+        except StorageUnavailable as exc:  # no lease to be had: on from the upstream alone
+            log.warning("fleet: S3 unavailable (%s); %s resumed from the upstream", exc, digest)
+            resumed_size, plain = await upstream(position)
+            rest = self.counted("upstream", plain)
         if resumed_size != size:
             raise UpstreamUnavailable(f"fleet: {digest} is {resumed_size} bytes now, {size} before")
         async for chunk in rest:
@@ -297,10 +314,15 @@ class Fleet:
         back); a fill that stalls stops renewing, so its lease runs out."""
         interval = self.settings.lease_ttl / 3
         seen = 0
+        finished_at: float | None = None
         while True:
             await asyncio.sleep(interval)
             if held.progress == seen and not held.finished:
                 continue
+            if held.finished:
+                finished_at = finished_at or time.monotonic()
+                if time.monotonic() - finished_at > FINISHED_HOLD:
+                    return  # nobody released it (a fill never written back): let it expire
             seen = held.progress
             try:
                 renewed = await self.leases.renew(held.lease)

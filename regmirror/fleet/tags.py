@@ -27,23 +27,25 @@ def record_key(name: str, tag: str, representation: str) -> str:
 
 async def revalidate(
     fleet: Fleet, key: str, ttl: float, ask: Callable[[], Awaitable[Digest]]
-) -> Digest:
-    """The tag's digest as the upstream named it within ``ttl`` seconds: another host's
-    answer (counted ``shared``) or this host's ``ask()`` (``performed``), published."""
+) -> tuple[Digest, float]:
+    """The tag's digest as the upstream named it within ``ttl`` seconds, and how many
+    seconds ago: another host's answer (counted ``shared``) or this host's ``ask()``
+    (``performed``), published."""
     s3 = fleet.leases.s3
 
-    async def fresh() -> Digest | None:
+    async def fresh() -> tuple[Digest, float] | None:
         try:
             record = json.loads((await s3.get_tagged(key))[0])
             digest, checked = Digest.parse(record["digest"]), float(record["checked"])
         except (PathNotFound, StorageUnavailable, ValueError, KeyError, TypeError, DigestInvalid):
             return None
-        if time.time() - checked >= ttl:
+        age = max(0.0, time.time() - checked)
+        if age >= ttl:
             return None
         fleet.observer.fleet_tag("shared")
-        return digest
+        return digest, age
 
-    async def perform() -> Digest:
+    async def perform() -> tuple[Digest, float]:
         digest = await ask()
         fleet.observer.fleet_tag("performed")
         record = {"digest": str(digest), "checked": time.time()}
@@ -51,7 +53,7 @@ async def revalidate(
             await s3.put(key, json.dumps(record).encode())
         except StorageUnavailable:
             pass  # the others ask the upstream themselves
-        return digest
+        return digest, 0.0
 
     found = await fresh()
     if found is not None:
