@@ -440,6 +440,8 @@ class PullThrough:
             try:
                 path = await fill.wait()
             except FillFailed:
+                if self.fleet is not None and not fill.done:
+                    self.fleet.fill_failed(fill.digest)  # its peer is not followed again
                 return  # failed, or streamed through without being kept: nothing to write back
             if self.fleet is not None and not self.fleet.owns(fill.digest):
                 return  # another host of the fleet filled it from the upstream: it writes back

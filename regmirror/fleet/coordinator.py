@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import aiohttp
+from cachetools import LRUCache
 
 from regmirror.config import FleetSettings
 from regmirror.digest import Digest
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL = 0.05  # seconds between looks at S3 while another host does a small thing
 SWITCHES = 6
+REMEMBERED = 1024  # blobs whose last peer is remembered
 # Seconds a lease is still renewed after its fill finished, while the blob is written back.
 FINISHED_HOLD = 1800.0  # sources one fill may go through before it fails
 Opened = tuple[int, AsyncIterator[bytes]]
@@ -79,6 +81,10 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._peers: Peers | None = None
         self._held: dict[Digest, _Held] = {}
+        # The owner (its instance) each blob was last streamed from, and owners whose
+        # bytes failed a fill here: their lease is taken over, not followed again.
+        self._followed: LRUCache[Digest, str] = LRUCache(REMEMBERED)
+        self._distrusted: LRUCache[Digest, str] = LRUCache(REMEMBERED)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(auto_decompress=False)
@@ -167,6 +173,13 @@ class Fleet:
         log.warning("fleet: %s not done by another host in time; doing it here", key)
         return await work()
 
+    def fill_failed(self, digest: Digest) -> None:
+        """A fill of ``digest`` failed here (wrong bytes, short): if it streamed from a
+        peer, the next fill takes that peer's lease over instead of following it."""
+        instance = self._followed.pop(digest, None)
+        if instance is not None:
+            self._distrusted[digest] = instance
+
     async def release(self, digest: Digest) -> None:
         """Drop this host's lease on ``digest`` (its blob is in S3, or its fill failed)."""
         held = self._held.pop(digest, None)
@@ -205,6 +218,8 @@ class Fleet:
                 # A second fill of ours (a replay of a blob streamed through): no lease.
                 size, chunks = await upstream(offset)
                 return size, self.counted("upstream", chunks)
+            if failed is None and self._distrusted.get(digest) == lease.instance:
+                failed = lease  # its bytes failed a fill here before
             if lease.expired() or (failed is not None and lease.instance == failed.instance):
                 taken = await self.leases.take_over(lease)
                 if taken is not None:
@@ -217,6 +232,7 @@ class Fleet:
                 failed = lease
                 continue
             log.info("fleet: %s streams from %s from byte %d", digest, lease.owner, offset)
+            self._followed[digest] = lease.instance
             return size, self._following(
                 lease, digest, offset, size, chunks, upstream, stored, switches
             )
