@@ -426,8 +426,11 @@ class PullThrough:
         async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
             found = await from_shared(offset)
             if self.fleet is not None:
-                if found is not None:
-                    return found[0], self.fleet.counted("s3", found[1])
+                if found is not None:  # should S3 fail mid-blob, the fleet takes over
+                    size, chunks = found
+                    return size, self.fleet.from_shared(
+                        digest, offset, size, chunks, from_upstream, from_shared
+                    )
                 return await self.fleet.open(digest, offset, from_upstream, from_shared)
             return found if found is not None else await from_upstream(offset)
 

@@ -183,6 +183,54 @@ async def image_of(
     return await push_image(session, upstream.url, repo, layer=os.urandom(size))
 
 
+def s3_front(
+    session: aiohttp.ClientSession,
+    moto: MotoS3,
+    *,
+    forget_conditions: bool = False,
+    cut_blobs_after: int | None = None,
+) -> web.Application:
+    """moto behind a proxy that answers as a store ignoring If-None-Match and If-Match
+    would, or cuts every blob body (``/data`` keys) after some bytes."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        dropped = ("host", "if-none-match", "if-match") if forget_conditions else ("host",)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
+        async with session.request(
+            request.method,
+            f"{moto.endpoint_url}{request.path_qs}",
+            headers=headers,
+            data=await request.read(),
+            allow_redirects=False,
+        ) as response:
+            body = await response.read()
+            hop = ("transfer-encoding", "connection", "content-length")
+            answer = web.StreamResponse(
+                status=response.status,
+                headers={k: v for k, v in response.headers.items() if k.lower() not in hop},
+            )
+            if request.method == "HEAD":
+                if response.content_length is not None:
+                    answer.headers["Content-Length"] = str(response.content_length)
+                await answer.prepare(request)
+                return answer
+            answer.content_length = len(body)
+            await answer.prepare(request)
+        cut = cut_blobs_after is not None and request.path.endswith("/data") and body
+        if cut and request.method == "GET":
+            await answer.write(body[:cut_blobs_after])
+            assert request.transport is not None
+            request.transport.close()  # mid-body: a broken stream from S3
+            return answer
+        await answer.write(body)
+        await answer.write_eof()
+        return answer
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", forward)
+    return app
+
+
 # -- one fetch per fleet ----------------------------------------------------------------
 
 
@@ -453,34 +501,7 @@ async def test_a_store_that_ignores_conditional_writes_turns_fleet_mode_off_with
 ) -> None:
     image = await image_of(session, upstream_registry, "fleet/unconditional", 256 * 1024)
 
-    async def forget_conditions(request: web.Request) -> web.StreamResponse:
-        """moto, as a store that ignores If-None-Match and If-Match would answer."""
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in ("host", "if-none-match", "if-match")
-        }
-        async with session.request(
-            request.method,
-            f"{moto_s3.endpoint_url}{request.path_qs}",
-            headers=headers,
-            data=await request.read(),
-            allow_redirects=False,
-        ) as response:
-            body = await response.read()
-            hop = ("transfer-encoding", "connection", "content-length")
-            answer = web.Response(
-                status=response.status,
-                body=body,
-                headers={k: v for k, v in response.headers.items() if k.lower() not in hop},
-            )
-            if request.method == "HEAD" and response.content_length is not None:
-                answer.headers["Content-Length"] = str(response.content_length)
-            return answer
-
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", forget_conditions)
-    async with serve(app) as store:
+    async with serve(s3_front(session, moto_s3, forget_conditions=True)) as store:
         fleet = Fleet(
             regmirror_server,
             moto_s3,
@@ -538,3 +559,36 @@ async def test_with_auth_on_the_peer_credential_opens_the_peer_endpoint_and_noth
     signed = {"Authorization": credential.sign(SECRET, "GET", path)}
     async with session.get(f"{peer.url}{path}", headers=signed) as response:
         assert response.status == 200 and await response.read() == image.layer
+
+
+async def test_a_blob_whose_s3_read_breaks_mid_way_is_finished_through_the_fleet(
+    regmirror_server: Start,
+    moto_s3: MotoS3,
+    proxy: CountingProxy,
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> None:
+    image = await image_of(session, upstream_registry, "fleet/s3-breaks", 2 * MiB)
+    fleet = Fleet(regmirror_server, moto_s3, proxy, 1)
+    await pull_manifest(session, fleet.hosts[0], image)
+    assert await pull_blob(session, fleet.hosts[0], image) == image.layer
+    await fleet.until_gone(fleet.lease_key(image.layer_digest))  # written back to S3
+    async with serve(s3_front(session, moto_s3, cut_blobs_after=512 * 1024)) as store:
+        late = Fleet(
+            regmirror_server,
+            moto_s3,
+            proxy,
+            1,
+            extra={
+                "REGMIRROR_S3__ENDPOINT_URL": store,
+                "REGMIRROR_S3__BUCKET": fleet.bucket,
+            },
+        )
+        (host,) = late.hosts
+        await pull_manifest(session, host, image)
+        assert await asyncio.wait_for(pull_blob(session, host, image), BOUND) == image.layer
+    assert proxy.blob_gets == 2  # the first host's, and one ranged GET for the rest
+    text = await metrics(session, host)
+    received = 'regmirror_fleet_fill_bytes_total{source="%s"}'
+    assert sample(text, received % "s3") >= 512 * 1024
+    assert sample(text, received % "s3") + sample(text, received % "upstream") == len(image.layer)

@@ -233,8 +233,8 @@ class Fleet:
                 continue
             log.info("fleet: %s streams from %s from byte %d", digest, lease.owner, offset)
             self._followed[digest] = lease.instance
-            return size, self._following(
-                lease, digest, offset, size, chunks, upstream, stored, switches
+            return size, self._resuming(
+                "peer", digest, offset, size, chunks, upstream, stored, lease, switches
             )
         raise UpstreamUnavailable(f"fleet: no source delivered {digest} after {SWITCHES} tries")
 
@@ -273,26 +273,44 @@ class Fleet:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-    async def _following(
+    def from_shared(
         self,
-        lease: Lease,
         digest: Digest,
         offset: int,
         size: int,
         chunks: AsyncIterator[bytes],
         upstream: Upstream,
         stored: Stored,
+    ) -> AsyncIterator[bytes]:
+        """``chunks`` read from S3; should S3 fail mid-blob, the rest comes through the
+        fleet (a peer, or the upstream under a lease) from the byte reached."""
+        return self._resuming("s3", digest, offset, size, chunks, upstream, stored, None, 0)
+
+    async def _resuming(
+        self,
+        source: str,
+        digest: Digest,
+        offset: int,
+        size: int,
+        chunks: AsyncIterator[bytes],
+        upstream: Upstream,
+        stored: Stored,
+        lease: Lease | None,
         switches: int,
     ) -> AsyncIterator[bytes]:
         position = offset
         try:
             async for chunk in chunks:
                 position += len(chunk)
-                self.observer.fleet_bytes_received("peer", len(chunk))
+                self.observer.fleet_bytes_received(source, len(chunk))
                 yield chunk
             return
         except PeerError as exc:
             self._peer_failed(digest, exc)
+        except StorageUnavailable as exc:
+            if source != "s3":
+                raise
+            log.warning("fleet: reading %s from S3 failed at byte %d: %s", digest, position, exc)
         finally:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
