@@ -14,13 +14,14 @@ from aiohttp import web
 
 from regmirror.api import fleet as fleet_api
 from regmirror.api.envelope import envelope, stamp_api_version
-from regmirror.api.keys import FLEET, METRICS, REGISTRY, UPLOADS
+from regmirror.api.keys import FLEET, METRICS, REGISTRY, SHUTDOWN, UPLOADS, WATCHDOG
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.config import ConfigError, Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.fleet.coordinator import Fleet
+from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
@@ -81,12 +82,15 @@ def create_app(settings: Settings) -> web.Application:
         fleet=fleet,
     )
     app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
+    app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
+    app[SHUTDOWN] = Shutdown()
     app.on_response_prepare.append(stamp_api_version)
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
     app.cleanup_ctx.append(_upstreams(settings, registry))
     app.cleanup_ctx.append(_close_stores(registry))
     app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
+    app.cleanup_ctx.append(_watch_loop)
     # With metrics_listen, /metrics is served there only; the probes stay here too, where
     # load balancers and kubelets already look for them.
     add_routes(app, metrics=settings.metrics_listen is None)
@@ -133,6 +137,8 @@ def create_probe_app(app: web.Application) -> web.Application:
     probes = web.Application(middlewares=[envelope])
     probes[METRICS] = app[METRICS]
     probes[REGISTRY] = app[REGISTRY]
+    probes[WATCHDOG] = app[WATCHDOG]
+    probes[SHUTDOWN] = app[SHUTDOWN]
     add_probe_routes(probes)
     return probes
 
@@ -166,6 +172,13 @@ def remove_stale_temp_files(root: Path, older_than: float) -> int:
 async def _expire_uploads(app: web.Application) -> AsyncIterator[None]:
     uploads = app[UPLOADS]
     task = asyncio.create_task(uploads.expire_forever(min(uploads.ttl / 4, 3600.0)))
+    yield
+    task.cancel()
+
+
+async def _watch_loop(app: web.Application) -> AsyncIterator[None]:
+    """The watchdog ``/readyz`` asks whether the event loop stalls."""
+    task = asyncio.create_task(app[WATCHDOG].run(), name="loop-watchdog")
     yield
     task.cancel()
 

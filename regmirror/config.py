@@ -151,12 +151,32 @@ class FleetSettings:
     # How the other hosts reach this one (http://10.0.3.7:5000); set, with s3.bucket and
     # s3.write_back, it turns fleet mode on.
     advertise_url: str | None = None
-    # Shared by every host of the fleet: peer requests are signed with it (HMAC). Required
-    # when auth is on; without it the peer endpoint is as open as the registry.
+    # Shared by every host of the fleet: peer requests are signed with it (HMAC); required
+    # with advertise_url.
     secret: str | None = None
     lease_ttl: float = 30.0  # seconds a fill's lease holds without being renewed
     peer_timeout: float = 10.0  # seconds without a byte from a peer before taking over
     tag_wait: float = 5.0  # seconds to wait for another host's tag revalidation
+
+
+@dataclass
+class ServerSettings:
+    """How the listening ports treat clients and how SIGTERM ends the process."""
+
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight, in total
+    header_timeout: float = 15.0  # seconds a client has to send a request's headers
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept
+    # Open connections per port; beyond it the longest idle one is closed (or, with none
+    # idle, the new one). Lowered at startup to leave room under the fd limit.
+    max_connections: int = 2048
+    max_loop_lag: float = 5.0  # seconds the event loop may stall before /readyz fails
+
+    def __post_init__(self) -> None:
+        for name in ("drain_timeout", "header_timeout", "keepalive_timeout", "max_loop_lag"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
 
 
 @dataclass
@@ -170,6 +190,7 @@ class Settings:
     uploads: UploadSettings = field(default_factory=UploadSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port
     # then stops serving /metrics. None: everything on ``listen``.
     metrics_listen: str | None = None

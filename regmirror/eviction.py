@@ -258,14 +258,18 @@ class BlobCache:
         if self.max_bytes is not None and size > self.max_bytes * LOW_WATERMARK:
             return "over_budget"
         free = await asyncio.to_thread(disk_free, self.root)
-        evictable = sum(
+        if size > free - self.min_free_bytes + self.evictable_bytes():
+            return "disk_full"
+        return None
+
+    def evictable_bytes(self) -> int:
+        """Bytes eviction could free now: blobs neither pinned nor held (those still to be
+        checked against S3 included: S3 usually has them)."""
+        return sum(
             e.size
             for d, e in self._entries.items()
             if e.state is not State.PINNED and not self.held(d)
         )
-        if size > free - self.min_free_bytes + evictable:
-            return "disk_full"
-        return None
 
     def reserve(self, size: int) -> Reservation:
         """Count a fill of ``size`` bytes toward the budget until it is released (it is

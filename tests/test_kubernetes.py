@@ -19,11 +19,12 @@ import yaml
 
 from regmirror.app import create_app
 from regmirror.cli import main
-from regmirror.config import Settings, load
+from regmirror.config import ServerSettings, Settings, load
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
-DRAIN_SECONDS = 30  # `regmirror serve` gives in-flight requests this long after SIGTERM
+# `regmirror serve` gives in-flight requests this long after SIGTERM, in total.
+DRAIN_SECONDS = ServerSettings().drain_timeout
 
 
 def manifest(name: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -119,6 +120,9 @@ async def test_sigterm_lets_a_pull_in_flight_finish_then_exits_cleanly(
             server.process.send_signal(signal.SIGTERM)
             # The listening sockets close first: a new connection is refused...
             await asyncio.wait_for(refused(session, f"{server.url}/healthz"), BOUND)
+            # ...while the probe port, still answering, sends load balancers away.
+            status, body = await get(session, f"http://{probes}/readyz")
+            assert status == 503 and b"draining" in body
         finally:
             proxy.release.set()
         # ...while the pull in flight gets every byte.
@@ -126,7 +130,7 @@ async def test_sigterm_lets_a_pull_in_flight_finish_then_exits_cleanly(
         assert status == 200 and body == image.layer
         code = await asyncio.to_thread(server.process.wait, BOUND)
     assert code == 0
-    assert "draining requests in flight" in server.logs()
+    assert "draining 1 request(s) in flight" in server.logs()
 
 
 async def refused(session: aiohttp.ClientSession, url: str) -> None:
@@ -142,3 +146,41 @@ async def refused(session: aiohttp.ClientSession, url: str) -> None:
         except TimeoutError:
             continue
         await asyncio.sleep(0.05)
+
+
+async def test_sigterm_cuts_a_stalled_pull_at_drain_timeout_and_says_so(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> None:
+    """``server.drain_timeout`` is the whole bound: aiohttp used to wait its shutdown
+    timeout twice (~61 s for 30 s) and cut the client without a word."""
+    image = await push_image(
+        session, upstream_registry.url, "team/stall", layer=b"\x09" * (3 * 1024 * 1024)
+    )
+    proxy = CountingProxy(upstream_registry.url, session)
+    async with serve(proxy.app()) as upstream_url:
+        server = regmirror_server(
+            config={"upstreams": [{"url": upstream_url}], "server": {"drain_timeout": 2}}
+        )
+        proxy.hold_after = 1024 * 1024  # the upstream stalls the pull mid-body
+        pull = asyncio.create_task(
+            get(session, f"{server.url}/v2/team/stall/blobs/{image.layer_digest}")
+        )
+        try:
+            await asyncio.wait_for(proxy.held.wait(), BOUND)
+            server.stopped = True  # by this test, on purpose
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(server.process.wait, BOUND)
+            took = time.monotonic() - started
+            with pytest.raises(aiohttp.ClientError):  # cut: never a clean end of a short body
+                await asyncio.wait_for(pull, BOUND)
+        finally:
+            proxy.release.set()
+    assert code == 0
+    assert 1.5 <= took < 2 + 3.0
+    logs = server.logs()
+    assert "draining 1 request(s) in flight on 1 connection(s) (up to 2 s" in logs
+    assert "1 request(s) still in flight after 2.0 s: cut" in logs
+    assert "1 request(s) cut at server.drain_timeout" in logs

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from regmirror.api.keys import METRICS, REGISTRY
+from regmirror import health
+from regmirror.api.keys import METRICS, REGISTRY, SHUTDOWN, WATCHDOG
 from regmirror.storage.driver import StorageUnavailable
 
 
@@ -17,8 +18,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when every store answers; upstreams are not asked (their outage is served
-    stale, and must not take every host out of its load balancer at once)."""
+    """Ready when every store answers and this process can take clients: room on the
+    data directory's disk (or something to evict), file descriptors to spare, an event
+    loop that is not stalled, not shutting down. Upstreams are not asked (their outage is served stale, and
+    must not take every host out of its load balancer at once)."""
     registry = request.app[REGISTRY]
     tiers: dict[str, str] = {}
     for driver in filter(None, (registry.local, registry.shared)):
@@ -27,8 +30,18 @@ async def readyz(request: web.Request) -> web.Response:
             tiers[driver.name] = "ok"
         except StorageUnavailable as exc:
             tiers[driver.name] = str(exc)
-    ready = all(state == "ok" for state in tiers.values())
-    body = {"status": "ready" if ready else "unavailable", "tiers": tiers}
+    checks = {
+        "disk": await health.disk_problem(registry.cache),
+        "fds": health.fd_problem(),
+        "event_loop": request.app[WATCHDOG].problem(),
+        "shutdown": request.app[SHUTDOWN].problem(),
+    }
+    ready = all(state == "ok" for state in tiers.values()) and not any(checks.values())
+    body = {
+        "status": "ready" if ready else "unavailable",
+        "tiers": tiers,
+        "checks": {name: problem or "ok" for name, problem in checks.items()},
+    }
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from regmirror.fleet.coordinator import Fleet
+from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.uploads import Uploads
@@ -13,3 +14,5 @@ REGISTRY = web.AppKey("registry", Registry)
 UPLOADS = web.AppKey("uploads", Uploads)
 METRICS = web.AppKey("metrics", Metrics)
 FLEET = web.AppKey("fleet", Fleet)  # set only in fleet mode
+WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
+SHUTDOWN = web.AppKey("shutdown", Shutdown)

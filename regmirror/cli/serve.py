@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             Listen(host, port),
             tls=tls,
             probes=Listen(*probes) if probes is not None else None,
+            settings=settings.server,
         )
     except OSError as exc:  # the port is taken, the address is not ours
         print(f"regmirror: cannot listen: {exc}", file=sys.stderr)

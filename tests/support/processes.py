@@ -248,6 +248,7 @@ def run_regmirror(
     ready_timeout: float = READY_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
     ready_status: int = 200,
+    command_prefix: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
     """Run ``python -m regmirror serve`` on a free port of 127.0.0.1.
 
@@ -265,6 +266,7 @@ def run_regmirror(
     - ``ssl_context``: the server is configured for TLS (``tls`` in ``config``); its URL
       is ``https://`` and readiness is polled through this client context.
     - ``ready_status``: what ``GET /v2/`` answers once it is up (401 with ``auth``).
+    - ``command_prefix``: run under it, e.g. ``["prlimit", "--nofile=1024:1024", "--"]``.
     """
     base_dir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or base_dir / "data"
@@ -276,7 +278,7 @@ def run_regmirror(
         config_path = Path(config)
 
     def argv(port: int) -> tuple[list[str], Path | None]:
-        command = [sys.executable, "-m", "regmirror", "serve"]
+        command = [*command_prefix, sys.executable, "-m", "regmirror", "serve"]
         if config_path is not None:
             command += ["--config", str(config_path)]
         command += ["--listen", f"{HOST}:{port}", "--data-dir", str(data_dir)]

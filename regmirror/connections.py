@@ -1,0 +1,362 @@
+"""A listening port that bounds its clients: how many connections, how long a client
+may take to send its headers, and how SIGTERM drains the requests in flight.
+
+aiohttp's ``TCPSite`` has none of these bounds: a client that sends half a request line
+holds a connection (and a file descriptor) until the keep-alive timeout; enough of them
+exhaust the fd limit, and then asyncio's accept loop fails with EMFILE, logging an
+error every second while nobody new gets in. Its shutdown waits its timeout once for
+the handlers and once more after cancelling them.
+
+:class:`Listener` serves an aiohttp ``AppRunner`` on its own ``asyncio.Server`` whose
+protocol wraps aiohttp's per-connection handler (:class:`_Connection`, forwarding every
+call), which lets it
+
+- close a connection whose request headers are not complete ``header_timeout``
+  seconds after it opened, or after the first byte of its next request;
+- keep at most ``max_connections`` open: a new one beyond it displaces the connection
+  idle the longest (no request in progress: a slow or idle client), else it is refused;
+  one WARNING line says so, at most every ``LIMIT_LOG_PERIOD`` seconds;
+- drain within one total bound: stop listening, close idle connections, let requests
+  in flight finish until the deadline, then cut what is left, logging both ends.
+
+A request is "in progress" from the moment aiohttp hands it to the application until
+the task handling it is done (the response written, a file response's sendfile too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ssl import SSLContext
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from regmirror.log_limits import RateLimit
+
+log = logging.getLogger("regmirror")
+
+BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
+LIMIT_LOG_PERIOD = 10.0
+FD_RESERVE_FRACTION = 8  # 1/8 of the fd limit stays for files, upstreams and S3
+FD_RESERVE_MIN = 64
+CUT_GRACE = 1.0  # seconds aiohttp gets to finish handlers the drain has cut
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float = 15.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 2048
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (Python keeps the soft
+    one, often 1024); the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_bound(configured: int, fd_limit: int, ports: int = 1) -> int:
+    """``configured``, lowered so that ``ports`` listeners at their bound leave a reserve
+    of descriptors under ``fd_limit``."""
+    reserve = max(FD_RESERVE_MIN, fd_limit // FD_RESERVE_FRACTION)
+    return max(1, min(configured, (fd_limit - reserve) // ports))
+
+
+class Listener:
+    """``runner`` (set up, without sites) served on ``host:port`` within ``limits``."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        limits: Limits,
+        ssl_context: SSLContext | None = None,
+        name: str = "registry",
+    ):
+        assert runner.server is not None, "runner.setup() first"
+        self.runner = runner
+        self.host, self.port = host, port
+        self.limits = limits
+        self.ssl_context = ssl_context
+        self.name = name
+        self._server: asyncio.base_events.Server | None = None
+        self._open: dict[RequestHandler, _Connection] = {}
+        self._idle: OrderedDict[_Connection, None] = OrderedDict()  # longest idle first
+        self._limit_log = RateLimit(burst=1, period=LIMIT_LOG_PERIOD)
+        self.displaced = 0
+        self._closed = False
+        self.refused = 0
+        server = runner.server
+        application = server.request_handler
+        server.request_handler = self._tracking(application)
+
+    @property
+    def connections(self) -> int:
+        return len(self._open)
+
+    @property
+    def requests(self) -> int:
+        """Requests in progress."""
+        return sum(1 for conn in self._open.values() if conn.busy)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol,
+            self.host,
+            self.port,
+            ssl=self.ssl_context,
+            # A TLS client is handed to the protocol only after its handshake.
+            ssl_handshake_timeout=self.limits.header_timeout if self.ssl_context else None,
+            backlog=BACKLOG,
+            reuse_address=True,
+        )
+
+    def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()  # the listening sockets only; connections stay
+
+    async def drain(self, timeout: float) -> int:
+        """Stop listening, close idle connections, wait up to ``timeout`` seconds for the
+        requests in flight, cut the rest; then aiohttp's and the app's own cleanup. The
+        number of requests cut."""
+        self.stop_listening()
+        started = time.monotonic()
+        for conn in list(self._open.values()):
+            conn.finish_after_request()
+        if self.requests:
+            await self._wait_idle(timeout)
+        left = self.requests
+        if left:
+            log.warning(
+                "drain of %s port: %d request(s) still in flight after %.1f s: cut",
+                self.name,
+                left,
+                time.monotonic() - started,
+            )
+            for conn in list(self._open.values()):
+                conn.cut()
+        for conn in list(self._open.values()):
+            conn.close()
+        await self.close()
+        return left
+
+    async def close(self) -> None:
+        """aiohttp's and the app's own cleanup (once). Nothing is left to wait for but
+        cut handlers unwinding: the runner was made with ``shutdown_timeout=CUT_GRACE``."""
+        self.stop_listening()
+        if not self._closed:
+            self._closed = True
+            await self.runner.cleanup()
+
+    async def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.requests and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    # -- connections ------------------------------------------------------------------
+
+    def _protocol(self) -> _Connection:
+        assert self.runner.server is not None
+        return _Connection(self, self.runner.server())
+
+    def _admit(self, conn: _Connection) -> bool:
+        if len(self._open) >= self.limits.max_connections:
+            victim = next(iter(self._idle), None)
+            if victim is None:
+                self.refused += 1
+                self._log_limit()
+                return False
+            self.displaced += 1
+            self._log_limit()
+            self._forget(victim)
+            victim.close()
+        self._open[conn.handler] = conn
+        self._idle[conn] = None
+        return True
+
+    def _log_limit(self) -> None:
+        if self._limit_log.allow():
+            log.warning(
+                "%s port: %d connections open, the bound (server.max_connections %d): "
+                "closed %d idle or slow connections and refused %d new ones so far",
+                self.name,
+                len(self._open),
+                self.limits.max_connections,
+                self.displaced,
+                self.refused,
+            )
+
+    def _forget(self, conn: _Connection) -> None:
+        self._open.pop(conn.handler, None)
+        self._idle.pop(conn, None)
+
+    def _set_busy(self, conn: _Connection, busy: bool) -> None:
+        if busy:
+            self._idle.pop(conn, None)
+        elif conn.handler in self._open:
+            self._idle[conn] = None
+            self._idle.move_to_end(conn)
+
+    def _tracking(self, application: Handler) -> Handler:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            conn = self._open.get(request.protocol)
+            task = asyncio.current_task()
+            if conn is not None and task is not None:
+                conn.request_started(task)
+            return await application(request)
+
+        return handle
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: aiohttp's handler, plus the header timer and the state the
+    listener's bounds need."""
+
+    def __init__(self, listener: Listener, handler: RequestHandler):
+        self.listener = listener
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self.admitted = False
+        self.busy = False
+        self._task: asyncio.Task[object] | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._draining = False
+
+    # -- asyncio.Protocol, forwarded to aiohttp ------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.listener._admit(self):
+            transport.abort()
+            return
+        self.admitted = True
+        self.handler.connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        if not self.busy and self._header_timer is None:
+            self._arm_header_timer()  # the first byte of the next request
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self.admitted:
+            self.handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.listener._forget(self)
+        if self.admitted:
+            self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.admitted:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.admitted:
+            self.handler.resume_writing()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request_started(self, task: asyncio.Task[object]) -> None:
+        self._disarm()
+        self.busy = True
+        self._task = task
+        self.listener._set_busy(self, True)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[object]) -> None:
+        if self._task is task:
+            self._task = None
+            self.busy = False
+            self.listener._set_busy(self, False)
+            if self._draining:
+                self.close()
+
+    def _arm_header_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._header_timer = loop.call_later(
+            self.listener.limits.header_timeout, self._header_timeout
+        )
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if not self.busy:
+            log.debug("closing a connection that sent no complete request headers in time")
+            self.close()
+
+    # -- ending --------------------------------------------------------------------------
+
+    def finish_after_request(self) -> None:
+        """Drain: an idle connection closes now, a busy one after its response."""
+        self._draining = True
+        if self.busy:
+            self.handler.close()  # no keep-alive after this response
+        else:
+            self.close()
+
+    def cut(self) -> None:
+        """Drain timed out: end the request in flight and the connection."""
+        if self._task is not None:
+            self._task.cancel()
+        self.close()
+
+    def close(self) -> None:
+        self._disarm()
+        if self.admitted:
+            self.handler.force_close()
+        elif self.transport is not None:
+            self.transport.abort()
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio reports an accept() that fails for want of descriptors (EMFILE, ENFILE)
+    through the loop's exception handler, with a traceback, every second it retries;
+    this makes it one WARNING line at most every ``LIMIT_LOG_PERIOD`` seconds."""
+    limit = RateLimit(burst=1, period=LIMIT_LOG_PERIOD)
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        message = str(context.get("message", ""))
+        if "out of system resource" in message:
+            if limit.allow():
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                log.warning(
+                    "cannot accept connections: %s (fd limit %d); retrying every second",
+                    context.get("exception"),
+                    soft,
+                )
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
