@@ -14,19 +14,32 @@ from aiohttp import web
 
 from regmirror.api import fleet as fleet_api
 from regmirror.api.envelope import envelope, stamp_api_version
-from regmirror.api.keys import FLEET, METRICS, REGISTRY, SHUTDOWN, UPLOADS, WATCHDOG
+from regmirror.api.keys import (
+    FLEET,
+    METRICS,
+    REGISTRY,
+    SHUTDOWN,
+    TRUSTED_PROXIES,
+    UPLOAD_IDLE_TIMEOUT,
+    UPLOADS,
+    WATCHDOG,
+)
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
+from regmirror.auth.clients import networks
 from regmirror.config import ConfigError, Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
 from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
+from regmirror.logs import access as access_log
+from regmirror.memory import HeapTrimmer
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
 from regmirror.storage.s3 import S3Driver
+from regmirror.upload_caps import SessionCaps
 from regmirror.uploads import Uploads
 from regmirror.upstream import UpstreamRouter
 
@@ -34,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # A temp file this old belongs to no live writer: a crash left it.
 STALE_TEMP_SECONDS = 3600.0
+# What aiohttp buffers of a request body before it stops reading the socket (it pauses
+# at twice this): an upload holds about this much in memory, whatever the blob's size.
+READ_BUFSIZE = 64 * 1024
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -43,7 +59,14 @@ def create_app(settings: Settings) -> web.Application:
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = web.Application(middlewares=[envelope, *([access.middleware] if access else [])])
+    trusted_proxies = networks(settings.auth.trusted_proxies, "auth.trusted_proxies")
+    logged = access_log.middlewares(settings.log.access, trusted_proxies)
+    # The access log's first: it sees every request, refused or failed ones too.
+    app = web.Application(
+        middlewares=[*logged, envelope, *([access.middleware] if access else [])],
+        handler_args={"read_bufsize": READ_BUFSIZE},
+    )
+    app[access_log.ENABLED] = settings.log.access
     app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None
@@ -81,12 +104,25 @@ def create_app(settings: Settings) -> web.Application:
         cache=cache,
         fleet=fleet,
     )
-    app[UPLOADS] = Uploads(data_dir / "uploads", ttl=settings.uploads.ttl)
+    trimmer = HeapTrimmer()
+    app[UPLOADS] = Uploads(
+        data_dir / "uploads",
+        ttl=settings.uploads.ttl,
+        max_blob_bytes=settings.uploads.max_blob_bytes,
+        caps=SessionCaps(
+            total=settings.uploads.max_sessions,
+            per_client=settings.uploads.max_sessions_per_client,
+        ),
+        on_growth=_upload_growth(cache, trimmer),
+    )
+    app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
+    app[TRUSTED_PROXIES] = trusted_proxies
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
     app[SHUTDOWN] = Shutdown()
     app.on_response_prepare.append(stamp_api_version)
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
+    app.cleanup_ctx.append(_trim_heap(trimmer))
     app.cleanup_ctx.append(_upstreams(settings, registry))
     app.cleanup_ctx.append(_close_stores(registry))
     app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
@@ -171,9 +207,30 @@ def remove_stale_temp_files(root: Path, older_than: float) -> int:
 
 async def _expire_uploads(app: web.Application) -> AsyncIterator[None]:
     uploads = app[UPLOADS]
+    if found := await uploads.load():
+        log.info("%d upload sessions open from an earlier run", found)
     task = asyncio.create_task(uploads.expire_forever(min(uploads.ttl / 4, 3600.0)))
     yield
     task.cancel()
+
+
+def _upload_growth(cache: BlobCache, trimmer: HeapTrimmer) -> Callable[[int], None]:
+    """Upload bytes count toward the disk budget, and are memory that passed through."""
+
+    def grew(nbytes: int) -> None:
+        cache.uploads_grew(nbytes)
+        trimmer.moved(nbytes)
+
+    return grew
+
+
+def _trim_heap(trimmer: HeapTrimmer) -> Context:
+    async def trim(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(trimmer.run_forever(), name="heap-trim")
+        yield
+        task.cancel()
+
+    return trim
 
 
 async def _watch_loop(app: web.Application) -> AsyncIterator[None]:

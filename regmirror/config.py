@@ -142,6 +142,30 @@ class TLSSettings:
 @dataclass
 class UploadSettings:
     ttl: float = 24 * 3600.0  # idle seconds after which a session is dropped
+    idle_timeout: float = 60.0  # seconds without a byte of a request body before it is cut
+    max_blob_bytes: int = _size(default=10 * 1024**3)  # the largest blob one may push
+    max_sessions: int = 1000  # open upload sessions in all
+    max_sessions_per_client: int = 250  # open upload sessions per client address
+
+    def __post_init__(self) -> None:
+        for key in ("idle_timeout", "max_blob_bytes", "max_sessions", "max_sessions_per_client"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"uploads.{key}: must be more than 0")
+
+
+def _one_of(*choices: str) -> Any:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
+
+
+@dataclass
+class LogSettings:
+    format: str = field(default="text", metadata={"parse": _one_of("text", "json")})
+    access: bool = True  # one line per request on the registry port
 
 
 @dataclass
@@ -191,6 +215,7 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port
     # then stops serving /metrics. None: everything on ``listen``.
     metrics_listen: str | None = None

@@ -133,6 +133,48 @@ class RangeInvalid(RegistryError):
     status = 416
 
 
+class UploadRefused(RegistryError):
+    """An upload the registry's limits refuse; ``reason`` labels the refusals metric."""
+
+    reason = "refused"
+
+
+class UploadTooLarge(UploadRefused):
+    """A blob bigger than ``uploads.max_blob_bytes``."""
+
+    code = "BLOB_UPLOAD_INVALID"
+    status = 413
+    reason = "too_large"
+
+
+class UploadIdle(UploadRefused):
+    """A request body that sent nothing for ``uploads.idle_timeout`` seconds."""
+
+    code = "BLOB_UPLOAD_INVALID"
+    status = 408
+    reason = "idle_timeout"
+
+
+class UploadBusy(UploadRefused):
+    """A session another request is writing to: refused at once, never queued behind it.
+    416, as for a chunk that does not continue the upload where it stands."""
+
+    code = "BLOB_UPLOAD_INVALID"
+    status = 416
+    reason = "busy"
+
+
+class TooManyUploads(UploadRefused):
+    """Too many open upload sessions, in all or from one client (``reason`` says which)."""
+
+    code = "TOOMANYREQUESTS"
+    status = 429
+
+    def __init__(self, message: str, *, reason: str, detail: Any = None):
+        super().__init__(message, detail)
+        self.reason = reason
+
+
 class InsufficientStorage(RegistryError):
     """The registry's disk is full (RFC 4918's 507). UNAVAILABLE, a code every client
     parses, says "try again later": space frees as the cache evicts."""

@@ -11,8 +11,10 @@ down to the low watermark, or until ``min_free_bytes`` plus a margin is free.
 
 What counts toward ``max_bytes``: the stored blobs, the sizes of the fills in flight
 (reserved when a fill starts, so eviction makes room ahead of it; see
-:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads`` (measured by
-each eviction pass). A write that finds the disk full calls :meth:`BlobCache.make_room`:
+:meth:`BlobCache.admit`) and the upload sessions under ``<data>/uploads``: measured by
+each eviction pass and counted up as uploads write (:meth:`BlobCache.uploads_grew`), so
+a push that fills the disk or the budget starts eviction as it goes, not at the next
+blob. A write that finds the disk full calls :meth:`BlobCache.make_room`:
 ENOSPC is an eviction trigger, with or without configured limits.
 
 LRU order survives a restart: a read stamps the blob file's mtime (a blob's content
@@ -65,6 +67,9 @@ HIGH_WATERMARK = 0.95  # of max_bytes: above it, eviction starts
 LOW_WATERMARK = 0.85  # of max_bytes: eviction stops at or below it
 FREE_MARGIN = 1.1  # x min_free_bytes: free space eviction stops at
 MAX_RUNS = 100  # eviction passes one task makes before it lets the next write restart it
+# Upload bytes written between the passes that measure them while no limit seems crossed;
+# a pass (a statvfs and a walk of the sessions) then checks the free-space floor.
+UPLOAD_RECHECK_BYTES = 64 * 1024**2
 
 
 def disk_free(root: Path) -> int:
@@ -120,7 +125,8 @@ class BlobCache:
         self._again = False
         self._stuck = False  # warned that nothing more can be evicted
         self.reserved = 0  # bytes of the fills in flight (their whole size)
-        self.uploads = 0  # bytes under <data>/uploads, as last measured
+        self.uploads = 0  # bytes under <data>/uploads: as last measured, plus growth since
+        self._uploads_unmeasured = 0  # growth since a pass was last scheduled for it
         self._stamps: set[asyncio.Task[None]] = set()
         self._last_stamp = 0
         self._newest_stamped: Digest | None = None
@@ -134,6 +140,24 @@ class BlobCache:
         self._entries.move_to_end(digest)
         self._stamp(digest)
         self._schedule()
+
+    def uploads_grew(self, nbytes: int) -> None:
+        """Upload sessions took ``nbytes`` more on disk (negative: gave them back).
+
+        Counted at once; an eviction pass (which measures the sessions again) is started
+        when they push the budget over its high watermark, and every
+        :data:`UPLOAD_RECHECK_BYTES` of growth, for the free-space floor. While nothing
+        more can be evicted, only the latter: a stuck cache is not rescanned per chunk.
+        """
+        self.uploads = max(0, self.uploads + nbytes)
+        self._report()
+        if nbytes <= 0:
+            return
+        self._uploads_unmeasured += nbytes
+        over = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
+        if self._uploads_unmeasured >= UPLOAD_RECHECK_BYTES or (over and not self._stuck):
+            self._uploads_unmeasured = 0
+            self._schedule()
 
     def touched(self, digest: Digest) -> None:
         """``digest`` was read: the most recently used now."""
@@ -298,17 +322,23 @@ class BlobCache:
 
     async def _evict(self) -> None:
         free = await asyncio.to_thread(self._free)
-        self.uploads = await asyncio.to_thread(_tree_bytes, self.root / "uploads")
+        self.uploads = await asyncio.to_thread(_sessions_bytes, self.root / "uploads")
         self._report()
         if not self._over(free):
             self._stuck = False
             return
+        started, count, freed = time.monotonic(), 0, 0
         for digest in [d for d, e in self._entries.items() if e.state is not State.PINNED]:
             if self._enough(free):
                 break
             if not await self._evictable(digest):
                 continue
+            entry = self._entries.get(digest)
             free = await self._delete(digest)
+            if entry is not None and digest not in self._entries:
+                count, freed = count + 1, freed + entry.size
+        if count:
+            _log_round(count, freed, time.monotonic() - started, self)
         if self._enough(free):
             self._stuck = False
         elif not self._stuck:
@@ -400,6 +430,26 @@ class BlobCache:
             self.observer.staged_bytes(self.reserved + self.uploads)
 
 
+def _log_round(count: int, freed: int, seconds: float, cache: BlobCache) -> None:
+    log.info(
+        "eviction: %d blobs, %d bytes freed in %.2f s; cache now %d bytes (max_bytes %s)",
+        count,
+        freed,
+        seconds,
+        cache.total,
+        cache.max_bytes,
+        extra={
+            "fields": {
+                "event": "eviction",
+                "blobs": count,
+                "bytes_freed": freed,
+                "seconds": round(seconds, 3),
+                "cache_bytes": cache.total,
+            }
+        },
+    )
+
+
 class Reservation:
     """A fill's size counted toward the budget; :meth:`release` it once."""
 
@@ -432,13 +482,21 @@ def _set_mtime(path: Path, ns: int) -> None:
         os.utime(path, ns=(ns, ns))
 
 
-def _tree_bytes(root: Path) -> int:
-    """Bytes of the files under ``root`` (0 if it does not exist). Blocking."""
+def _sessions_bytes(root: Path) -> int:
+    """Bytes of the upload sessions' files under ``root`` (0 if there are none), counted
+    as blobs are, by size; what the filesystem adds (directories, blocks) the free-space
+    floor sees. A frozen session (being committed) is left out: its bytes are moving into
+    the store, counted there. Blocking."""
     total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(os.path.join(directory, name)).st_size
+    try:
+        sessions = [e.path for e in os.scandir(root) if not e.name.endswith(".commit")]
+    except FileNotFoundError:
+        return 0
+    for session in sessions:
+        for directory, _, files in os.walk(session):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(directory, name)).st_size
     return total
 
 

@@ -61,10 +61,21 @@ from regmirror import layout
 from regmirror.digest import Digest
 from regmirror.errors import FillFailed
 from regmirror.eviction import BlobCache, Reservation
+from regmirror.logs import served
+from regmirror.logs.served import Tier
 from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
 
-__all__ = ["Fill", "FillFailed", "FillObserver", "FillStats", "Fills", "Source", "Span"]
+__all__ = [
+    "Fill",
+    "FillFailed",
+    "FillObserver",
+    "FillStats",
+    "Fills",
+    "Origin",
+    "Source",
+    "Span",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +140,19 @@ class FillStats:
         self.streamed_through[reason] += 1
 
 
+@dataclass
+class Origin:
+    """Where a fill reads from: its tier (for the access log) and, for the fill's own log
+    lines, which one. A source that decides only once it opens (S3 if it holds the blob,
+    else the upstream) updates it with :meth:`reading`."""
+
+    tier: Tier = "fill"
+    name: str = "its source"
+
+    def reading(self, tier: Tier, name: str) -> None:
+        self.tier, self.name = tier, name
+
+
 class _Failure(Exception):
     def __init__(self, result: str, message: str):
         super().__init__(message)
@@ -170,8 +194,10 @@ class Fill:
         size: int | None,
         *,
         replay: Callable[[int], Fill] | None = None,
+        origin: Origin | None = None,
     ):
         self.digest = digest
+        self.origin = origin or Origin()
         self.partial = partial
         self.final = final
         self._expected = size
@@ -200,7 +226,7 @@ class Fill:
     @classmethod
     def stored(cls, digest: Digest, final: Path, size: int) -> Fill:
         """A fill that has nothing left to do: the blob is already in the store."""
-        fill = cls(digest, final, final, size)
+        fill = cls(digest, final, final, size, origin=Origin("local", "local disk"))
         fill._size = fill._written = size
         fill._done = True
         return fill
@@ -490,10 +516,18 @@ class Fills:
     def partial_path(self, digest: Digest) -> Path:
         return self.directory / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
 
-    async def fetch(self, digest: Digest, source: Source, *, size: int | None = None) -> Fill:
+    async def fetch(
+        self,
+        digest: Digest,
+        source: Source,
+        *,
+        size: int | None = None,
+        origin: Origin | None = None,
+    ) -> Fill:
         """The fill of ``digest``: joins the one in flight, else starts one reading
         ``source(0)``, else (already stored) a finished Fill. ``size``, when known (from
-        a descriptor), is checked against the source's."""
+        a descriptor), is checked against the source's; ``origin`` says what ``source``
+        reads (for the logs)."""
         fill = self._inflight.get(digest)
         if fill is None:
             key = layout.blob_data(digest)
@@ -510,15 +544,19 @@ class Fills:
                     self.partial_path(digest),
                     self.local.path(key),
                     size,
-                    replay=functools.partial(self._replay, digest, source, size),
+                    replay=functools.partial(self._replay, digest, source, size, origin),
+                    origin=origin,
                 )
                 self._inflight[digest] = fill
                 self._start(fill, source, claim=True)
                 return fill
         self.observer.fill_coalesced(digest)
+        served.mark_waited()
         return fill
 
-    def _replay(self, digest: Digest, source: Source, size: int | None, start: int) -> Fill:
+    def _replay(
+        self, digest: Digest, source: Source, size: int | None, origin: Origin | None, start: int
+    ) -> Fill:
         """A fill streaming ``digest`` through again from the start, for a reader that
         joined a streamed-through fill after the bytes it needs (from ``start``) had
         passed: the replay in flight if its window still holds ``start``, else a new one
@@ -530,7 +568,8 @@ class Fills:
                 self.partial_path(digest),
                 self.local.path(layout.blob_data(digest)),
                 size,
-                replay=functools.partial(self._replay, digest, source, size),
+                replay=functools.partial(self._replay, digest, source, size, origin),
+                origin=origin,
             )
             self._replays[digest] = fill
             self._start(fill, source, claim=False)
@@ -578,6 +617,7 @@ class Fills:
             async with asyncio.timeout(self.timeout):
                 fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
                 if claim and fd is None:
+                    fill.origin = Origin("fill", "another process")
                     result = await self._tail(fill)
                 else:
                     await self._copy(fill, source, fd)
@@ -600,15 +640,17 @@ class Fills:
                 del self._inflight[fill.digest]
             if self._replays.get(fill.digest) is fill:
                 del self._replays[fill.digest]
+            seconds = time.monotonic() - started
             if message:
-                log.warning("%s", message)
+                _log_failed(fill, result, message, cause, seconds)
                 fill._fail(message, cause)
             else:
+                _log_finished(fill, result, seconds)
                 if self.on_stored is not None and fill._size is not None and fill.kept:
                     self.on_stored(fill.digest, fill._size)  # before any reader is done
                 fill._finish()
             nbytes = fill._written if result == "ok" else 0
-            self.observer.fill_finished(fill.digest, result, nbytes, time.monotonic() - started)
+            self.observer.fill_finished(fill.digest, result, nbytes, seconds)
 
     async def _copy(self, fill: Fill, source: Source, fd: int | None) -> None:
         loop = asyncio.get_running_loop()
@@ -628,6 +670,14 @@ class Fills:
                 reservation = self.cache.reserve(size) if self.cache is not None else None
                 await _settle(loop.run_in_executor(self._writer, _set_size_xattr, fd, size))
             fill._set_size(size)
+            log.info(
+                "fill %s started from %s: %d bytes%s",
+                fill.digest,
+                fill.origin.name,
+                size,
+                "" if fill.kept else ", streaming through (not kept)",
+                extra={"fields": _fields(fill, "fill_started", size=size)},
+            )
             hasher = fill.digest.hasher()
             written = 0
             try:
@@ -758,6 +808,55 @@ class Fills:
                 )
             await asyncio.sleep(TAIL_INTERVAL)
         raise TimeoutError
+
+
+def _fields(fill: Fill, event: str, **more: Any) -> dict[str, Any]:
+    """A fill's log line as fields (``log.format: json``)."""
+    return {"event": event, "digest": str(fill.digest), "source": fill.origin.name, **more}
+
+
+def _log_finished(fill: Fill, result: str, seconds: float) -> None:
+    nbytes = fill._size or 0
+    how = {"stream_through": ", streamed through (not kept)", "other_process": ""}.get(result, "")
+    log.info(
+        "fill %s finished from %s: %d bytes in %.2f s%s",
+        fill.digest,
+        fill.origin.name,
+        nbytes,
+        seconds,
+        how,
+        extra={
+            "fields": _fields(
+                fill, "fill_finished", result=result, bytes=nbytes, seconds=round(seconds, 3)
+            )
+        },
+    )
+
+
+def _log_failed(
+    fill: Fill, result: str, message: str, cause: BaseException | None, seconds: float
+) -> None:
+    if cause is not None and str(cause):  # without the "fill of ..." a client is told
+        message = str(cause)
+    log.warning(
+        "fill %s failed from %s after %d bytes in %.2f s (%s): %s",
+        fill.digest,
+        fill.origin.name,
+        fill._written,
+        seconds,
+        result,
+        message,
+        extra={
+            "fields": _fields(
+                fill,
+                "fill_failed",
+                result=result,
+                bytes=fill._written,
+                seconds=round(seconds, 3),
+                error=message,
+            )
+        },
+    )
 
 
 async def _settle(work: Awaitable[T]) -> T:

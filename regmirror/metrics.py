@@ -12,6 +12,8 @@ from prometheus_client.exposition import generate_latest
 from regmirror.digest import Digest
 from regmirror.fill import RESULTS, STREAM_THROUGH_REASONS
 
+UPLOAD_REFUSALS = ("too_large", "idle_timeout", "busy", "max_sessions", "max_sessions_per_client")
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -161,6 +163,16 @@ class Metrics:
             self.fleet_bytes.labels(source)
         for result in ("performed", "shared"):
             self.fleet_tags.labels(result)
+        self.upload_refusals = Counter(
+            "regmirror_upload_refusals_total",
+            "Upload requests refused by the upload limits, by reason (too_large: past "
+            "uploads.max_blob_bytes; idle_timeout: a body that stalled; busy: a session "
+            "another request is writing; max_sessions, max_sessions_per_client).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in UPLOAD_REFUSALS:
+            self.upload_refusals.labels(reason)
         for result in RESULTS:
             self.fills.labels(result)
         for reason in STREAM_THROUGH_REASONS:
@@ -200,6 +212,8 @@ class Metrics:
 
     def fleet_tag(self, result: str) -> None:
         self.fleet_tags.labels(result).inc()
+    def upload_refused(self, reason: str) -> None:
+        self.upload_refusals.labels(reason).inc()
 
     def s3_error(self, operation: str) -> None:
         self.s3_errors.labels(operation).inc()

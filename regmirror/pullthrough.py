@@ -44,11 +44,13 @@ from regmirror.errors import (
     UpstreamUnavailable,
 )
 from regmirror.eviction import BlobCache
-from regmirror.fill import Fill, Fills, Source
+from regmirror.fill import Fill, Fills, Origin, Source
 from regmirror.fleet import tags as fleet_tags
 from regmirror.fleet.coordinator import Fleet
 from regmirror.fleet.leases import manifest_lease
 from regmirror.links import LinkStore
+from regmirror.logs import served
+from regmirror.logs.throttle import Throttled
 from regmirror.manifest import INDEX_TYPES, MAX_MANIFEST_BYTES, Manifest, media_type_of, parse
 from regmirror.negotiation import EVERYTHING, Representation, default_image, negotiate
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
@@ -93,6 +95,7 @@ class PullThrough:
             TAG_LIST_TAGS, getsizeof=lambda entry: len(entry[0]) + 1
         )
         self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._errors = Throttled(log)  # an outage fails every request: a line a minute
         self._background: set[asyncio.Task[None]] = set()
 
     # -- manifests -----------------------------------------------------------
@@ -202,12 +205,13 @@ class PullThrough:
             return None
         self.cache.touched(digest)
         cached = self.manifests.get(digest)
-        if cached is not None:
-            return cached
-        try:
-            return self._remember(digest, await read_manifest(self.local, digest), None)
-        except (PathNotFound, ManifestTooLarge):
-            return None  # evicted (or not a manifest we serve): fetched again
+        if cached is None:
+            try:
+                cached = self._remember(digest, await read_manifest(self.local, digest), None)
+            except (PathNotFound, ManifestTooLarge):
+                return None  # evicted (or not a manifest we serve): fetched again
+        served.mark("local")
+        return cached
 
     async def _by_digest(
         self,
@@ -255,16 +259,20 @@ class PullThrough:
                     route, route.upstream.head_manifest(route.name, str(digest), accept)
                 )
             try:
-                return await read_manifest(self.shared, digest), None
+                raw = await read_manifest(self.shared, digest)
             except (PathNotFound, ManifestTooLarge):
                 pass
             except StorageUnavailable as exc:  # S3 is a shortcut here, not a requirement
                 log.warning("S3 unavailable; manifest %s from the upstream: %s", digest, exc)
+            else:
+                served.mark("s3")
+                return raw, None
 
         async def fetch() -> tuple[bytes, str | None]:
             fetched = await self._ask(
                 route, route.upstream.get_manifest(route.name, str(digest), accept)
             )
+            served.mark("upstream")
             return fetched.raw, fetched.media_type
 
         if self.fleet is None or self.shared is None:
@@ -273,9 +281,11 @@ class PullThrough:
 
         async def published() -> tuple[bytes, str | None] | None:
             try:
-                return await read_manifest(shared, digest), None
+                raw = await read_manifest(shared, digest)
             except (PathNotFound, ManifestTooLarge, StorageUnavailable):
                 return None
+            served.mark("s3")
+            return raw, None
 
         async def fetch_and_publish() -> tuple[bytes, str | None]:
             raw, media_type = await fetch()
@@ -387,8 +397,11 @@ class PullThrough:
         except PathNotFound:
             pass
         if not fetch:
-            return RemoteBlob(size if size is not None else await upstream_size())
-        fill = await self.fills.fetch(digest, self._source(route, digest), size=size)
+            return RemoteBlob(size if size is not None else await upstream_size(), "upstream")
+        origin = Origin("upstream", str(route.upstream.url))
+        fill = await self.fills.fetch(
+            digest, self._source(route, digest, origin), size=size, origin=origin
+        )
         if self.write_back and not fill.done:
             self._spawn(self._write_back(fill), f"write back {digest}")
         return fill
@@ -400,11 +413,12 @@ class PullThrough:
         await self.links.write(layout.layer_link(name, digest), digest)
         return size
 
-    def _source(self, route: Route, digest: Digest) -> Source:
+    def _source(self, route: Route, digest: Digest, origin: Origin) -> Source:
         """Where a fill reads from; only ever for a digest the upstream confirmed for this
-        repository (see :meth:`blob`), so a copy in S3 is the same bytes. In fleet mode a
-        blob S3 lacks is fetched by one host of the fleet, the others stream it from that
-        host (:class:`~regmirror.fleet.coordinator.Fleet`)."""
+        repository (see :meth:`blob`), so a copy in S3 is the same bytes. ``origin`` is
+        told which one it was. In fleet mode a blob S3 lacks is fetched by one host of the
+        fleet, the others stream it from that host
+        (:class:`~regmirror.fleet.coordinator.Fleet`)."""
         key = layout.blob_data(digest)
 
         async def from_shared(offset: int) -> tuple[int, AsyncIterator[bytes]] | None:
@@ -417,9 +431,11 @@ class PullThrough:
             except StorageUnavailable as exc:
                 log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
                 return None
+            origin.reading("s3", self.shared.name)
             return size, self.shared.reader(key, offset)
 
         async def from_upstream(offset: int) -> tuple[int, AsyncIterator[bytes]]:
+            origin.reading("upstream", str(route.upstream.url))
             stream = await self._ask(route, route.upstream.open_blob(route.name, digest, offset))
             return stream.size, stream.chunks
 
@@ -431,6 +447,9 @@ class PullThrough:
                     return size, self.fleet.from_shared(
                         digest, offset, size, chunks, from_upstream, from_shared
                     )
+                # Streamed from another host's fill unless the lease makes this host fill
+                # (from_upstream and from_shared then say so).
+                origin.reading("fill", "a fleet peer")
                 return await self.fleet.open(digest, offset, from_upstream, from_shared)
             return found if found is not None else await from_upstream(offset)
 
@@ -463,11 +482,22 @@ class PullThrough:
         try:
             return await call
         except (UpstreamUnavailable, UpstreamDenied, TooManyRequests) as exc:
+            kind = {UpstreamDenied: "denied", TooManyRequests: "rate_limited"}.get(
+                type(exc), "unavailable"
+            )
+            host = route.upstream.registry_host
             if self._on_upstream_error is not None:
-                kind = {UpstreamDenied: "denied", TooManyRequests: "rate_limited"}
-                self._on_upstream_error(
-                    route.upstream.registry_host, kind.get(type(exc), "unavailable")
-                )
+                self._on_upstream_error(host, kind)
+            self._errors.warning(
+                (host, kind),
+                "upstream %s: %s (%s)",
+                route.upstream.url,
+                exc,
+                kind,
+                event="upstream_error",
+                upstream=host,
+                kind=kind,
+            )
             raise
 
     # -- coalescing ----------------------------------------------------------
@@ -478,11 +508,13 @@ class PullThrough:
         The work belongs to no caller: one that disconnects does not cancel it.
         """
         future = self._inflight.get(key)
+        joined = future is not None
         if future is None:
-            future = self._inflight[key] = asyncio.ensure_future(work())
+            future = self._inflight[key] = asyncio.ensure_future(served.collecting(work()))
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        result: T = await asyncio.shield(future)
-        return result
+        result, marks = await asyncio.shield(future)
+        served.adopt(marks, joined=joined)  # each caller's access line: where it came from
+        return result  # type: ignore[no-any-return]
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         if name in {t.get_name() for t in self._background}:

@@ -40,9 +40,10 @@ from regmirror.errors import (
     UpstreamUnavailable,
 )
 from regmirror.eviction import BlobCache
-from regmirror.fill import Fill, Fills
+from regmirror.fill import Fill, Fills, Origin
 from regmirror.fleet.coordinator import Fleet
 from regmirror.links import LinkStore
+from regmirror.logs import served
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
 from regmirror.pullthrough import PullThrough, read_manifest
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
@@ -153,7 +154,7 @@ class Registry:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)})
         if not fetch:
             try:
-                return RemoteBlob(await shared.stat(key))
+                return RemoteBlob(await shared.stat(key), "s3")
             except PathNotFound as exc:
                 raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
 
@@ -163,7 +164,7 @@ class Registry:
             except PathNotFound as exc:
                 raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from exc
 
-        return await self.fills.fetch(digest, from_shared)
+        return await self.fills.fetch(digest, from_shared, origin=Origin("s3", shared.name))
 
     async def _probe(self, name: str, route: Route, digest: Digest) -> StoredBlob | RemoteBlob:
         """A HEAD of a blob ``name`` has not linked, as docker, podman and skopeo send for
@@ -400,11 +401,14 @@ class Registry:
         self.cache.touched(digest)
         cached = self._manifests.get(digest)
         if cached is not None:
+            served.mark("local")
             return cached
         try:
             raw = await read_manifest(self.local, digest)
+            served.mark("local")
         except PathNotFound:  # evicted: read again from S3
             raw = await self._fetch_manifest(digest)
+            served.mark("s3")
         try:
             manifest = parse(raw, None, digest)
         except ManifestInvalid:

@@ -32,6 +32,7 @@ from regmirror.connections import (
     quiet_accept_errors,
     raise_fd_limit,
 )
+from regmirror.logs.access import runner_options
 from regmirror.tls import ServerTLS
 
 log = logging.getLogger("regmirror")
@@ -105,9 +106,9 @@ async def serve(
 async def _runner(app: web.Application, limits: Limits) -> web.AppRunner:
     runner = web.AppRunner(
         app,
-        access_log=None,
         keepalive_timeout=limits.keepalive_timeout,
         shutdown_timeout=CUT_GRACE,  # the listener's drain does the waiting
+        **runner_options(app),  # the access log, on the registry port only
     )
     await runner.setup()
     return runner

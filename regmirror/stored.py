@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from regmirror.logs.served import Tier
+
 
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
@@ -18,3 +20,4 @@ class RemoteBlob:
     know, without copying it here."""
 
     size: int
+    tier: Tier  # where it is: s3 or upstream

@@ -12,6 +12,13 @@ and a freeze or expiry in processes sharing the directory). Closing an upload fi
 so from that instant no request can reach it (each gets BLOB_UPLOAD_UNKNOWN) and its
 bytes can no longer change; only then are they verified and handed to the store. A
 blob therefore enters the store only as the bytes that were verified (issue 7).
+
+Bodies stream to the session's file chunk by chunk as they arrive (the caller hands
+bounded chunks), hashed on the way, so memory per upload in flight is one chunk whatever
+the blob's size (issue 9). One request writes a session at a time: another PATCH or PUT
+on it is refused at once (:class:`~regmirror.errors.UploadBusy`), never queued behind a
+client that may be stalled. A blob may not grow past ``max_blob_bytes``, and the open
+sessions are capped in all and per client (:mod:`regmirror.upload_caps`).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import shutil
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -41,12 +48,16 @@ from regmirror.errors import (
     InsufficientStorage,
     RangeInvalid,
     SizeInvalid,
+    UploadBusy,
+    UploadRefused,
+    UploadTooLarge,
 )
+from regmirror.upload_caps import SessionCaps
 
 log = logging.getLogger(__name__)
 
 _UUID = re.compile(r"^[0-9a-f]{32}$")
-# Chunks are hashed and written off the event loop in batches of this size.
+# Files are hashed off the event loop in reads of this size.
 BATCH = 1024 * 1024
 # A frozen session (being committed) is renamed to ``<uuid>`` + this suffix.
 FROZEN_SUFFIX = ".commit"
@@ -72,26 +83,76 @@ class _Hash:
         self.offset = 0
 
 
+# Told how many bytes the sessions on disk grew by (negative: shrank).
+OnGrowth = Callable[[int], None]
+
+
 class Uploads:
-    def __init__(self, root: Path, *, ttl: float):
+    """The upload sessions under ``root``.
+
+    ``max_blob_bytes``: no session may grow past it (None: no limit); ``caps``: the open
+    sessions' caps (None: unbounded); ``on_growth``: told of every byte the sessions take
+    or give back on disk, for the disk budget.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ttl: float,
+        max_blob_bytes: int | None = None,
+        caps: SessionCaps | None = None,
+        on_growth: OnGrowth | None = None,
+    ):
         self.root = root
         self.ttl = ttl
+        self.max_blob_bytes = max_blob_bytes
+        self.caps = caps
+        self._on_growth = on_growth or (lambda nbytes: None)
         self._hashes: dict[str, _Hash] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Sessions frozen by a closing PUT: gone for every other request.
         self._committing: set[str] = set()
+        # Sessions a request is appending to, with the offset its chunk starts at (None
+        # until known): any other write is refused, not queued.
+        self._writing: dict[str, int | None] = {}
+        # Bytes each session was reported to take (on_growth), given back when it closes.
+        self._reported: dict[str, int] = {}
 
-    async def start(self, name: str) -> Upload:
+    async def load(self) -> int:
+        """Count the sessions already on disk (an earlier run's) toward the caps."""
+        found = await asyncio.to_thread(_sessions, self.root)
+        if self.caps is not None:
+            self.caps.load(found)
+        return len(found)
+
+    async def start(self, name: str, *, client: str = "-") -> Upload:
+        """Open a session for ``client`` (its address); TOOMANYREQUESTS over a cap."""
         upload_id = uuid.uuid4().hex
         upload = Upload(upload_id, name, self.root / upload_id)
-        info = json.dumps({"name": name, "started_at": time.time()}).encode()
+        if self.caps is not None:
+            self.caps.open(upload_id, client)
+        info = json.dumps({"name": name, "started_at": time.time(), "client": client}).encode()
         with disk_full("open an upload session"):
             try:
                 await asyncio.to_thread(self._create, upload, info)
             except BaseException:
                 await asyncio.to_thread(shutil.rmtree, upload.directory, True)
+                self._closed(upload_id)
                 raise
+        self._grew(upload_id, len(info))
         return upload
+
+    def check_size(self, nbytes: int, *, holds: int | None = None) -> None:
+        """413 if a blob of ``nbytes`` would be too large (``holds``: what the session
+        keeps meanwhile, for the error's Range)."""
+        if self.max_blob_bytes is not None and nbytes > self.max_blob_bytes:
+            raise UploadTooLarge(
+                f"a blob of {nbytes} bytes is larger than this registry takes "
+                f"(uploads.max_blob_bytes: {self.max_blob_bytes})",
+                {"size": nbytes, "max": self.max_blob_bytes},
+                headers=None if holds is None else _range_headers(holds),
+            )
 
     async def get(self, name: str, upload_id: str) -> Upload:
         """The session ``upload_id`` of repository ``name``; BLOB_UPLOAD_UNKNOWN otherwise."""
@@ -119,50 +180,88 @@ class Uploads:
     ) -> int:
         """Append a chunk; ``start`` (from Content-Range) must be where the upload stands.
 
-        Returns the new size. A chunk shorter or longer than announced, or one the disk
-        has no room for, is rolled back: the session keeps exactly what it held before.
+        Each piece ``body`` yields is written (and hashed) before the next is read, so
+        only one is ever held. Returns the new size. A chunk shorter or longer than
+        announced, one that would pass ``max_blob_bytes``, one whose body stalls or breaks
+        off, or one the disk has no room for, is rolled back: the session keeps exactly
+        what it held before, and the error's ``Range`` says so. A session another request
+        is writing is refused at once (UploadBusy).
         """
-        async with self._lock(upload):
-            self._check_not_committing(upload.id)
+        self._check_not_committing(upload.id)
+        if upload.id in self._writing:
+            raise await self._busy(upload)
+        self._writing[upload.id] = None
+        try:
+            async with self._lock(upload):
+                return await self._append_locked(upload, body, start=start, length=length)
+        finally:
+            del self._writing[upload.id]
+
+    async def _append_locked(
+        self, upload: Upload, body: AsyncIterator[bytes], *, start: int | None, length: int | None
+    ) -> int:
+        self._check_not_committing(upload.id)
+        try:
+            handle = await asyncio.to_thread(_open_for_append, upload.data)
+        except FileNotFoundError as exc:  # frozen, cancelled or expired
+            raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+        except BlockingIOError:  # another process is appending to it, or committing it
+            raise await self._busy(upload) from None
+        try:
+            offset = self._writing[upload.id] = os.fstat(handle.fileno()).st_size
+            if start is not None and start != offset:
+                raise RangeInvalid(
+                    f"chunk starts at {start} but the upload holds {offset} bytes",
+                    {"expected": offset, "got": start},
+                    headers=_range_headers(offset),
+                )
+            if length is not None:
+                self.check_size(offset + length, holds=offset)
+            state = await self._hash(upload, offset)
+            before = state.hasher.copy()  # a rollback resumes from it, no rehash of the file
+            received = 0
             try:
-                handle = await asyncio.to_thread(_open_for_append, upload.data)
-            except FileNotFoundError as exc:  # frozen, cancelled or expired
-                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+                with disk_full("store this chunk; the upload keeps what it held before it"):
+                    async for chunk in body:
+                        received += len(chunk)
+                        if length is not None and received > length:
+                            break
+                        self.check_size(offset + received)
+                        await asyncio.to_thread(_write, handle, state, chunk)
+                        self._grew(upload.id, len(chunk))
+                    if length is not None and received != length:
+                        raise SizeInvalid(
+                            f"chunk announced {length} bytes but carried {received}",
+                            {"expected": length, "received": received},
+                        )
+            except BaseException as exc:
+                written = state.offset - offset
+                self._hashes.pop(upload.id, None)
+                await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
+                state.hasher, state.offset = before, offset
+                self._hashes[upload.id] = state
+                self._grew(upload.id, -written)
+                if isinstance(exc, UploadRefused):
+                    exc.headers.setdefault("Range", _range_headers(offset)["Range"])
+                raise
+        finally:
+            handle.close()  # and with it the file lock
+        return offset + received
+
+    async def _busy(self, upload: Upload) -> UploadBusy:
+        """The error for a write to a session another request is writing to; its Range is
+        what the session holds without the chunk being written."""
+        size = self._writing.get(upload.id)
+        if size is None:
             try:
-                offset = os.fstat(handle.fileno()).st_size
-                if start is not None and start != offset:
-                    raise RangeInvalid(
-                        f"chunk starts at {start} but the upload holds {offset} bytes",
-                        {"expected": offset, "got": start},
-                        headers=_range_headers(offset),
-                    )
-                state = await self._hash(upload, offset)
-                received = 0
-                try:
-                    with disk_full("store this chunk; the upload keeps what it held before it"):
-                        batch = bytearray()
-                        async for chunk in body:
-                            batch += chunk
-                            received += len(chunk)
-                            if length is not None and received > length:
-                                break
-                            if len(batch) >= BATCH:
-                                await asyncio.to_thread(_write, handle, state, bytes(batch))
-                                batch.clear()
-                        if batch and (length is None or received <= length):
-                            await asyncio.to_thread(_write, handle, state, bytes(batch))
-                        if length is not None and received != length:
-                            raise SizeInvalid(
-                                f"chunk announced {length} bytes but carried {received}",
-                                {"expected": length, "received": received},
-                            )
-                except BaseException:
-                    await asyncio.to_thread(os.ftruncate, handle.fileno(), offset)
-                    self._hashes.pop(upload.id, None)
-                    raise
-            finally:
-                handle.close()  # and with it the file lock
-            return offset + received
+                size = (await asyncio.to_thread(os.stat, upload.data)).st_size
+            except FileNotFoundError:
+                size = 0
+        return UploadBusy(
+            f"upload {upload.id} is being written by another request; retry once it ends "
+            "(GET the session for the offset it holds)",
+            headers=_range_headers(size),
+        )
 
     @contextlib.asynccontextmanager
     async def commit(self, upload: Upload, digest: Digest) -> AsyncIterator[Path]:
@@ -172,6 +271,8 @@ class Uploads:
         Should that fail, the session is restored as it was, so the client can retry the
         PUT. Bytes that do not match cancel the session (as registry:2 does).
         """
+        if upload.id in self._writing:
+            raise await self._busy(upload)
         frozen, state, locked = await self._freeze(upload)
         try:
             try:
@@ -185,6 +286,7 @@ class Uploads:
                 raise
             if actual != digest.hex:
                 await asyncio.to_thread(shutil.rmtree, frozen.parent, True)
+                self._closed(upload.id)
                 raise DigestInvalid(
                     f"uploaded content has digest {digest.algorithm}:{actual}, not {digest}",
                     {"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"},
@@ -197,6 +299,7 @@ class Uploads:
                 await asyncio.to_thread(_thaw, frozen.parent, upload.directory)
                 raise
             await asyncio.to_thread(shutil.rmtree, frozen.parent, True)
+            self._closed(upload.id)
         finally:
             os.close(locked)
             self._committing.discard(upload.id)
@@ -209,6 +312,7 @@ class Uploads:
             self._hashes.pop(upload.id, None)
             if not await asyncio.to_thread(_remove, upload.directory):
                 raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired")
+            self._closed(upload.id)
 
     async def expire(self) -> int:
         """Delete sessions idle for longer than the TTL; returns how many.
@@ -220,13 +324,15 @@ class Uploads:
         for name in await asyncio.to_thread(_stale_entries, self.root, cutoff):
             upload_id = name.removesuffix(FROZEN_SUFFIX)
             lock = self._locks.get(upload_id)
-            if upload_id in self._committing or (lock is not None and lock.locked()):
+            busy = upload_id in self._committing or upload_id in self._writing
+            if busy or (lock is not None and lock.locked()):
                 continue
             async with self._lock_of(upload_id):
                 if upload_id in self._committing:
                     continue
                 if await asyncio.to_thread(_remove_if_stale, self.root / name, cutoff):
                     self._hashes.pop(upload_id, None)
+                    self._closed(upload_id)
                     expired += 1
         if expired:
             log.info("expired %d stale upload sessions", expired)
@@ -253,10 +359,23 @@ class Uploads:
                 fd = await asyncio.to_thread(_freeze_locked, upload.directory, frozen)
             except FileNotFoundError as exc:
                 raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+            except BlockingIOError:  # another process is appending to it
+                raise await self._busy(upload) from None
             self._committing.add(upload.id)
             state = self._hashes.pop(upload.id, None)
         size = os.fstat(fd).st_size
         return frozen / "data", state if state is not None and state.offset == size else None, fd
+
+    def _grew(self, upload_id: str, nbytes: int) -> None:
+        self._reported[upload_id] = self._reported.get(upload_id, 0) + nbytes
+        self._on_growth(nbytes)
+
+    def _closed(self, upload_id: str) -> None:
+        """The session is gone: it no longer counts toward the caps or the disk budget."""
+        if self.caps is not None:
+            self.caps.close(upload_id)
+        if nbytes := self._reported.pop(upload_id, 0):
+            self._on_growth(-nbytes)
 
     def _check_not_committing(self, upload_id: str) -> None:
         if upload_id in self._committing:
@@ -301,12 +420,13 @@ def _open_for_append(data: Path) -> BinaryIO:
     """Open a session's data file to append, holding its file lock.
 
     The lock (flock) keeps writers and a freeze in other processes sharing the data
-    directory apart, as the session's asyncio lock does within this one. Unbuffered: a
+    directory apart, as the session's asyncio lock does within this one; taken without
+    waiting (BlockingIOError when held), so a busy session is refused at once. Unbuffered: a
     failed write leaves nothing in a buffer to land after the rollback.
     """
     fd = os.open(data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use elsewhere
         if not os.path.samestat(os.fstat(fd), os.stat(data)):
             raise FileNotFoundError(errno.ENOENT, "session frozen or cancelled", str(data))
     except BaseException:
@@ -323,12 +443,31 @@ def _freeze_locked(directory: Path, frozen: Path) -> int:
     """
     fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: being appended to
         os.rename(directory, frozen)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _sessions(root: Path) -> list[tuple[str, str]]:
+    """(id, client address) of every open session under ``root``. Blocking."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        if not _UUID.match(entry.name):
+            continue  # a frozen session (a crash mid-commit) or a stranger
+        try:
+            info = json.loads(Path(entry.path, "info.json").read_bytes())
+        except (OSError, ValueError):
+            info = {}
+        client = info.get("client") if isinstance(info, dict) else None
+        found.append((entry.name, client if isinstance(client, str) else "-"))
+    return found
 
 
 def _stale_entries(root: Path, cutoff: float) -> list[str]:

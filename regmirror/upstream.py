@@ -52,6 +52,7 @@ from regmirror.errors import (
     UpstreamDenied,
     UpstreamUnavailable,
 )
+from regmirror.logs.redact import without_secrets
 from regmirror.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -427,7 +428,8 @@ class Upstream:
                     method, url, headers=sent, allow_redirects=False, timeout=self._timeout
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self._unavailable(f"{method} {url}", exc) from exc
+                # A redirect's URL may be presigned: its query string is a credential.
+                raise self._unavailable(f"{method} {without_secrets(url)}", exc, url) from exc
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
                 return response
@@ -435,7 +437,9 @@ class Upstream:
             url = response.url.join(URL(location))
             if response.status == 303 and method != "HEAD":
                 method = "GET"
-        raise UpstreamUnavailable(f"{self.url}: more than {MAX_REDIRECTS} redirects for {url}")
+        raise UpstreamUnavailable(
+            f"{self.url}: more than {MAX_REDIRECTS} redirects for {without_secrets(url)}"
+        )
 
     async def _credential(self, scope: str) -> str | None:
         if self._use_basic:
@@ -544,8 +548,13 @@ class Upstream:
         except DigestInvalid as exc:
             raise UpstreamUnavailable(f"{self.url} sent an invalid digest {text[:150]!r}") from exc
 
-    def _unavailable(self, what: str, exc: BaseException) -> UpstreamUnavailable:
+    def _unavailable(
+        self, what: str, exc: BaseException, url: URL | None = None
+    ) -> UpstreamUnavailable:
         reason = "timed out" if isinstance(exc, TimeoutError) else (str(exc) or type(exc).__name__)
+        if url is not None and url.raw_query_string:  # aiohttp's errors may quote the URL
+            reason = reason.replace(str(url), without_secrets(url))
+            reason = reason.replace(url.raw_query_string, "…")
         return UpstreamUnavailable(f"{self.url}: {what}: {reason}")
 
 

@@ -47,7 +47,10 @@ KNOWN_NAME = "props/known"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     base = tmp_path_factory.mktemp("properties")
-    with run_regmirror(base, log_level="WARNING") as process:
+    # Every example opens a session from 127.0.0.1; the caps are tested elsewhere.
+    caps = {"REGMIRROR_UPLOADS__MAX_SESSIONS": "1000000"}
+    caps["REGMIRROR_UPLOADS__MAX_SESSIONS_PER_CLIENT"] = "1000000"
+    with run_regmirror(base, log_level="WARNING", env=caps) as process:
         query = {"digest": KNOWN_DIGEST}
         status, _ = request(process, "POST", _path(KNOWN_NAME, "blobs/uploads/", query), body=KNOWN)
         assert status == 201

@@ -27,6 +27,7 @@ from regmirror.digest import Digest
 from regmirror.errors import FillFailed, RegistryError
 from regmirror.eviction import Hold
 from regmirror.fill import Fill
+from regmirror.logs import served
 from regmirror.metrics import Metrics
 from regmirror.stored import RemoteBlob, StoredBlob
 
@@ -79,6 +80,13 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         head = request.method == "HEAD"
         found = await registry.blob(name, digest, ns=request.query.get("ns"), fetch=not head)
         headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
+        served.mark(
+            "local"
+            if isinstance(found, StoredBlob)
+            else found.tier
+            if isinstance(found, RemoteBlob)
+            else found.origin.tier
+        )
         if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
             headers.update({"Content-Length": str(found.size), "Accept-Ranges": "bytes"})
             return web.Response(headers=headers)
@@ -132,6 +140,7 @@ async def _stream_fill(
     request: web.Request, fill: Fill, digest: Digest, headers: dict[str, str]
 ) -> web.StreamResponse:
     size = await fill.length()  # FillFailed here is still an ordinary 503
+    served.mark(fill.origin.tier)  # known now that the source has answered
     start, end = _range(request.headers.get("Range"), size)
     response = web.StreamResponse(status=200 if (start, end) == (0, size) else 206)
     response.headers.update(headers)
@@ -164,6 +173,7 @@ async def _stream_fill(
         return response
     finally:
         request.app[METRICS].served("fill", sent)
+        served.sent(request, sent)
     await response.write_eof()
     return response
 

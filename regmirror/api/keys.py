@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from regmirror.auth.clients import Network
 from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
@@ -16,3 +17,7 @@ METRICS = web.AppKey("metrics", Metrics)
 FLEET = web.AppKey("fleet", Fleet)  # set only in fleet mode
 WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
+# auth.trusted_proxies: whose X-Forwarded-For names the client (session caps per client).
+TRUSTED_PROXIES = web.AppKey[tuple[Network, ...]]("trusted_proxies")
+# uploads.idle_timeout: seconds a request body may send nothing before it is cut.
+UPLOAD_IDLE_TIMEOUT = web.AppKey("upload_idle_timeout", float)

@@ -21,10 +21,10 @@ def add_routes(app: web.Application, *, metrics: bool = True) -> None:
     r.add_put(f"{NAME}/manifests/{{reference}}", manifests.put_manifest)
     r.add_delete(f"{NAME}/manifests/{{reference}}", manifests.delete_manifest)
     for start in (f"{NAME}/blobs/uploads/", f"{NAME}/blobs/uploads"):
-        r.add_post(start, uploads.start_upload)
+        r.add_post(start, uploads.start_upload, expect_handler=uploads.expect_continue)
     session = f"{NAME}/blobs/uploads/{{uuid}}"
-    r.add_patch(session, uploads.patch_upload)
-    r.add_put(session, uploads.finish_upload)
+    r.add_patch(session, uploads.patch_upload, expect_handler=uploads.expect_continue)
+    r.add_put(session, uploads.finish_upload, expect_handler=uploads.expect_continue)
     r.add_get(session, uploads.upload_status, allow_head=False)
     r.add_delete(session, uploads.cancel_upload)
     r.add_get(f"{NAME}/blobs/{{digest}}", blobs.get_blob)  # and HEAD

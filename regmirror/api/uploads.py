@@ -4,23 +4,95 @@ OCI distribution spec, "Pushing blobs": POST opens a session (or, with
 ``?digest=``, is the whole upload; with ``?mount=&from=``, a mount), PATCH
 appends a chunk in order, PUT ``?digest=`` closes it, GET reports progress and
 DELETE cancels.
+
+A body is read in pieces of at most :data:`CHUNK` bytes, each written before the next is
+read; a body that sends nothing for ``uploads.idle_timeout`` seconds is cut with a 408
+(the session keeps what it held before that request, and stays usable). Refusals by the
+upload limits (too large, idle, busy, too many sessions) are counted by reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, StreamReader, web
 
 from regmirror.api import params
-from regmirror.api.keys import REGISTRY, UPLOADS
+from regmirror.api.envelope import error_response
+from regmirror.api.keys import METRICS, REGISTRY, TRUSTED_PROXIES, UPLOAD_IDLE_TIMEOUT, UPLOADS
+from regmirror.auth.clients import client_address
 from regmirror.digest import Digest
-from regmirror.errors import BlobUploadUnknown, SizeInvalid
+from regmirror.errors import (
+    BlobUploadUnknown,
+    RegistryError,
+    SizeInvalid,
+    UploadIdle,
+    UploadRefused,
+    UploadTooLarge,
+)
 from regmirror.names import check_name
 from regmirror.uploads import Upload, disk_full
 
+CHUNK = 64 * 1024  # the most of a body held in memory per upload, between socket and file
 
-async def start_upload(request: web.Request) -> web.Response:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _counted(handler: Handler) -> Handler:
+    """Count the refusals of the upload limits, by reason; a stalled body's 408 is sent,
+    then its connection closed (nothing more is read from a client that sends nothing)."""
+
+    @functools.wraps(handler)
+    async def counted(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except UploadRefused as exc:
+            request.app[METRICS].upload_refused(exc.reason)
+            if isinstance(exc, UploadIdle):
+                return await _close_after(request, error_response(exc))
+            raise
+
+    return counted
+
+
+async def _close_after(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response``, then close the connection rather than wait for the rest of a body."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # closes the transport once what was written is sent
+    return response
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` (curl sends it for large bodies): a body larger than any
+    blob may be is refused with its 413 before the client sends it; otherwise "100
+    Continue", as aiohttp's own handler answers. Runs before the middlewares, so it
+    raises nothing: a malformed Content-Length is the handler's to refuse."""
+    try:
+        declared = params.content_length(request)
+        if declared is not None:
+            request.app[UPLOADS].check_size(declared)
+    except UploadTooLarge as exc:
+        request.app[METRICS].upload_refused(exc.reason)
+        response = error_response(exc)
+        response.force_close()  # the body it announced is not coming, or not wanted
+        return response
+    except RegistryError:
+        pass
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+        return None
+    raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:100]}")
+
+
+@_counted
+async def start_upload(request: web.Request) -> web.StreamResponse:
     name = params.name(request)
     registry, uploads = request.app[REGISTRY], request.app[UPLOADS]
     if "mount" in request.query:
@@ -32,7 +104,10 @@ async def start_upload(request: web.Request) -> web.Response:
                     return _created(name, digest)
     # Parse the digest before opening a session, so a bad one leaves no session behind.
     whole = params.digest(request.query["digest"]) if "digest" in request.query else None
-    upload = await uploads.start(name)
+    declared = params.content_length(request)
+    if whole is not None and declared is not None:
+        uploads.check_size(declared)  # before a session is opened for it
+    upload = await uploads.start(name, client=_client(request))
     if whole is not None:
         try:
             await _append(request, upload)
@@ -45,13 +120,15 @@ async def start_upload(request: web.Request) -> web.Response:
     return _progress(upload, 0, status=202)
 
 
-async def patch_upload(request: web.Request) -> web.Response:
+@_counted
+async def patch_upload(request: web.Request) -> web.StreamResponse:
     upload = await _upload(request)
     size = await _append(request, upload)
     return _progress(upload, size, status=202)
 
 
-async def finish_upload(request: web.Request) -> web.Response:
+@_counted
+async def finish_upload(request: web.Request) -> web.StreamResponse:
     upload = await _upload(request)
     digest = params.digest(request.query.get("digest"))
     await _append(request, upload)
@@ -88,7 +165,32 @@ async def _append(request: web.Request, upload: Upload) -> int:
             raise SizeInvalid(
                 f"Content-Length {declared} does not match Content-Range {start}-{chunk_range[1]}"
             )
-    return await uploads.append(upload, request.content.iter_any(), start=start, length=length)
+    body = _pieces(request.content, request.app[UPLOAD_IDLE_TIMEOUT])
+    return await uploads.append(upload, body, start=start, length=length)
+
+
+async def _pieces(content: StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
+    """The body in pieces of at most CHUNK bytes; UploadIdle when none comes in time."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                piece = await content.read(CHUNK)
+        except TimeoutError:
+            raise UploadIdle(
+                f"no byte of the body arrived for {idle_timeout:g} s (uploads.idle_timeout); "
+                "the request was cut and the upload keeps what it held before it"
+            ) from None
+        if not piece:
+            return
+        yield piece
+
+
+def _client(request: web.Request) -> str:
+    """The client's address, believing X-Forwarded-For only from auth.trusted_proxies."""
+    forwarded = request.headers.getall("X-Forwarded-For", [])
+    trusted = request.app[TRUSTED_PROXIES]
+    address = client_address(request.remote, forwarded, trusted)
+    return str(address) if address is not None else "-"
 
 
 async def _commit(request: web.Request, upload: Upload, digest: Digest) -> None:

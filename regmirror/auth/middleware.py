@@ -36,6 +36,7 @@ from regmirror.auth.htpasswd import Htpasswd
 from regmirror.auth.token import TokenVerifier
 from regmirror.config import AuthSettings, ConfigError, TokenSettings
 from regmirror.errors import Unauthorized
+from regmirror.logs import served
 
 log = logging.getLogger(__name__)
 _QUOTABLE = re.compile(r'[^"\\\x00-\x1f\x7f]*')
@@ -113,6 +114,8 @@ class AccessPolicy:
         if needs is None:
             return await handler(request)
         principal = await self.authorize(request, needs)
+        if principal is not None:
+            served.identify(request, principal.name)
         if needs.optional and not (principal and all(map(principal.grants, needs.optional))):
             # A mount from a repository the client may not pull: a plain upload session.
             request = request.clone(rel_url=request.rel_url.without_query_params("from"))

@@ -7,11 +7,11 @@ Each subcommand module offers ``add_parser(commands)`` (declares its flags) and
 from __future__ import annotations
 
 import argparse
-import logging
 from types import ModuleType
 
 from regmirror import __version__
 from regmirror.cli import fsck, serve, status, warm
+from regmirror.logs import formatting
 
 # Subcommands in the order ``--help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (serve, warm, status, fsck)
@@ -28,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     for command in COMMANDS:
         command.add_parser(commands).set_defaults(run=command.run)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    formatting.setup("text", args.log_level)  # serve switches to log.format once it is read
     status: int = args.run(args)
     return status

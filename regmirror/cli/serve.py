@@ -11,6 +11,8 @@ from typing import Any
 from regmirror import __version__
 from regmirror.app import create_app
 from regmirror.config import ConfigError, load
+from regmirror.logs import formatting
+from regmirror.logs.redact import without_secrets
 from regmirror.server import Listen
 from regmirror.server import run as run_server
 from regmirror.tls import server_tls
@@ -36,12 +38,24 @@ def run(args: argparse.Namespace) -> int:
         host, port = settings.host_port()
         probes = settings.metrics_host_port()
         tls = server_tls(settings.tls)
+        formatting.setup(settings.log.format, logging.getLogger().level)
         app = create_app(settings)
     except (ConfigError, OSError) as exc:
         print(f"regmirror: {exc}", file=sys.stderr)
         return 2
     log.info("regmirror %s", __version__)
     log.info("data directory: %s", settings.data_dir)
+    if settings.s3.bucket:
+        log.info(
+            "shared store: s3 bucket %s%s%s",
+            settings.s3.bucket,
+            f", prefix {settings.s3.prefix}" if settings.s3.prefix else "",
+            f", endpoint {without_secrets(settings.s3.endpoint_url)}"
+            if settings.s3.endpoint_url
+            else "",
+        )
+    if not settings.log.access:
+        log.info("access log: off (log.access)")
     if tls is not None:
         log.info(
             "TLS: certificate %s, key %s (reloaded when they change)",

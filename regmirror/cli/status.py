@@ -11,9 +11,8 @@ from typing import Any
 import aiohttp
 from rich.console import Console
 
+from regmirror.cli import remote
 from regmirror.ops.status import Unreachable, read_status, render
-
-DEFAULT_URL = "http://127.0.0.1:5000"
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -24,7 +23,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "upstream and S3 health, evictions and errors of a running regmirror. Exit status: "
         "0 ready, 1 not ready, 2 unreachable.",
     )
-    status.add_argument("--url", default=DEFAULT_URL, help=f"the regmirror (default {DEFAULT_URL})")
+    remote.add_url(status)
     status.add_argument(
         "--metrics-url",
         help="where /metrics and /-/status are served, if not at --url (metrics_listen)",

@@ -14,11 +14,11 @@ import aiohttp
 from rich.console import Console
 from yarl import URL
 
+from regmirror.cli import remote
 from regmirror.ops.reference import BadReference, parse_platform, parse_reference, read_references
 from regmirror.ops.warm import ImageResult, Warmer
 from regmirror.ops.warm_display import PlainProgress, TerminalProgress, print_summary
 
-DEFAULT_URL = "http://127.0.0.1:5000"
 # Not REGMIRROR_*: serve reads every such variable as a setting and refuses unknown ones.
 CREDS_ENV = "WARM_CREDS"
 
@@ -33,7 +33,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "front (docker.io/library/alpine:3.19) routes by containerd's ?ns=.",
     )
     warm.add_argument("images", nargs="*", metavar="IMAGE", help="image references")
-    warm.add_argument("--url", default=DEFAULT_URL, help=f"the regmirror (default {DEFAULT_URL})")
+    remote.add_url(warm)
     warm.add_argument(
         "--from",
         dest="from_files",

@@ -57,6 +57,8 @@ class CountedDriver(Driver):
         self._clock = clock
         self._open_until: float | None = None  # None: closed, reads ask S3
         self._trial = False  # a read is finding out whether S3 is back
+        self._down_since = 0.0
+        self._failures = 0  # calls failed since it went down
 
     @property
     def down(self) -> bool:
@@ -130,11 +132,25 @@ class CountedDriver(Driver):
 
     def _answered(self) -> None:
         if self._open_until is not None:
-            log.warning("%s answers again; reads ask it again", self.name)
+            log.warning(
+                "%s answers again after %.0f s; reads ask it again (%d calls failed meanwhile)",
+                self.name,
+                self._clock() - self._down_since,
+                self._failures,
+                extra={"fields": {"event": "s3_recovered", "failed_calls": self._failures}},
+            )
             self._open_until = None
 
     def _failed(self, operation: str, error: StorageUnavailable) -> None:
+        # Logged when it goes down and when it comes back, not for each call between.
         self._on_error(operation)
         if not self.down:
-            log.warning("%s failed (%s); reads use local copies until it answers", self.name, error)
+            self._down_since, self._failures = self._clock(), 0
+            log.warning(
+                "%s failed (%s); reads use local copies until it answers",
+                self.name,
+                error,
+                extra={"fields": {"event": "s3_error", "operation": operation}},
+            )
+        self._failures += 1
         self._open_until = self._clock() + self._backoff

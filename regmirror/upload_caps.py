@@ -1,0 +1,66 @@
+"""How many upload sessions are open, in all and per client address, against their caps.
+
+Every session costs a directory and two files on disk until it is committed, cancelled or
+expires (``uploads.ttl``), so a client that opens sessions and walks away could fill the
+disk and the directory. The count lives in memory: rebuilt at startup from the sessions'
+``info.json`` (which records the client address), then kept as sessions open and close.
+One process per data directory, as for the blob cache's index.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from regmirror.errors import TooManyUploads
+
+
+class SessionCaps:
+    """Open sessions by id and client; :meth:`open` refuses one over a cap."""
+
+    def __init__(self, *, total: int, per_client: int):
+        self.total = total
+        self.per_client = per_client
+        self._clients: dict[str, str] = {}  # session id -> client address
+        self._counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def of(self, client: str) -> int:
+        return self._counts[client]
+
+    def open(self, upload_id: str, client: str) -> None:
+        """Count a new session of ``client``; TOOMANYREQUESTS (429) if a cap is reached."""
+        if len(self._clients) >= self.total:
+            raise TooManyUploads(
+                f"{len(self._clients)} upload sessions are open, the most this registry "
+                "keeps (uploads.max_sessions); finish or cancel some, or retry later",
+                reason="max_sessions",
+            )
+        if self._counts[client] >= self.per_client:
+            raise TooManyUploads(
+                f"{self._counts[client]} upload sessions are open from {client}, the most "
+                "one client may have (uploads.max_sessions_per_client); finish or cancel "
+                "(DELETE) some, or let them expire",
+                reason="max_sessions_per_client",
+            )
+        self._add(upload_id, client)
+
+    def close(self, upload_id: str) -> None:
+        """The session is gone (committed, cancelled, expired); unknown ids are ignored."""
+        client = self._clients.pop(upload_id, None)
+        if client is not None:
+            self._counts[client] -= 1
+            if self._counts[client] <= 0:
+                del self._counts[client]
+
+    def load(self, sessions: Iterable[tuple[str, str]]) -> None:
+        """Count the sessions found on disk (id, client): never refused, even over a cap."""
+        for upload_id, client in sessions:
+            if upload_id not in self._clients:
+                self._add(upload_id, client)
+
+    def _add(self, upload_id: str, client: str) -> None:
+        self._clients[upload_id] = client
+        self._counts[client] += 1
