@@ -41,6 +41,7 @@ from regmirror.errors import (
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Origin
+from regmirror.fleet.coordinator import Fleet
 from regmirror.links import LinkStore
 from regmirror.logs import served
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
@@ -71,6 +72,7 @@ class Registry:
         write_back: bool = False,
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
+        fleet: Fleet | None = None,
     ):
         self.local = local
         # What local disk holds, kept within its budget; unbounded unless given one.
@@ -96,6 +98,7 @@ class Registry:
             on_upstream_error=on_upstream_error,
             cache=self.cache,
             stored=self.stored,
+            fleet=fleet,
         )
 
     @property
