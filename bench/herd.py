@@ -534,16 +534,27 @@ class HerdOutcome:
 
 
 def run_herd(
-    url: str, image: Image, *, clients: int, procs: int, timeout: float, verify: str
+    url: str | list[str],
+    image: Image,
+    *,
+    clients: int,
+    procs: int,
+    timeout: float,
+    verify: str,
 ) -> HerdOutcome:
-    """``clients`` concurrent GETs of ``url`` from ``procs`` processes, started together."""
+    """``clients`` concurrent GETs of ``url`` from ``procs`` processes, started together.
+    Several URLs (hosts of a fleet): ``clients`` GETs of each, one process per URL."""
     ctx = multiprocessing.get_context("spawn")
-    procs = max(1, min(procs, clients))
-    shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    if isinstance(url, str):
+        procs = max(1, min(procs, clients))
+        shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+        targets = [(url, share) for share in shares]
+    else:
+        targets = [(each, clients) for each in url]
     workers = []
-    for share in shares:
+    for target, share in targets:
         spec = ClientSpec(
-            url, share, timeout, str(image.blob_path), image.size, verify, image.digest
+            target, share, timeout, str(image.blob_path), image.size, verify, image.digest
         )
         parent, child = ctx.Pipe()
         process = ctx.Process(target=_client_main, args=(spec, child), daemon=True)

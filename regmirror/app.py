@@ -13,9 +13,11 @@ import aiohttp
 from aiohttp import web
 
 from regmirror import datalock, workers
+from regmirror.api import fleet as fleet_api
 from regmirror.api.envelope import envelope, stamp_api_version
 from regmirror.api.keys import (
     ACCEL_REDIRECT,
+    FLEET,
     METRICS,
     REGISTRY,
     SHUTDOWN,
@@ -27,9 +29,10 @@ from regmirror.api.keys import (
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.auth.clients import networks
-from regmirror.config import Settings
+from regmirror.config import ConfigError, Settings
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fills
+from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.logs import access as access_log
 from regmirror.memory import HeapTrimmer
@@ -71,12 +74,16 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
     app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None
+    fleet = None
+    check_fleet(settings)
     if settings.s3.bucket:
         # Imported only when used: boto3 is a tenth of a second of every start.
         from regmirror.storage.s3 import S3Driver
 
         s3 = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
         shared = CountedDriver(s3, on_error=metrics.s3_error)
+        if settings.fleet.advertise_url:
+            fleet = app[FLEET] = Fleet(s3, settings.fleet, metrics)
     cache = BlobCache(
         data_dir,
         max_bytes=settings.cache.max_bytes,
@@ -106,6 +113,7 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
         on_upstream_error=metrics.upstream_error,
         cache=cache,
         shared_dir=worker is not None,
+        fleet=fleet,
     )
     if settings.server.accel_redirect is not None:
         app[ACCEL_REDIRECT] = settings.server.accel_redirect
@@ -137,7 +145,46 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
     # With metrics_listen, /metrics is served there only; the probes stay here too, where
     # load balancers and kubelets already look for them.
     add_routes(app, metrics=settings.metrics_listen is None)
+    if fleet is not None:
+        app.cleanup_ctx.append(_fleet(fleet))
+        fleet_api.add_routes(app)
+        log.info(
+            "fleet mode: one fetch per blob for the hosts on s3://%s, this one at %s",
+            settings.s3.bucket,
+            settings.fleet.advertise_url,
+        )
     return app
+
+
+def check_fleet(settings: Settings) -> None:
+    """``fleet.advertise_url`` turns fleet mode on; it needs the bucket, write-back (the
+    owner's copy is how the others stop needing it) and the peer secret."""
+    fleet = settings.fleet
+    if not fleet.advertise_url:
+        return
+    if not settings.s3.bucket or not settings.s3.write_back:
+        raise ConfigError("fleet.advertise_url needs s3.bucket and s3.write_back: true")
+    if not fleet.secret:
+        raise ConfigError("fleet.advertise_url needs fleet.secret (the same on every host)")
+    if not fleet.advertise_url.startswith(("http://", "https://")):
+        raise ConfigError(f"fleet.advertise_url: {fleet.advertise_url!r} is not an http(s) URL")
+    if not 0 < fleet.peer_timeout < settings.cache.fill_idle_timeout:
+        raise ConfigError("fleet.peer_timeout must be above 0 and below cache.fill_idle_timeout")
+    if fleet.lease_ttl <= 0:
+        raise ConfigError("fleet.lease_ttl must be above 0")
+    if settings.server.workers != 1:
+        # A host's workers would share one fleet identity (advertise_url) with leases
+        # and in-flight fills each kept per process: not made correct across them yet.
+        raise ConfigError("fleet.advertise_url needs server.workers: 1 (one process per host)")
+
+
+def _fleet(fleet: Fleet) -> Context:
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        await fleet.start()
+        yield
+        await fleet.close()
+
+    return session
 
 
 def create_probe_app(app: web.Application) -> web.Application:

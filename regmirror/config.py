@@ -172,6 +172,21 @@ class LogSettings:
 
 
 @dataclass
+class FleetSettings:
+    """Fleet-wide single-flight through the S3 bucket (see :mod:`regmirror.fleet`)."""
+
+    # How the other hosts reach this one (http://10.0.3.7:5000); set, with s3.bucket and
+    # s3.write_back, it turns fleet mode on.
+    advertise_url: str | None = None
+    # Shared by every host of the fleet: peer requests are signed with it (HMAC); required
+    # with advertise_url.
+    secret: str | None = None
+    lease_ttl: float = 30.0  # seconds a fill's lease holds without being renewed
+    peer_timeout: float = 10.0  # seconds without a byte from a peer before taking over
+    tag_wait: float = 5.0  # seconds to wait for another host's tag revalidation
+
+
+@dataclass
 class ServerSettings:
     """How the listening ports treat clients and how SIGTERM ends the process."""
 
@@ -218,6 +233,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     uploads: UploadSettings = field(default_factory=UploadSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     log: LogSettings = field(default_factory=LogSettings)
     # HOST:PORT serving /metrics, /healthz and /readyz (plain HTTP); the registry port

@@ -509,6 +509,10 @@ class Fills:
         # The writers' own threads: readers' to_thread hops cannot queue ahead of them.
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
 
+    def inflight(self, digest: Digest) -> Fill | None:
+        """The fill of ``digest`` this process runs now, if any (for peers of a fleet)."""
+        return self._inflight.get(digest)
+
     def partial_path(self, digest: Digest) -> Path:
         return self.directory / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
 

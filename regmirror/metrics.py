@@ -147,6 +147,38 @@ class Metrics:
             "Bytes of blobs evicted from local disk.",
             registry=self.registry,
         )
+        self.fleet_leases = Counter(
+            "regmirror_fleet_leases_total",
+            "Fleet fill leases by result: won, lost (another host fills), taken_over (from a"
+            " dead, stalled or unreachable owner), renew_lost (taken from us), released.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.fleet_bytes = Counter(
+            "regmirror_fleet_fill_bytes_total",
+            "Bytes fills received in fleet mode, by source: upstream, peer or s3.",
+            ["source"],
+            registry=self.registry,
+        )
+        self.fleet_peer_errors = Counter(
+            "regmirror_fleet_peer_errors_total",
+            "Peer streams that failed, by kind: unreachable, status, stalled, broken.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.fleet_tags = Counter(
+            "regmirror_fleet_tag_revalidations_total",
+            "Tag revalidations in fleet mode: performed (this host asked the upstream) or"
+            " shared (another host's answer, read from S3).",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in ("won", "lost", "taken_over", "renew_lost", "released"):
+            self.fleet_leases.labels(result)
+        for source in ("upstream", "peer", "s3"):
+            self.fleet_bytes.labels(source)
+        for result in ("performed", "shared"):
+            self.fleet_tags.labels(result)
         self.upload_refusals = Counter(
             "regmirror_upload_refusals_total",
             "Upload requests refused by the upload limits, by reason (too_large: past "
@@ -187,6 +219,18 @@ class Metrics:
     def fill_streamed_through(self, digest: Digest, reason: str) -> None:
         self.stream_through.labels(reason).inc()
 
+    # FleetObserver
+    def fleet_lease(self, result: str) -> None:
+        self.fleet_leases.labels(result).inc()
+
+    def fleet_bytes_received(self, source: str, nbytes: int) -> None:
+        self.fleet_bytes.labels(source).inc(nbytes)
+
+    def fleet_peer_error(self, kind: str) -> None:
+        self.fleet_peer_errors.labels(kind).inc()
+
+    def fleet_tag(self, result: str) -> None:
+        self.fleet_tags.labels(result).inc()
     def upload_refused(self, reason: str) -> None:
         self.upload_refusals.labels(reason).inc()
 

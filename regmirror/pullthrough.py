@@ -46,6 +46,9 @@ from regmirror.errors import (
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Origin, Source
+from regmirror.fleet import tags as fleet_tags
+from regmirror.fleet.coordinator import Fleet
+from regmirror.fleet.leases import manifest_lease
 from regmirror.links import LinkStore
 from regmirror.logs import served
 from regmirror.logs.throttle import Throttled
@@ -77,11 +80,13 @@ class PullThrough:
         cache: BlobCache | None = None,
         stored: StoredFiles | None = None,
         shared_dir: bool = False,
+        fleet: Fleet | None = None,
     ):
         """``shared_dir``: other processes serve the same data directory (workers): a
         tag one of them confirmed upstream (its link's mtime) is fresh here too."""
         self.local = local
         self.shared_dir = shared_dir
+        self.fleet = fleet if write_back and shared is not None else None
         self.cache = cache or BlobCache(local.root, shared=shared)
         self.stored = stored or StoredFiles(local)
         self.links = links
@@ -165,10 +170,22 @@ class PullThrough:
                 known = elsewhere
         if known is not None and now - known[1] < ttl:
             return known[0], False
-        try:
+
+        async def ask() -> Digest:
             head = await self._ask(
                 route, route.upstream.head_manifest(route.name, tag, wanted.accept)
             )
+            return head.digest
+
+        try:
+            if self.fleet is not None:  # one revalidation per TTL for the fleet
+                key = fleet_tags.record_key(name, tag, wanted.key)
+                digest, age = await fleet_tags.revalidate(
+                    self.fleet, key, route.upstream.settings.tag_ttl, ask
+                )
+                now -= age  # confirmed when the host that asked did
+            else:
+                digest = await ask()
         except (UpstreamUnavailable, TooManyRequests) as exc:
             stale = known[0] if known is not None else await self._last_known(name, tag, wanted)
             if stale is None:
@@ -185,8 +202,8 @@ class PullThrough:
             # per TTL instead of every pull.
             self._tags[(name, tag, wanted.key)] = (stale, time.monotonic())
             return stale, False
-        self._tags[(name, tag, wanted.key)] = (head.digest, now)
-        return head.digest, True
+        self._tags[(name, tag, wanted.key)] = (digest, now)
+        return digest, True
 
     async def _confirmed_elsewhere(
         self, name: str, tag: str, wanted: Representation, now: float
@@ -280,11 +297,37 @@ class PullThrough:
             else:
                 served.mark("s3")
                 return raw, None
-        fetched = await self._ask(
-            route, route.upstream.get_manifest(route.name, str(digest), accept)
-        )
-        served.mark("upstream")
-        return fetched.raw, fetched.media_type
+
+        async def fetch() -> tuple[bytes, str | None]:
+            fetched = await self._ask(
+                route, route.upstream.get_manifest(route.name, str(digest), accept)
+            )
+            served.mark("upstream")
+            return fetched.raw, fetched.media_type
+
+        if self.fleet is None or self.shared is None:
+            return await fetch()
+        shared = self.shared
+
+        async def published() -> tuple[bytes, str | None] | None:
+            try:
+                raw = await read_manifest(shared, digest)
+            except (PathNotFound, ManifestTooLarge, StorageUnavailable):
+                return None
+            served.mark("s3")
+            return raw, None
+
+        async def fetch_and_publish() -> tuple[bytes, str | None]:
+            raw, media_type = await fetch()
+            if Digest.of(raw, digest.algorithm) == digest:  # only what the others may read
+                try:
+                    await shared.put(layout.blob_data(digest), raw)
+                except StorageUnavailable as exc:
+                    log.warning("writing manifest %s back to S3 failed: %s", digest, exc)
+            return raw, media_type
+
+        # One host of the fleet GETs it; the others read what it wrote back.
+        return await self.fleet.single(manifest_lease(digest), published, fetch_and_publish)
 
     def _remember(self, digest: Digest, raw: bytes, media_type: str | None) -> Manifest:
         try:
@@ -401,23 +444,42 @@ class PullThrough:
     def _source(self, route: Route, digest: Digest, origin: Origin) -> Source:
         """Where a fill reads from; only ever for a digest the upstream confirmed for this
         repository (see :meth:`blob`), so a copy in S3 is the same bytes. ``origin`` is
-        told which one it was."""
+        told which one it was. In fleet mode a blob S3 lacks is fetched by one host of the
+        fleet, the others stream it from that host
+        (:class:`~regmirror.fleet.coordinator.Fleet`)."""
+        key = layout.blob_data(digest)
 
-        async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
-            if self.shared is not None:
-                key = layout.blob_data(digest)
-                try:
-                    size = await self.shared.stat(key)
-                except PathNotFound:
-                    pass
-                except StorageUnavailable as exc:
-                    log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
-                else:
-                    origin.reading("s3", self.shared.name)
-                    return size, self.shared.reader(key, offset)
+        async def from_shared(offset: int) -> tuple[int, AsyncIterator[bytes]] | None:
+            if self.shared is None:
+                return None
+            try:
+                size = await self.shared.stat(key)
+            except PathNotFound:
+                return None
+            except StorageUnavailable as exc:
+                log.warning("S3 unavailable; blob %s from the upstream: %s", digest, exc)
+                return None
+            origin.reading("s3", self.shared.name)
+            return size, self.shared.reader(key, offset)
+
+        async def from_upstream(offset: int) -> tuple[int, AsyncIterator[bytes]]:
             origin.reading("upstream", str(route.upstream.url))
             stream = await self._ask(route, route.upstream.open_blob(route.name, digest, offset))
             return stream.size, stream.chunks
+
+        async def open_at(offset: int) -> tuple[int, AsyncIterator[bytes]]:
+            found = await from_shared(offset)
+            if self.fleet is not None:
+                if found is not None:  # should S3 fail mid-blob, the fleet takes over
+                    size, chunks = found
+                    return size, self.fleet.from_shared(
+                        digest, offset, size, chunks, from_upstream, from_shared
+                    )
+                # Streamed from another host's fill unless the lease makes this host fill
+                # (from_upstream and from_shared then say so).
+                origin.reading("fill", "a fleet peer")
+                return await self.fleet.open(digest, offset, from_upstream, from_shared)
+            return found if found is not None else await from_upstream(offset)
 
         return open_at
 
@@ -425,15 +487,23 @@ class PullThrough:
         assert self.shared is not None
         key = layout.blob_data(fill.digest)
         try:
-            path = await fill.wait()
-        except FillFailed:
-            return  # failed, or streamed through without being kept: nothing to write back
-        try:
-            await self.shared.stat(key)
-        except PathNotFound:
-            await self.shared.put_file(key, path)
-        except Exception:  # the pull itself is unaffected; only the shared copy is missed
-            log.warning("writing %s back to S3 failed", fill.digest, exc_info=True)
+            try:
+                path = await fill.wait()
+            except FillFailed:
+                if self.fleet is not None and not fill.done:
+                    self.fleet.fill_failed(fill.digest)  # its peer is not followed again
+                return  # failed, or streamed through without being kept: nothing to write back
+            if self.fleet is not None and not self.fleet.owns(fill.digest):
+                return  # another host of the fleet filled it from the upstream: it writes back
+            try:
+                await self.shared.stat(key)
+            except PathNotFound:
+                await self.shared.put_file(key, path)
+            except Exception:  # the pull itself is unaffected; only the shared copy is missed
+                log.warning("writing %s back to S3 failed", fill.digest, exc_info=True)
+        finally:
+            if self.fleet is not None:
+                await self.fleet.release(fill.digest)  # in S3 now (or failed): others may go
 
     async def _ask(self, route: Route, call: Awaitable[T]) -> T:
         """An upstream request, its failure counted by upstream host and kind."""
@@ -476,6 +546,8 @@ class PullThrough:
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         if name in {t.get_name() for t in self._background}:
+            if asyncio.iscoroutine(work):
+                work.close()  # already running: never started, so never awaited
             return
         task = asyncio.ensure_future(work)
         task.set_name(name)

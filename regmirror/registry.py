@@ -41,6 +41,7 @@ from regmirror.errors import (
 )
 from regmirror.eviction import BlobCache
 from regmirror.fill import Fill, Fills, Origin
+from regmirror.fleet.coordinator import Fleet
 from regmirror.links import LinkStore
 from regmirror.logs import served
 from regmirror.manifest import Descriptor, Manifest, media_type_of, parse
@@ -72,6 +73,7 @@ class Registry:
         on_upstream_error: Callable[[str, str], None] | None = None,
         cache: BlobCache | None = None,
         shared_dir: bool = False,
+        fleet: Fleet | None = None,
     ):
         """``shared_dir``: other processes serve the same data directory
         (:mod:`regmirror.workers`)."""
@@ -100,6 +102,7 @@ class Registry:
             cache=self.cache,
             stored=self.stored,
             shared_dir=shared_dir,
+            fleet=fleet,
         )
 
     @property

@@ -65,16 +65,12 @@ async def _answer(
     )
     if isinstance(found, RemoteBlob):  # a HEAD of a blob local disk does not hold
         return web.Response(headers=blob_headers(digest, found.size))
-    metrics = request.app[METRICS]
-    served_locally = functools.partial(metrics.served, "local")
+    request.app[METRICS].cache_request(hit=isinstance(found, StoredBlob))
     if isinstance(found, Fill):
-        metrics.cache_request(hit=False)
         if not (found.done and found.kept):
             return await _stream_fill(request, found, digest)
-        size = await found.length()
-        found = StoredBlob(found.final, size, blob_headers(digest, size))
-    else:
-        metrics.cache_request(hit=True)
+        found = await _stored(found, digest)
+    served_locally = functools.partial(request.app[METRICS].served, "local")
     if not_modified(request, found):
         return StoredBlobResponse(found, None, None, hold, served_locally, status=304)
     span = wanted_span(request, found, _range)
@@ -99,6 +95,34 @@ async def _answer(
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
         return await _answer(request, name, digest, hold, again=False)
     return StoredBlobResponse(found, file, span, hold, served_locally, status=206 if span else 200)
+
+
+async def respond(
+    request: web.Request, found: StoredBlob | Fill, digest: Digest, hold: Hold
+) -> web.StreamResponse:
+    """A blob's body for a fleet peer (Range honoured): from its fill as it arrives, else
+    by sendfile from the store. ``hold`` is released once the body is sent."""
+    try:
+        if isinstance(found, Fill):
+            if not (found.done and found.kept):
+                try:
+                    return await _stream_fill(request, found, digest)
+                finally:
+                    hold.release()
+            found = await _stored(found, digest)
+        span = wanted_span(request, found, _range)
+        file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+    except BaseException:
+        hold.release()
+        raise
+    served_locally = functools.partial(request.app[METRICS].served, "local")
+    return StoredBlobResponse(found, file, span, hold, served_locally, status=206 if span else 200)
+
+
+async def _stored(fill: Fill, digest: Digest) -> StoredBlob:
+    """A fill that completed and was kept, as the stored blob it became."""
+    size = await fill.length()
+    return StoredBlob(fill.final, size, blob_headers(digest, size))
 
 
 async def delete_blob(request: web.Request) -> web.Response:

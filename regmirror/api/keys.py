@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from regmirror.auth.clients import Network
+from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
@@ -13,6 +14,7 @@ from regmirror.uploads import Uploads
 REGISTRY = web.AppKey("registry", Registry)
 UPLOADS = web.AppKey("uploads", Uploads)
 METRICS = web.AppKey("metrics", Metrics)
+FLEET = web.AppKey("fleet", Fleet)  # set only in fleet mode
 WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
 # auth.trusted_proxies: whose X-Forwarded-For names the client (session caps per client).

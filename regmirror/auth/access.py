@@ -24,7 +24,10 @@ PULL, PUSH, DELETE, ANY = "pull", "push", "delete", "*"
 REPOSITORY_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 # Routes anyone may reach: probes and metrics (bind them elsewhere with metrics_listen).
-OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/-/status"})
+# The fleet's peer endpoint checks its own credential (fleet.secret), not auth's.
+OPEN_ROUTES = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/-/status", "/-/fleet/blobs/{digest}"}
+)
 CATALOG = "/v2/_catalog"
 _UPLOAD_SESSION = "/v2/{name}/blobs/uploads/{uuid}"
 _BY_METHOD = {

@@ -242,6 +242,66 @@ class S3Driver(Driver):
             finally:
                 await self._run(key, body.close)
 
+    # -- conditional writes (fleet leases) ---------------------------------------
+
+    async def get_tagged(self, key: str) -> tuple[bytes, str]:
+        """The (small) content at ``key`` and its ETag, for a later :meth:`put_if`."""
+
+        def get() -> tuple[bytes, str]:
+            response = self._client.get_object(Bucket=self.bucket, Key=self.key(key))
+            with response["Body"] as body:
+                return body.read(), str(response["ETag"])
+
+        return await self._run(key, get)
+
+    async def put_if(self, key: str, data: bytes, *, etag: str | None = None) -> str | None:
+        """Store ``data`` at ``key`` only if nothing is there (``etag`` None: PutObject with
+        ``If-None-Match: *``) or only if the object there still has ``etag`` (``If-Match``).
+        The new ETag; None when the condition did not hold (412, or 409 for a concurrent
+        conditional write). A store that ignores the headers overwrites: see
+        :meth:`honours_conditions`."""
+        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+
+        def put() -> str | None:
+            try:
+                response = self._client.put_object(
+                    Bucket=self.bucket, Key=self.key(key), Body=data, **condition
+                )
+            except ClientError as exc:
+                if _conflict(exc):
+                    return None
+                raise
+            return str(response["ETag"])
+
+        return await self._run(key, put)
+
+    async def delete_if(self, key: str, etag: str) -> bool:
+        """Delete ``key`` if it still has ``etag``; False when it changed or is gone."""
+
+        def delete() -> bool:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=self.key(key), IfMatch=etag)
+            except ClientError as exc:
+                if _conflict(exc):
+                    return False
+                raise
+            return True
+
+        try:
+            return await self._run(key, delete)
+        except PathNotFound:
+            return False
+
+    async def honours_conditions(self, key: str) -> bool:
+        """Whether the store refuses a second ``If-None-Match: *`` write of ``key`` (a
+        fresh probe key); stores that ignore the header let it through."""
+        try:
+            if await self.put_if(key, b"probe") is None:
+                return False  # someone else's probe: use a fresh key
+            return await self.put_if(key, b"probe") is None
+        finally:
+            await self.delete(key)
+
     async def check(self) -> None:
         """Raise StorageUnavailable unless the bucket answers (for readiness probes)."""
         try:
@@ -290,6 +350,14 @@ class S3Driver(Driver):
             raise StorageUnavailable(f"s3: {describe(error or exc)}") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable(f"s3: {exc}") from exc
+
+
+def _conflict(exc: ClientError) -> bool:
+    """A conditional request whose condition did not hold (412), or that lost a race with
+    another conditional write of the same key (409 ConditionalRequestConflict)."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = exc.response.get("Error", {}).get("Code")
+    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 def _content_range_total(header: str | None) -> int | None:

@@ -189,7 +189,9 @@ def _running(
         port = free_port()
         argv, config_path = make_argv(port)
         log_path = work_dir / f"server-{port}.log"
-        process = _spawn(argv, env=env, log_path=log_path, cwd=work_dir)
+        # "{port}" in a value stands for the port this attempt listens on.
+        env_now = {k: v.replace("{port}", str(port)) for k, v in env.items()}
+        process = _spawn(argv, env=env_now, log_path=log_path, cwd=work_dir)
         server = ServerProcess(
             url=f"{'https' if ssl_context else 'http'}://{HOST}:{port}",
             host_port=f"{HOST}:{port}",
@@ -254,6 +256,7 @@ def run_regmirror(
     - ``base_dir``: an empty directory the server may own (logs, config, data).
     - ``env``: extra environment (``REGMIRROR_S3__BUCKET``, ``AWS_ACCESS_KEY_ID``, ...).
       Inherited ``REGMIRROR_*`` variables are dropped so the host cannot leak settings in.
+      ``{port}`` in a value becomes the server's port (``REGMIRROR_FLEET__ADVERTISE_URL``).
     - ``config``: a mapping (written to ``base_dir/regmirror.yml``) or the path of a YAML
       file, passed as ``--config``. ``--listen`` and ``--data-dir`` are always passed and
       win over the file.
