@@ -415,7 +415,10 @@ class Uploads:
         state = self._hashes.get(upload.id)
         if state is None or state.offset != offset:
             state = _Hash()
-            state.hasher = await asyncio.to_thread(_hash_file, upload.data, "sha256")
+            try:
+                state.hasher = await asyncio.to_thread(_hash_file, upload.data, "sha256")
+            except FileNotFoundError as exc:  # committed or cancelled by another worker
+                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
             state.offset = offset
             self._hashes[upload.id] = state
         return state

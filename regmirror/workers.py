@@ -35,6 +35,7 @@ What is per process becomes correct across processes this way:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -53,6 +54,7 @@ REINDEX_SECONDS = 10.0  # how often the eviction owner rescans the data director
 STOP_MARGIN = 10.0  # seconds past the drain timeout before a worker is killed
 MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gives up
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -145,11 +147,13 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
 
 
 def _fork(index: int, serve: Callable[[int], int]) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        _die_with(parent)
         for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's loop sets its own
             signal.signal(signum, signal.SIG_DFL)
         use_multiprocess_metrics()
@@ -160,6 +164,16 @@ def _fork(index: int, serve: Callable[[int], int]) -> int:
         logging.shutdown()
         os._exit(code)
     return 0  # not reached
+
+
+def _die_with(parent: int) -> None:
+    """The worker is killed when the supervisor dies (kill -9, OOM): no orphan keeps
+    serving, or keeps the data directory's lock from ``regmirror gc``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
 
 
 def _drain(children: dict[int, int], timeout: float) -> int:

@@ -368,6 +368,26 @@ async def test_drain_of_every_worker_is_bounded_by_drain_timeout(
     assert "did not drain" not in logs
 
 
+async def test_workers_die_with_a_killed_supervisor(
+    regmirror_server: Start,  # noqa: F811
+) -> None:
+    """kill -9 of the supervisor leaves no worker serving (nor holding the data
+    directory from gc)."""
+    server = regmirror_server(config={"server": {"workers": 2}})
+    pids = workers_of(server)
+    assert len(pids) == 2
+    server.stopped = True  # by this test, on purpose
+    server.process.kill()
+    await asyncio.to_thread(server.process.wait, BOUND)
+    for _ in range(100):
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            break
+        await asyncio.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await fresh_get(f"{server.url}/v2/")
+
+
 def test_workers_setting_is_checked() -> None:
     assert load(environ={"REGMIRROR_SERVER__WORKERS": "3"}).server.workers == 3
     assert load(environ={}).server.workers == 1  # opt-in
