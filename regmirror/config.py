@@ -197,13 +197,22 @@ class ServerSettings:
     # idle, the new one). Lowered at startup to leave room under the fd limit.
     max_connections: int = 2048
     max_loop_lag: float = 5.0  # seconds the event loop may stall before /readyz fails
+    # Seconds a response may wait on a client that acknowledges none of its bytes (it
+    # stopped reading) before the connection is cut; cut within twice this.
+    send_timeout: float = 60.0
     # An internal nginx location over the data directory's blobs (``/_regmirror_blobs/``):
     # set, a stored blob's GET is answered with X-Accel-Redirect there, after the same
     # checks, and nginx sends the bytes. Only behind deploy/nginx/regmirror-accel.conf.
     accel_redirect: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("drain_timeout", "header_timeout", "keepalive_timeout", "max_loop_lag"):
+        for name in (
+            "drain_timeout",
+            "header_timeout",
+            "keepalive_timeout",
+            "max_loop_lag",
+            "send_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         if self.max_connections < 1:

@@ -47,7 +47,7 @@ def unreadable_credentials() -> list[bytes]:
         "RegmirrorFleet ¹²³:00".encode(),
         b"RegmirrorFleet " + now + ":é".encode(),  # compare_digest refuses non-ASCII str
         b"RegmirrorFleet " + now + b":\xff\xfe",  # not UTF-8 at all
-        b"RegmirrorFleet " + now + ":" .encode() + "٠".encode() * 64,
+        b"RegmirrorFleet " + now + b":" + "٠".encode() * 64,
     ]
 
 
