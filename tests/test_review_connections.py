@@ -9,12 +9,17 @@ out for good. ``server.send_timeout`` bounds how long a body's send may make no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 
+from regmirror import layout
+from regmirror.digest import Digest
 from tests.support.api import blob_bytes, sha256
 from tests.support.processes import HOST, ServerProcess, regmirror_server
 
@@ -23,6 +28,15 @@ __all__ = ["regmirror_server"]
 Start = Callable[..., ServerProcess]
 SEND_TIMEOUT = 2.0
 BOUND = 20.0
+
+
+def open_files(server: ServerProcess) -> list[str]:
+    fds = Path(f"/proc/{server.process.pid}/fd")
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            found.append(os.readlink(fd))
+    return found
 
 
 async def stalled_pull(server: ServerProcess, path: str) -> socket.socket:
@@ -52,7 +66,9 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_its_connection(
             assert response.status == 201
     path = f"/v2/review/stall/blobs/{digest}"
     stalled = [await stalled_pull(server, path) for _ in range(3)]
+    blob_file = str(server.data_dir / layout.blob_data(Digest.parse(digest)))
     try:
+        assert blob_file in open_files(server)  # each stalled pull holds the file open
         started = time.monotonic()
         while True:  # at the bound, every connection busy: refused until the cut
             try:
@@ -69,6 +85,11 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_its_connection(
             assert time.monotonic() - started < BOUND, "stalled readers still hold every slot"
             await asyncio.sleep(0.5)
         assert time.monotonic() - started >= SEND_TIMEOUT * 0.5
+        for _ in range(int(BOUND / 0.1)):  # the cut responses closed their files
+            if blob_file not in open_files(server):
+                break
+            await asyncio.sleep(0.1)
+        assert blob_file not in open_files(server)
     finally:
         for sock in stalled:
             sock.close()
