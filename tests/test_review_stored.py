@@ -5,6 +5,7 @@ length) or a Content-Length the file cannot fill."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,28 @@ async def test_a_push_repairing_a_damaged_blob_is_served_whole_at_once(
         assert response.headers["Content-Length"] == str(len(data))
         body = await response.read()
     assert hashlib.sha256(body).hexdigest() == sha256(data).removeprefix("sha256:")
+
+
+async def test_a_stored_file_shorter_than_its_known_size_is_cut_not_ended(
+    client: Any, data_dir: Path
+) -> None:
+    """Truncated behind the registry's back (another process, a disk fault) after its size
+    was remembered: the body must end with a cut connection at once, never a clean end
+    that leaves the client waiting for bytes (or a keep-alive connection out of step)."""
+    data = blob_bytes(256 * 1024, seed=8)
+    digest = await push_blob(client, NAME, data)
+    assert (await (await client.get(f"/v2/{NAME}/blobs/{digest}")).read()) == data
+    stored_file(data_dir, digest).write_bytes(data[:1000])
+    host, port = str(client.make_url("/")).removeprefix("http://").rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET /v2/{NAME}/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert f"Content-Length: {len(data)}".encode() in head
+    assert body == data[:1000]  # what there was, then the connection closed
