@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from regmirror.api import blobs
+from regmirror.digest import Digest
+from regmirror.errors import BlobUnknown
+from regmirror.eviction import BlobCache
 from regmirror.fleet import credential
+from regmirror.stored import StoredBlob, blob_headers
 from tests.support.processes import HOST, ServerProcess, regmirror_server
 from tests.support.s3 import MotoS3, moto_s3
 from tests.support.s3_registry import regmirror_env
@@ -74,3 +81,18 @@ async def test_an_unreadable_peer_credential_is_a_401_not_a_500(
         assert b"UNAUTHORIZED" in body
     signed = credential.sign(SECRET, "GET", PATH).encode()
     assert (await raw_get(server, signed))[0] == 404  # the endpoint itself still answers
+
+
+async def test_a_stored_blob_gone_before_the_peer_response_opens_it_is_404(
+    tmp_path: Path,
+) -> None:
+    """Between the peer endpoint's look at the store and the response's open, the file
+    can go (quarantined by fsck, removed by an operator): BLOB_UNKNOWN, not a 500."""
+    cache = BlobCache(tmp_path)
+    digest = Digest.parse(DIGEST)
+    hold = await cache.hold(digest)
+    gone = StoredBlob(tmp_path / "gone" / "data", 10, blob_headers(digest, 10))
+    request = make_mocked_request("GET", PATH)
+    with pytest.raises(BlobUnknown):
+        await blobs.respond(request, gone, digest, hold)
+    assert not cache.held(digest)  # the hold is released however it ends

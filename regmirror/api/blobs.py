@@ -114,7 +114,10 @@ async def respond(
                     hold.release()
             found = await _stored(found, digest)
         span = wanted_span(request, found, _range)
-        file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+        try:
+            file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+        except FileNotFoundError:  # gone since it was found (fsck, an operator)
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
     except BaseException:
         hold.release()
         raise
