@@ -218,7 +218,6 @@ class Metrics:
 
     def fleet_tag(self, result: str) -> None:
         self.fleet_tags.labels(result).inc()
-
     def upload_refused(self, reason: str) -> None:
         self.upload_refusals.labels(reason).inc()
 
