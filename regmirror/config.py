@@ -21,8 +21,11 @@ from typing import Any
 
 import yaml
 
+from regmirror.numbers import ascii_int
+
 ENV_PREFIX = "REGMIRROR_"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
+MAX_INDEX_DIGITS = 3  # REGMIRROR_UPSTREAMS__<i>__...: i from 0 to 999, never a huge list
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 
 
@@ -253,10 +256,11 @@ class Settings:
 
 
 def _host_port(value: str, key: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    host, sep, text = value.rpartition(":")
+    port = ascii_int(text, max_digits=5)
+    if not sep or port is None or not 0 < port < 65536:
         raise ConfigError(f"{key}: {value!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", port
 
 
 def load(
@@ -299,9 +303,9 @@ def _scalar(text: str) -> Any:
 def _set_path(data: Any, parts: list[str], value: Any, origin: str) -> None:
     head, rest = parts[0], parts[1:]
     if isinstance(data, list):
-        if not head.isdigit():
-            raise ConfigError(f"{origin}: {head!r} is not a list index")
-        index = int(head)
+        index = ascii_int(head, max_digits=MAX_INDEX_DIGITS)
+        if index is None:
+            raise ConfigError(f"{origin}: {head!r} is not a list index (0 to 999)")
         while len(data) <= index:
             data.append({})
         if rest:
@@ -314,7 +318,7 @@ def _set_path(data: Any, parts: list[str], value: Any, origin: str) -> None:
         return
     child = data.get(head)
     if not isinstance(child, dict | list):
-        child = data[head] = [] if rest[0].isdigit() else {}
+        child = data[head] = [] if ascii_int(rest[0]) is not None else {}
     _set_path(child, rest, value, origin)
 
 
