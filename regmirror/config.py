@@ -21,8 +21,11 @@ from typing import Any
 
 import yaml
 
+from regmirror.numbers import ascii_int
+
 ENV_PREFIX = "REGMIRROR_"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
+MAX_INDEX_DIGITS = 3  # REGMIRROR_UPSTREAMS__<i>__...: i from 0 to 999, never a huge list
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 
 
@@ -197,6 +200,9 @@ class ServerSettings:
     # idle, the new one). Lowered at startup to leave room under the fd limit.
     max_connections: int = 2048
     max_loop_lag: float = 5.0  # seconds the event loop may stall before /readyz fails
+    # Seconds a response may wait on a client that acknowledges none of its bytes (it
+    # stopped reading) before the connection is cut; cut within twice this.
+    send_timeout: float = 60.0
     # An internal nginx location over the data directory's blobs (``/_regmirror_blobs/``):
     # set, a stored blob's GET is answered with X-Accel-Redirect there, after the same
     # checks, and nginx sends the bytes. Only behind deploy/nginx/regmirror-accel.conf.
@@ -207,7 +213,13 @@ class ServerSettings:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("drain_timeout", "header_timeout", "keepalive_timeout", "max_loop_lag"):
+        for name in (
+            "drain_timeout",
+            "header_timeout",
+            "keepalive_timeout",
+            "max_loop_lag",
+            "send_timeout",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
         if self.max_connections < 1:
@@ -250,10 +262,11 @@ class Settings:
 
 
 def _host_port(value: str, key: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    host, sep, text = value.rpartition(":")
+    port = ascii_int(text, max_digits=5)
+    if not sep or port is None or not 0 < port < 65536:
         raise ConfigError(f"{key}: {value!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or "0.0.0.0", port
 
 
 def load(
@@ -296,9 +309,9 @@ def _scalar(text: str) -> Any:
 def _set_path(data: Any, parts: list[str], value: Any, origin: str) -> None:
     head, rest = parts[0], parts[1:]
     if isinstance(data, list):
-        if not head.isdigit():
-            raise ConfigError(f"{origin}: {head!r} is not a list index")
-        index = int(head)
+        index = ascii_int(head, max_digits=MAX_INDEX_DIGITS)
+        if index is None:
+            raise ConfigError(f"{origin}: {head!r} is not a list index (0 to 999)")
         while len(data) <= index:
             data.append({})
         if rest:
@@ -311,7 +324,7 @@ def _set_path(data: Any, parts: list[str], value: Any, origin: str) -> None:
         return
     child = data.get(head)
     if not isinstance(child, dict | list):
-        child = data[head] = [] if rest[0].isdigit() else {}
+        child = data[head] = [] if ascii_int(rest[0]) is not None else {}
     _set_path(child, rest, value, origin)
 
 

@@ -13,6 +13,10 @@ call), which lets it
 
 - close a connection whose request headers are not complete ``header_timeout``
   seconds after it opened, or after the first byte of its next request;
+- close a connection whose client acknowledges none of what was sent to it for
+  ``send_timeout`` seconds while a response waits to go (a client that stopped reading:
+  its zero TCP window would otherwise hold the connection, and at the bound everyone
+  else's, until the process stops); a slow reader that makes progress is never cut;
 - keep at most ``max_connections`` open: a new one beyond it displaces the connection
   idle the longest (no request in progress: a slow or idle client), else it is refused;
   one WARNING line says so, at most every ``LIMIT_LOG_PERIOD`` seconds;
@@ -26,8 +30,12 @@ the task handling it is done (the response written, a file response's sendfile t
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import resource
+import socket
+import struct
+import termios
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -55,6 +63,32 @@ class Limits:
     header_timeout: float = 15.0
     keepalive_timeout: float = 75.0
     max_connections: int = 2048
+    send_timeout: float = 60.0
+
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 after 8 bytes of flags, 24
+# __u32 and two __u64 (pacing rates); Linux 4.1 and later.
+_TCP_INFO_BYTES = 232
+_BYTES_ACKED_AT = 120
+_INT = struct.Struct("i")
+
+
+def send_progress(transport: asyncio.BaseTransport) -> tuple[int, int] | None:
+    """(bytes the client has acknowledged, bytes waiting for it: in the transport's buffer
+    or the socket's send queue), or None where the kernel does not say (not Linux TCP)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+        queued = _INT.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_INT.size)))[0]
+    except (OSError, AttributeError, ValueError):
+        return None
+    if len(info) < _BYTES_ACKED_AT + 8:
+        return None
+    (acked,) = struct.unpack_from("=Q", info, _BYTES_ACKED_AT)
+    buffered = getattr(transport, "get_write_buffer_size", lambda: 0)()
+    return acked, queued + buffered
 
 
 def raise_fd_limit() -> int:
@@ -244,6 +278,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self._task: asyncio.Task[object] | None = None
         self._header_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._acked: int | None = None  # what the client had acknowledged at the last look
         self._draining = False
 
     # -- asyncio.Protocol, forwarded to aiohttp ------------------------------------------
@@ -271,6 +307,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_send_watch()
         self.listener._forget(self)
         if self.admitted:
             self.handler.connection_lost(exc)
@@ -291,9 +328,11 @@ class _Connection(asyncio.Protocol):
         self._task = task
         self.listener._set_busy(self, True)
         task.add_done_callback(self._request_done)
+        self._watch_send()
 
     def _request_done(self, task: asyncio.Task[object]) -> None:
         if self._task is task:
+            self._stop_send_watch()
             self._task = None
             self.busy = False
             self.listener._set_busy(self, False)
@@ -310,6 +349,43 @@ class _Connection(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _watch_send(self) -> None:
+        """Look every ``send_timeout`` seconds while a request is in progress (nothing is
+        asked of the kernel before the first look: most requests are done by then)."""
+        self._stop_send_watch()
+        self._send_timer = asyncio.get_running_loop().call_later(
+            self.listener.limits.send_timeout, self._check_send
+        )
+
+    def _stop_send_watch(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self._acked = None
+
+    def _check_send(self) -> None:
+        """Cut the request if bytes wait for a client that acknowledged none since the last
+        look (a response waiting on an upstream or S3 has nothing waiting: not cut)."""
+        self._send_timer = None
+        if not self.busy or self.transport is None:
+            return
+        progress = send_progress(self.transport)
+        if progress is None:
+            return  # the kernel cannot tell: not watched
+        acked, waiting = progress
+        if waiting and acked == self._acked:
+            log.info(
+                "cut a response its client took none of for %g s (server.send_timeout)",
+                self.listener.limits.send_timeout,
+            )
+            self.cut()
+            self.transport.abort()  # the bytes waiting for it are dropped, not flushed
+            return
+        self._acked = acked
+        self._send_timer = asyncio.get_running_loop().call_later(
+            self.listener.limits.send_timeout, self._check_send
+        )
 
     def _header_timeout(self) -> None:
         self._header_timer = None

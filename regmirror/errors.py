@@ -107,6 +107,13 @@ class Unsupported(RegistryError):
     status = 405
 
 
+class ExpectationFailed(RegistryError):
+    """An ``Expect`` other than 100-continue (RFC 9110, 10.1.1)."""
+
+    code = "UNSUPPORTED"
+    status = 417
+
+
 class Unavailable(RegistryError):
     """A backing store is unavailable."""
 

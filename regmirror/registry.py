@@ -224,6 +224,9 @@ class Registry:
         # is not evicted before it is linked and pinned.
         async with self.cache.holding(digest):
             await self.local.move_in(key, data)
+            # A file it replaced (damaged: another size) must not be served by the size
+            # remembered for it: that body would miss its digest.
+            self.stored.forget(digest)
             await self._link_pushed(name, digest)
 
     async def _to_shared(self, key: str, source: Path) -> None:

@@ -149,6 +149,7 @@ def _limits(settings: ServerSettings, *, ports: int) -> Limits:
         header_timeout=settings.header_timeout,
         keepalive_timeout=settings.keepalive_timeout,
         max_connections=bound,
+        send_timeout=settings.send_timeout,
     )
 
 

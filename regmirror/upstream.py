@@ -60,6 +60,7 @@ from regmirror.manifest import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
+from regmirror.numbers import content_range_total
 
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -369,7 +370,7 @@ class Upstream:
                 raise UpstreamUnavailable(f"{self.url}: blob {digest} has no Content-Length")
             skip = 0
             if response.status == 206:
-                total = _content_range_total(response.headers.get("Content-Range", ""))
+                total = content_range_total(response.headers.get("Content-Range", ""))
                 size = total if total is not None else offset + length
             else:  # 200: the upstream ignored Range; drop the bytes before the offset
                 size, skip = length, offset
@@ -618,11 +619,6 @@ def _realm_origin(entry: str) -> tuple[str, str, int | None]:
 
 def _media_type(response: aiohttp.ClientResponse) -> str:
     return response.headers.get("Content-Type", "").split(";")[0].strip()
-
-
-def _content_range_total(header: str) -> int | None:
-    total = header.rpartition("/")[2].strip()
-    return int(total) if total.isdigit() else None
 
 
 # -- routing ---------------------------------------------------------------------

@@ -447,6 +447,7 @@ def test_server_settings_have_bounded_defaults_and_come_from_the_environment() -
     default = load(environ={}).server
     assert (default.drain_timeout, default.header_timeout) == (30.0, 15.0)
     assert default.max_connections == 2048 and default.max_loop_lag == 5.0
+    assert default.send_timeout == 60.0
     settings = load(
         environ={
             "REGMIRROR_SERVER__DRAIN_TIMEOUT": "5",
@@ -454,16 +455,22 @@ def test_server_settings_have_bounded_defaults_and_come_from_the_environment() -
             "REGMIRROR_SERVER__KEEPALIVE_TIMEOUT": "30",
             "REGMIRROR_SERVER__MAX_CONNECTIONS": "900",
             "REGMIRROR_SERVER__MAX_LOOP_LAG": "1",
+            "REGMIRROR_SERVER__SEND_TIMEOUT": "7",
         }
     ).server
     assert settings.drain_timeout == 5.0 and settings.header_timeout == 2.5
     assert settings.keepalive_timeout == 30.0 and settings.max_connections == 900
-    assert settings.max_loop_lag == 1.0
+    assert settings.max_loop_lag == 1.0 and settings.send_timeout == 7.0
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("DRAIN_TIMEOUT", "0"), ("HEADER_TIMEOUT", "-1"), ("MAX_CONNECTIONS", "0")],
+    [
+        ("DRAIN_TIMEOUT", "0"),
+        ("HEADER_TIMEOUT", "-1"),
+        ("MAX_CONNECTIONS", "0"),
+        ("SEND_TIMEOUT", "0"),
+    ],
 )
 def test_server_settings_must_be_positive(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=key.lower()):

@@ -94,7 +94,15 @@ async def _answer(
         if not again:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
         return await _answer(request, name, digest, hold, again=False)
-    return StoredBlobResponse(found, file, span, hold, served_locally, status=206 if span else 200)
+    return StoredBlobResponse(
+        found,
+        file,
+        span,
+        hold,
+        served_locally,
+        status=206 if span else 200,
+        on_short=functools.partial(registry.stored.forget, digest),
+    )
 
 
 async def respond(
@@ -111,7 +119,10 @@ async def respond(
                     hold.release()
             found = await _stored(found, digest)
         span = wanted_span(request, found, _range)
-        file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+        try:
+            file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+        except FileNotFoundError:  # gone since it was found (fsck, an operator)
+            raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
     except BaseException:
         hold.release()
         raise
@@ -157,8 +168,12 @@ async def _stream_fill(request: web.Request, fill: Fill, digest: Digest) -> web.
                 await response.write(part)
                 sent += len(part)
             else:
-                await loop.sendfile(transport, part.file, part.pos, part.limit - part.pos)
-                sent += part.limit - part.pos
+                wanted = part.limit - part.pos
+                spanned = await loop.sendfile(transport, part.file, part.pos, wanted)
+                sent += spanned
+                if spanned < wanted:  # the file holds less than the fill said it wrote
+                    cut(request, "aborted")
+                    return response
     except FillFailed:
         # Headers are out: only a cut connection tells the client the body is bad.
         cut(request, "aborted")

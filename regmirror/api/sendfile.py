@@ -23,6 +23,7 @@ win that race the client gets nginx's 404 and retries.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -30,16 +31,22 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from regmirror import layout
+from regmirror.api.envelope import cut
 from regmirror.digest import Digest
 from regmirror.eviction import Hold
+from regmirror.logs import served
 from regmirror.stored import StoredBlob
+
+log = logging.getLogger(__name__)
 
 
 class StoredBlobResponse(web.StreamResponse):
     """A stored blob (or the span ``[start, end)`` of it) from an open file.
 
     ``hold`` keeps the blob from eviction until the body is sent; ``on_sent(nbytes)``
-    counts what went out. Both ``file`` and ``hold`` are released however it ends."""
+    counts what went out; ``on_short()`` hears that the file held fewer bytes than its
+    size said (the size remembered for it is stale). Both ``file`` and ``hold`` are
+    released however it ends."""
 
     def __init__(
         self,
@@ -49,8 +56,11 @@ class StoredBlobResponse(web.StreamResponse):
         hold: Hold,
         on_sent: Callable[[int], None],
         status: int = 200,
+        on_short: Callable[[], None] = lambda: None,
     ):
         super().__init__(status=status, headers=blob.headers)
+        self._path = blob.path
+        self._on_short = on_short
         self._file = file
         self._hold = hold
         self._on_sent = on_sent
@@ -71,9 +81,21 @@ class StoredBlobResponse(web.StreamResponse):
             transport = request.transport
             if transport is None:
                 raise ConnectionResetError("client went away")
-            await asyncio.get_running_loop().sendfile(
+            sent = await asyncio.get_running_loop().sendfile(
                 transport, self._file, self._offset, self._count
             )
+            if sent < self._count:
+                # The file is shorter than the size known for it (truncated or replaced
+                # behind this process's back): cut, so the client sees a short body
+                # rather than waiting on a clean end that never fills its Content-Length.
+                log.warning(
+                    "%s: %d of %d bytes on disk; connection cut", self._path, sent, self._count
+                )
+                self._on_short()
+                self._on_sent(sent)
+                served.sent(request, sent)
+                cut(request, "aborted")  # type: ignore[arg-type]
+                return writer
             await super().write_eof()
             self._on_sent(self._count)
             return writer

@@ -27,6 +27,7 @@ from regmirror.auth.clients import client_address
 from regmirror.digest import Digest
 from regmirror.errors import (
     BlobUploadUnknown,
+    ExpectationFailed,
     RegistryError,
     SizeInvalid,
     UploadIdle,
@@ -84,11 +85,15 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     except RegistryError:
         pass
     expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11 and expect.lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the response proper has not started
-        return None
-    raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect[:100]}")
+    if expect.strip().lower() != "100-continue":
+        return error_response(
+            ExpectationFailed(f"Expect {expect[:100]!r} is not supported; only 100-continue")
+        )
+    if request.version < HttpVersion11:
+        return None  # an HTTP/1.0 client's 100-continue is ignored (RFC 9110, 10.1.1)
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the response proper has not started
+    return None
 
 
 @_counted

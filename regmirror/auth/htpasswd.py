@@ -25,6 +25,7 @@ from pathlib import Path
 import bcrypt
 
 from regmirror.config import ConfigError
+from regmirror.numbers import ascii_int
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,8 @@ def parse(text: str, origin: str) -> dict[str, bytes]:
 
 def _valid_bcrypt(hashed: str) -> bool:
     parts = hashed.split("$")  # '', '2y', cost, salt+hash
-    return (
-        len(parts) == 4 and parts[2].isdigit() and 4 <= int(parts[2]) <= 31 and len(parts[3]) == 53
-    )
+    cost = ascii_int(parts[2], max_digits=2) if len(parts) == 4 else None
+    return cost is not None and 4 <= cost <= 31 and len(parts[3]) == 53
 
 
 def _kind(hashed: str) -> str:

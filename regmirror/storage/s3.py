@@ -36,6 +36,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from regmirror.config import S3Settings
+from regmirror.numbers import content_range_total
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class S3Driver(Driver):
                 raise
             with response["Body"] as body:
                 # A store that ignored the Range says the whole size in Content-Length.
-                total = _content_range_total(response.get("ContentRange"))
+                total = content_range_total(response.get("ContentRange"))
                 if total is None:
                     total = response.get("ContentLength")
                 if limit is not None and total is not None and total > limit:
@@ -358,12 +359,6 @@ def _conflict(exc: ClientError) -> bool:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     code = exc.response.get("Error", {}).get("Code")
     return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
-
-
-def _content_range_total(header: str | None) -> int | None:
-    """The object's full size from ``Content-Range: bytes 0-9/1234``."""
-    total = (header or "").rpartition("/")[2].strip()
-    return int(total) if total.isdigit() else None
 
 
 def client_error(exc: BaseException) -> ClientError | None:
