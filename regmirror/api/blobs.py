@@ -17,6 +17,7 @@ import fcntl
 import functools
 import os
 import re
+from pathlib import Path
 from typing import BinaryIO
 
 from aiohttp import web
@@ -83,10 +84,7 @@ async def _answer(
         if head:
             os.stat(found.path)  # a HEAD sends no body, but says what is there now
         else:
-            file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
-            with contextlib.suppress(BlockingIOError):  # a fill's owner still holds it
-                # Serving: kept from eviction by another process (regmirror.workers).
-                fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            file = _open_stored(found.path)
     except FileNotFoundError:
         # Gone since it was found (removed behind this process's back): look once more,
         # as if it had never been seen.
@@ -94,15 +92,7 @@ async def _answer(
         if not again:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
         return await _answer(request, name, digest, hold, again=False)
-    return StoredBlobResponse(
-        found,
-        file,
-        span,
-        hold,
-        served_locally,
-        status=206 if span else 200,
-        on_short=functools.partial(registry.stored.forget, digest),
-    )
+    return _send_stored(request, found, digest, file, span, hold)
 
 
 async def respond(
@@ -120,14 +110,43 @@ async def respond(
             found = await _stored(found, digest)
         span = wanted_span(request, found, _range)
         try:
-            file = open(found.path, "rb", buffering=0)  # noqa: ASYNC230, SIM115 (closed by the response)
+            file = _open_stored(found.path)
         except FileNotFoundError:  # gone since it was found (fsck, an operator)
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
     except BaseException:
         hold.release()
         raise
-    served_locally = functools.partial(request.app[METRICS].served, "local")
-    return StoredBlobResponse(found, file, span, hold, served_locally, status=206 if span else 200)
+    return _send_stored(request, found, digest, file, span, hold)
+
+
+def _open_stored(path: Path) -> BinaryIO:
+    """A stored blob's file, opened on the event loop (see api.sendfile) and locked shared
+    so that another worker's eviction skips it while it is sent (regmirror.workers)."""
+    file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by the response)
+    with contextlib.suppress(BlockingIOError):  # a fill's owner still holds it
+        fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return file
+
+
+def _send_stored(
+    request: web.Request,
+    found: StoredBlob,
+    digest: Digest,
+    file: BinaryIO,
+    span: tuple[int, int] | None,
+    hold: Hold,
+) -> StoredBlobResponse:
+    """The response that sends ``file`` by sendfile and releases ``hold`` once sent; a file
+    shorter than the size remembered for it makes that size forgotten."""
+    return StoredBlobResponse(
+        found,
+        file,
+        span,
+        hold,
+        functools.partial(request.app[METRICS].served, "local"),
+        status=206 if span else 200,
+        on_short=functools.partial(request.app[REGISTRY].stored.forget, digest),
+    )
 
 
 async def _stored(fill: Fill, digest: Digest) -> StoredBlob:
