@@ -3,8 +3,16 @@
 A stored blob's size and response headers are found once and kept (:class:`StoredFiles`),
 so that serving it again costs no ``stat`` through the executor and no header building:
 only the ``open`` (``stat`` for a HEAD) the response makes anyway, on the event loop,
-which also tells it when the file is gone. Content under a digest never changes; a
-blob leaving local disk (eviction) drops its entry.
+which also tells it when the file is gone, and an ``fstat`` of what was opened.
+
+Content under a digest never changes, but its file can be replaced: a push verifying
+the bytes renames them over a damaged file under the same digest, in this process
+(which forgets the entry) or in another worker on the same data directory, which this
+one learns from the ``fstat``: a file with another inode than the one remembered is a
+new file, whose size is then believed (:meth:`StoredFiles.current`). The same inode with
+another size is the remembered file damaged in place (truncated, appended to): the size
+remembered stays, and a body the file cannot fill is cut. A blob leaving local disk
+(eviction) drops its entry.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class StoredBlob:
     # What a response serving all of it sends besides the status line (Content-Length
     # included); empty when the finder did not build them.
     headers: Mapping[str, str] = field(default_factory=dict)
+    inode: int = 0  # the file's, once it has been opened or stat'ed to serve; 0: not yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +80,18 @@ class StoredFiles:
         found = StoredBlob(self.local.path(key), size, blob_headers(digest, size))
         self._known[digest] = found
         return found
+
+    def current(self, digest: Digest, found: StoredBlob, inode: int, size: int) -> StoredBlob:
+        """``found`` as the file opened to serve it is (its ``inode`` and ``size``, from an
+        ``fstat``): the same entry when that is the file remembered, a new one (remembered
+        from now on) for a file seen the first time or put there since by another process."""
+        if inode == found.inode:
+            return found  # the file remembered, even if damaged in place since
+        headers = found.headers if size == found.size else blob_headers(digest, size)
+        seen = StoredBlob(found.path, size, headers, inode)
+        if self._known.get(digest) is found:
+            self._known[digest] = seen
+        return seen
 
     def forget(self, digest: Digest) -> None:
         """``digest`` left local disk (or was found gone): look for it anew next time."""

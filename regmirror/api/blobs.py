@@ -31,7 +31,7 @@ from regmirror.errors import BlobUnknown, FillFailed, RegistryError
 from regmirror.eviction import Hold
 from regmirror.fill import Fill
 from regmirror.logs import served
-from regmirror.stored import RemoteBlob, StoredBlob, blob_headers
+from regmirror.stored import RemoteBlob, StoredBlob, StoredFiles, blob_headers
 
 _RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 
@@ -74,17 +74,10 @@ async def _answer(
     served_locally = functools.partial(request.app[METRICS].served, "local")
     if not_modified(request, found):
         return StoredBlobResponse(found, None, None, hold, served_locally, status=304)
-    span = wanted_span(request, found, _range)
     accel = request.app.get(ACCEL_REDIRECT)
-    if accel is not None and not head:
-        served_locally(found.size if span is None else span[1] - span[0])
-        return accel_response(found, digest, accel)
-    file: BinaryIO | None = None
     try:  # on the event loop, not in a thread: see api.sendfile
-        if head:
-            os.stat(found.path)  # a HEAD sends no body, but says what is there now
-        else:
-            file = _open_stored(found.path)
+        # A HEAD sends no body, nor does nginx's redirect: they look at the file, not open it.
+        found, file = _current(registry.stored, found, digest, body=not head and accel is None)
     except FileNotFoundError:
         # Gone since it was found (removed behind this process's back): look once more,
         # as if it had never been seen.
@@ -92,6 +85,15 @@ async def _answer(
         if not again:
             raise BlobUnknown(f"blob {digest} is not stored", {"digest": str(digest)}) from None
         return await _answer(request, name, digest, hold, again=False)
+    try:
+        span = wanted_span(request, found, _range)
+    except BaseException:
+        if file is not None:
+            file.close()
+        raise
+    if accel is not None and not head:
+        served_locally(found.size if span is None else span[1] - span[0])
+        return accel_response(found, digest, accel)
     return _send_stored(request, found, digest, file, span, hold)
 
 
@@ -99,7 +101,8 @@ async def respond(
     request: web.Request, found: StoredBlob | Fill, digest: Digest, hold: Hold
 ) -> web.StreamResponse:
     """A blob's body for a fleet peer (Range honoured): from its fill as it arrives, else
-    by sendfile from the store. ``hold`` is released once the body is sent."""
+    by sendfile from the store. ``hold`` is released once the body is sent. ``found`` comes
+    from a fresh look (nothing remembered), so the file is not checked against it again."""
     try:
         if isinstance(found, Fill):
             if not (found.done and found.kept):
@@ -119,6 +122,24 @@ async def respond(
     return _send_stored(request, found, digest, file, span, hold)
 
 
+def _current(
+    stored: StoredFiles, found: StoredBlob, digest: Digest, *, body: bool
+) -> tuple[StoredBlob, BinaryIO | None]:
+    """``found`` as its file is now (:meth:`~regmirror.stored.StoredFiles.current`), and
+    the file opened when ``body`` (else only stat'ed). The ``fstat`` is of the descriptor
+    that will be sent: another worker may have replaced a damaged file under the digest
+    since its size was remembered, and a stale size must never decide Content-Length,
+    Range or the bytes sent. FileNotFoundError when the file is gone."""
+    file = _open_stored(found.path) if body else None
+    try:
+        st = os.fstat(file.fileno()) if file is not None else os.stat(found.path)
+    except BaseException:
+        if file is not None:
+            file.close()
+        raise
+    return stored.current(digest, found, st.st_ino, st.st_size), file
+
+
 def _open_stored(path: Path) -> BinaryIO:
     """A stored blob's file, opened on the event loop (see api.sendfile) and locked shared
     so that another worker's eviction skips it while it is sent (regmirror.workers)."""
@@ -132,7 +153,7 @@ def _send_stored(
     request: web.Request,
     found: StoredBlob,
     digest: Digest,
-    file: BinaryIO,
+    file: BinaryIO | None,
     span: tuple[int, int] | None,
     hold: Hold,
 ) -> StoredBlobResponse:
