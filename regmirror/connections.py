@@ -268,7 +268,13 @@ class Listener:
 
 class _Connection(asyncio.Protocol):
     """One client connection: aiohttp's handler, plus the header timer and the state the
-    listener's bounds need."""
+    listener's bounds need.
+
+    Its two timers cost nothing per request: a request moves a deadline (a float), and a
+    timer, scheduled at most once per deadline's length, looks at it when it fires: gone
+    (no longer watched), later (scheduled again for it), or passed (acts). Arming and
+    cancelling an asyncio timer for every request of a keep-alive connection cost more
+    than the rest of the bounds together."""
 
     def __init__(self, listener: Listener, handler: RequestHandler):
         self.listener = listener
@@ -276,8 +282,13 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.admitted = False
         self.busy = False
+        self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[object] | None = None
-        self._header_timer: asyncio.TimerHandle | None = None
+        # When the request headers must be complete by; None: not waiting for any.
+        self._header_deadline: float | None = None
+        self._header_timer: asyncio.TimerHandle | None = None  # scheduled, maybe earlier
+        # When to look at the client's progress next; None: no request in progress.
+        self._send_deadline: float | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._acked: int | None = None  # what the client had acknowledged at the last look
         self._draining = False
@@ -297,7 +308,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
-        if not self.busy and self._header_timer is None:
+        if not self.busy and self._header_deadline is None:
             self._arm_header_timer()  # the first byte of the next request
         self.handler.data_received(data)
 
@@ -306,8 +317,7 @@ class _Connection(asyncio.Protocol):
             self.handler.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self._stop_send_watch()
+        self._cancel_timers()
         self.listener._forget(self)
         if self.admitted:
             self.handler.connection_lost(exc)
@@ -323,7 +333,7 @@ class _Connection(asyncio.Protocol):
     # -- requests ------------------------------------------------------------------------
 
     def request_started(self, task: asyncio.Task[object]) -> None:
-        self._disarm()
+        self._header_deadline = None
         self.busy = True
         self._task = task
         self.listener._set_busy(self, True)
@@ -332,7 +342,8 @@ class _Connection(asyncio.Protocol):
 
     def _request_done(self, task: asyncio.Task[object]) -> None:
         if self._task is task:
-            self._stop_send_watch()
+            self._send_deadline = None
+            self._acked = None
             self._task = None
             self.busy = False
             self.listener._set_busy(self, False)
@@ -340,38 +351,50 @@ class _Connection(asyncio.Protocol):
                 self.close()
 
     def _arm_header_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._header_timer = loop.call_later(
-            self.listener.limits.header_timeout, self._header_timeout
-        )
+        self._header_deadline = deadline = self._loop.time() + self.listener.limits.header_timeout
+        if self._header_timer is None:
+            self._header_timer = self._loop.call_at(deadline, self._header_tick)
 
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+    def _header_tick(self) -> None:
+        self._header_timer = None
+        deadline = self._header_deadline
+        if deadline is None:
+            return  # headers complete since: the next request arms it anew
+        if self._loop.time() < deadline:  # moved by a later request
+            self._header_timer = self._loop.call_at(deadline, self._header_tick)
+            return
+        self._header_deadline = None
+        self._header_timeout()
 
     def _watch_send(self) -> None:
         """Look every ``send_timeout`` seconds while a request is in progress (nothing is
         asked of the kernel before the first look: most requests are done by then)."""
-        self._stop_send_watch()
-        self._send_timer = asyncio.get_running_loop().call_later(
-            self.listener.limits.send_timeout, self._check_send
-        )
+        self._acked = None
+        self._send_deadline = deadline = self._loop.time() + self.listener.limits.send_timeout
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_at(deadline, self._check_send)
 
-    def _stop_send_watch(self) -> None:
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+    def _cancel_timers(self) -> None:
+        self._header_deadline = self._send_deadline = None
+        for timer in (self._header_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._send_timer = None
         self._acked = None
 
     def _check_send(self) -> None:
         """Cut the request if bytes wait for a client that acknowledged none since the last
         look (a response waiting on an upstream or S3 has nothing waiting: not cut)."""
         self._send_timer = None
-        if not self.busy or self.transport is None:
+        deadline = self._send_deadline
+        if deadline is None or not self.busy or self.transport is None:
+            return
+        if self._loop.time() < deadline:  # a later request started since
+            self._send_timer = self._loop.call_at(deadline, self._check_send)
             return
         progress = send_progress(self.transport)
         if progress is None:
+            self._send_deadline = None
             return  # the kernel cannot tell: not watched
         acked, waiting = progress
         if waiting and acked == self._acked:
@@ -383,12 +406,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()  # the bytes waiting for it are dropped, not flushed
             return
         self._acked = acked
-        self._send_timer = asyncio.get_running_loop().call_later(
-            self.listener.limits.send_timeout, self._check_send
-        )
+        self._send_deadline = deadline = self._loop.time() + self.listener.limits.send_timeout
+        self._send_timer = self._loop.call_at(deadline, self._check_send)
 
     def _header_timeout(self) -> None:
-        self._header_timer = None
         if not self.busy:
             log.debug("closing a connection that sent no complete request headers in time")
             self.close()
@@ -410,7 +431,7 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self._disarm()
+        self._cancel_timers()
         if self.admitted:
             self.handler.force_close()
         elif self.transport is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from regmirror.digest import Digest
@@ -69,6 +71,17 @@ class Manifest:
     subject: Descriptor | None
     artifact_type: str | None
     annotations: dict[str, str] | None
+    # What a GET answering with it sends besides the body (Content-Length is the body's),
+    # built once: manifests are kept in memory and served again and again.
+    headers: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        headers = {
+            "Docker-Content-Digest": str(self.digest),
+            "ETag": f'"{self.digest}"',
+            "Content-Type": self.media_type,
+        }
+        object.__setattr__(self, "headers", MappingProxyType(headers))
 
     def describe(self) -> Descriptor:
         return Descriptor(

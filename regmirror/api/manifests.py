@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 
 from regmirror.api import params
@@ -13,27 +15,30 @@ from regmirror.manifest import MAX_MANIFEST_BYTES
 async def get_manifest(request: web.Request) -> web.Response:
     name = params.name(request)
     reference = params.known_reference(request)
-    accept = [
-        media_type.split(";")[0].strip()
-        for header in request.headers.getall("Accept", [])
-        for media_type in header.split(",")
-        if media_type.strip()
-    ]
     manifest = await request.app[REGISTRY].manifest(
-        name, reference, ns=request.query.get("ns"), accept=accept
+        name,
+        reference,
+        ns=request.query.get("ns"),
+        accept=accepted(tuple(request.headers.getall("Accept", ()))),
     )
-    etag = f'"{manifest.digest}"'
-    headers = {
-        "Docker-Content-Digest": str(manifest.digest),
-        "ETag": etag,
-        "Content-Type": manifest.media_type,
-    }
-    if etag in request.headers.get("If-None-Match", ""):
+    headers = manifest.headers  # built once per manifest
+    if headers["ETag"] in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     if request.method == "HEAD":
-        headers["Content-Length"] = str(len(manifest.raw))
-        return web.Response(headers=headers)
+        return web.Response(headers={**headers, "Content-Length": str(len(manifest.raw))})
     return web.Response(body=manifest.raw, headers=headers)
+
+
+@functools.lru_cache(maxsize=256)
+def accepted(values: tuple[str, ...]) -> tuple[str, ...]:
+    """The media types of ``Accept`` header values, without parameters. Clients send the
+    same few lists again and again: each is parsed once."""
+    return tuple(
+        media_type.split(";")[0].strip()
+        for header in values
+        for media_type in header.split(",")
+        if media_type.strip()
+    )
 
 
 async def put_manifest(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ header itself is to the left of that and never consulted.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -30,7 +31,10 @@ def networks(values: Iterable[str], setting: str) -> tuple[Network, ...]:
     return tuple(parsed)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(text: str | None) -> Address | None:
+    """``text`` (an address, maybe with a port) parsed; kept for the peers and hops seen
+    most recently, as every request asks again."""
     if not text:
         return None
     text = text.strip()
