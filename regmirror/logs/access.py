@@ -14,6 +14,7 @@ value, such as a presigned URL's signature, is replaced by ``…``)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,11 +47,16 @@ def middlewares(enabled: bool, trusted_proxies: Sequence[Network]) -> list[Any]:
     if not enabled:
         return []
 
+    @functools.lru_cache(maxsize=4096)
+    def client(peer: str | None, forwarded: tuple[str, ...]) -> str:
+        """As logged; every request asks, for the same few peers and proxy chains."""
+        address = client_address(peer, forwarded, trusted_proxies)
+        return str(address) if address else "-"
+
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        forwarded = request.headers.getall("X-Forwarded-For", [])
-        address = client_address(request.remote, forwarded, trusted_proxies)
-        served = request[SERVED] = Served(client=str(address) if address else "-")
+        forwarded = tuple(request.headers.getall("X-Forwarded-For", ()))
+        served = request[SERVED] = Served(client=client(request.remote, forwarded))
         resource = request.match_info.route.resource
         canonical = resource.canonical if resource is not None else ""
         if request.method in ("GET", "HEAD") and canonical.endswith(_TIERED):
