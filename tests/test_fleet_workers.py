@@ -24,6 +24,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from regmirror.app import check_fleet
 from regmirror.config import load
@@ -35,7 +36,13 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
 )
 from tests.support.s3 import MotoS3, moto_s3  # noqa: F401
 from tests.support.s3_registry import PREFIX
-from tests.support.upstream import CountingProxy, PushedImage, upstream_registry  # noqa: F401
+from tests.support.upstream import (  # noqa: F401
+    DOCKER_MANIFEST,
+    CountingProxy,
+    PushedImage,
+    serve,
+    upstream_registry,
+)
 from tests.test_fleet import (  # noqa: F401  (proxy and session are fixtures)
     SECRET,
     Fleet,
@@ -44,6 +51,7 @@ from tests.test_fleet import (  # noqa: F401  (proxy and session are fixtures)
     metrics,
     proxy,
     pull_manifest,
+    s3_front,
     sample,
     session,
 )
@@ -316,6 +324,82 @@ async def test_a_peer_request_reaching_the_worker_that_does_not_fill_streams_the
         answer = await peer_get_at(host, worker, image.layer_digest, 7)
         assert answer.status == 206 and await answer.body() == image.layer[7:]
     assert proxy.blob_gets == 1
+
+
+async def test_only_the_worker_holding_the_lease_writes_the_blob_back(
+    regmirror_server: Start,  # noqa: F811
+    moto_s3: MotoS3,  # noqa: F811
+    proxy: CountingProxy,  # noqa: F811
+    upstream_registry: ServerProcess,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    """A worker whose clients followed another worker's fill (through the partial file)
+    did not fill the blob: it leaves the write-back to S3 to the lease holder, even when
+    it has never used the fleet's leases itself (here: it served no manifest)."""
+    image = await image_of(session, upstream_registry, "fleet/workers-write-back", 3 * MiB)
+    async with serve(slow_blob_puts(session, moto_s3)) as store:
+        fleet = Fleet(
+            regmirror_server,
+            moto_s3,
+            proxy,
+            1,
+            extra={**WORKERS, "REGMIRROR_S3__ENDPOINT_URL": store},
+        )
+        (host,) = fleet.hosts
+        first, second = two_workers(host)
+        manifest = f"/v2/{image.repo}/manifests/{image.tag}"
+        answer = await get_at(host, first, manifest, Accept=DOCKER_MANIFEST)
+        assert answer.status == 200 and await answer.body() == image.manifest
+        proxy.hold_after = 1 * MiB
+        filling = await start_pull(host, first, image)
+        await asyncio.wait_for(proxy.held.wait(), BOUND)
+        following = await start_pull(host, second, image)
+        proxy.release.set()
+        assert await layer_of(filling, image) == image.layer
+        assert await layer_of(following, image) == image.layer
+        # The holder's PUT takes a second (slow_blob_puts): the other worker has long seen
+        # the blob stored, and S3 still without it, by the time the lease is released.
+        await fleet.until_gone(fleet.lease_key(image.layer_digest))
+        await asyncio.sleep(1.5)
+    assert blob_puts(moto_s3, fleet.bucket, image.layer_digest) == 1
+    assert proxy.blob_gets == 1
+
+
+def slow_blob_puts(client: aiohttp.ClientSession, moto: MotoS3) -> web.Application:
+    """moto behind a proxy that holds every PUT of a blob's data for a second."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.method == "PUT" and request.path.endswith("/data"):
+            await asyncio.sleep(1.0)
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with client.request(
+            request.method,
+            f"{moto.endpoint_url}{request.path_qs}",
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        ) as response:
+            payload = await response.read()
+            hop = ("transfer-encoding", "connection", "content-length")
+            answer = web.StreamResponse(
+                status=response.status,
+                headers={k: v for k, v in response.headers.items() if k.lower() not in hop},
+            )
+            if request.method == "HEAD":
+                if response.content_length is not None:
+                    answer.headers["Content-Length"] = str(response.content_length)
+            else:
+                answer.content_length = len(payload)
+            await answer.prepare(request)
+        if request.method != "HEAD":
+            await answer.write(payload)
+        await answer.write_eof()
+        return answer
+
+    app = web.Application(client_max_size=64 * MiB)
+    app.router.add_route("*", "/{path:.*}", forward)
+    return app
 
 
 # -- a worker killed mid-fill ----------------------------------------------------------
