@@ -14,6 +14,7 @@ the one holding its partial file's ``flock`` (``/proc/locks``).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import signal
@@ -26,9 +27,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from regmirror import fill as fill_module
+from regmirror import layout
 from regmirror.app import check_fleet
 from regmirror.config import load
 from regmirror.digest import Digest
+from regmirror.fill import Fill, Fills, FillStats, Source
+from regmirror.storage.driver import PathNotFound
+from regmirror.storage.filesystem import FilesystemDriver
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     HOST,
     ServerProcess,
@@ -238,6 +244,92 @@ def test_fleet_mode_takes_several_workers() -> None:
     }
     for workers in ("1", "2", "0"):
         check_fleet(load(environ={**environ, "REGMIRROR_SERVER__WORKERS": workers}))
+
+
+# -- the partial file's lock, the host's single-flight token -----------------------------
+
+
+def memory_source(data: bytes, calls: list[int]) -> Source:
+    async def open_source(offset: int) -> tuple[int, AsyncIterator[bytes]]:
+        calls.append(offset)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data[offset:]
+
+        return len(data), chunks()
+
+    return open_source
+
+
+async def read_fill(fill: Fill) -> bytes:
+    parts = []
+    async for part in fill.parts():
+        if isinstance(part, bytes):
+            parts.append(part)
+        else:
+            parts.append(os.pread(part.file.fileno(), part.limit - part.pos, part.pos))
+    return b"".join(parts)
+
+
+async def test_a_claim_is_not_lost_to_another_worker_merely_looking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker looking whether a fill runs (a peer request's follow, a tail) holds
+    the partial file's lock shared for an instant; a claim at that instant must not
+    conclude that a fill runs, tail nothing, and fail its clients."""
+    data = os.urandom(100_000)
+    digest = Digest.of(data)
+    stats = FillStats()
+    fills = Fills(FilesystemDriver(tmp_path), timeout=BOUND, observer=stats)
+    partial = fills.partial_path(digest)
+    partial.parent.mkdir(parents=True)
+    looking = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(looking, fcntl.LOCK_SH)  # the other worker's look, under way
+    real = getattr(fill_module, "_locked", None)
+
+    def look_ends(path: Path) -> bool:  # ...and over by the claimer's second look
+        os.close(looking)
+        assert real is not None
+        return real(path)
+
+    monkeypatch.setattr(fill_module, "_locked", look_ends, raising=False)
+    calls: list[int] = []
+    try:
+        fill = await fills.fetch(digest, memory_source(data, calls))
+        assert await asyncio.wait_for(read_fill(fill), BOUND) == data
+    finally:
+        await fills.close()
+    assert stats.results == {"ok": 1} and calls == [0]
+
+
+async def test_a_claim_just_after_another_worker_stored_the_blob_fetches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker looks at the store, another renames its finished fill into it and unlocks,
+    then the first claims the (new, empty) partial file: it finds the blob stored."""
+    data = os.urandom(100_000)
+    digest = Digest.of(data)
+    local = FilesystemDriver(tmp_path)
+    stored = local.path(layout.blob_data(digest))
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(data)
+
+    async def looked_before_the_rename(key: str) -> int:
+        raise PathNotFound(key)
+
+    monkeypatch.setattr(local, "stat", looked_before_the_rename)
+    stats = FillStats()
+    fills = Fills(local, timeout=BOUND, observer=stats)
+    calls: list[int] = []
+    try:
+        fill = await fills.fetch(digest, memory_source(data, calls))
+        assert await asyncio.wait_for(read_fill(fill), BOUND) == data
+        assert await fill.wait() == stored
+    finally:
+        await fills.close()
+    assert calls == []  # no second upstream GET
+    assert stats.results == {"other_process": 1}
+    assert not fills.partial_path(digest).exists()
 
 
 # -- one fetch per fleet, whichever worker a request reaches ---------------------------
