@@ -17,7 +17,14 @@ the address every peer uses), while the lease is held by the one worker that fil
 ``instance`` (one per process) and the ETag only that worker knows make renewals and the
 release that worker's alone. On the host, the partial file's lock already decides which
 worker fills (:mod:`regmirror.fill`): the others follow its partial file and never
-reach this source, so a host takes at most one lease per blob. The cases this adds:
+reach this source, so a host takes at most one lease per blob. Chosen over an identity
+per worker (peers cannot address one worker behind a shared ``SO_REUSEPORT`` port, and
+two leases per host would undo the partial file's single-flight) and over one worker
+doing the fleet's work for the others (a new channel between workers, a bottleneck, and
+one more thing to fail): the two single-flights compose with no new shared state. What
+stays per process is correct so: ``_held`` is the holder's alone, ``_alone`` is what
+this worker filled without a lease, ``_followed``/``_distrusted`` are hints. The cases
+this adds:
 
 - a lease that names this host but another worker, seen by a fill that holds the
   partial file's lock: that worker no longer fills the blob (it was killed, or it is an
@@ -28,7 +35,9 @@ reach this source, so a host takes at most one lease per blob. The cases this ad
 - the same lease seen by a fill without the lock (a replay of a blob streamed through)
   is treated as this process's own: the replay reads the upstream, without a lease;
 - a peer's request may reach any worker of the host: one that does not fill the blob
-  streams the filling worker's partial file (``api/fleet.py``, ``Fills.follow``);
+  streams the filling worker's partial file (``api/fleet.py``, ``Fills.follow``); a
+  fill streamed through (not kept: no room) leaves no partial file to follow, and such
+  a peer is cut and takes the lease over;
 - only the worker holding the lease writes the blob back to S3 (:meth:`Fleet.owns`):
   the workers that followed its partial file, and have probed nothing, do not;
 - which peers' bytes failed a fill here (:meth:`Fleet.fill_failed`) is remembered per
