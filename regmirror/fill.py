@@ -967,7 +967,7 @@ async def _stored_meanwhile(fill: Fill, fd: int) -> int | None:
     def look() -> int | None:
         try:
             size = fill.final.stat().st_size
-        except FileNotFoundError:
+        except OSError:  # not there (or unreadable: the copy that follows will tell)
             return None
         with contextlib.suppress(FileNotFoundError):
             fill.partial.unlink()  # before unlocking, so nobody tails a dead file
