@@ -4,7 +4,10 @@ moto, registry:2 behind a counting proxy, and ``regmirror serve`` hosts of two w
 The host (``fleet.advertise_url``) is the fleet's identity; whichever worker a request
 reaches, the fleet still makes one upstream GET per blob, a peer request landing on a
 worker that does not fill the blob streams the fill of the one that does, and a worker
-killed mid-fill is replaced by another at once (no request to its own host).
+killed mid-fill is replaced by another at once (no request to its own host); only the
+worker holding a lease writes its blob back. Below them, the partial file's claim: a
+passing look by another worker does not take it away, and a claim made just after
+another worker stored the blob fetches nothing.
 
 Requests are aimed at a given worker: a connection's server side is found in
 ``/proc/net/tcp`` and among the workers' descriptors, and the worker filling a blob is
@@ -33,6 +36,7 @@ from regmirror.app import check_fleet
 from regmirror.config import load
 from regmirror.digest import Digest
 from regmirror.fill import Fill, Fills, FillStats, Source
+from regmirror.fleet import credential
 from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
@@ -57,7 +61,6 @@ from tests.test_fleet import (  # noqa: F401  (proxy and session are fixtures)
     metrics,
     proxy,
     pull_manifest,
-    s3_front,
     sample,
     session,
 )
@@ -177,8 +180,6 @@ async def pull_at(host: ServerProcess, worker: int, image: PushedImage) -> bytes
 
 async def peer_get_at(host: ServerProcess, worker: int, digest: Digest, start: int = 0) -> Answer:
     """A signed peer request (what another host sends) for ``digest``, to ``worker``."""
-    from regmirror.fleet import credential
-
     path = f"/-/fleet/blobs/{digest}"
     headers = {"Authorization": credential.sign(SECRET, "GET", path)}
     if start:
