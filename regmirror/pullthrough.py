@@ -28,6 +28,7 @@ digest alone would serve pushed content under any name routed to an upstream.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -408,8 +409,11 @@ class PullThrough:
         if known is not None and now - known[1] < ttl:
             return known[0]  # fetched while this caller waited for its turn
 
-        async def listed(_: object) -> list[str] | None:
-            return await self._last_tag_list(name)  # what another worker fetched
+        async def listed(fingerprint: object) -> list[str] | None:
+            """What another worker fetched, as it recorded it (not an older list, should
+            its write have failed)."""
+            tags = await self._last_tag_list(name)
+            return tags if tags is not None and _fingerprint(tags) == fingerprint else None
 
         try:
             tags = await self._hostwide(
@@ -417,7 +421,7 @@ class PullThrough:
                 ("tags", name),
                 lambda: self._list_upstream(route, name, known),
                 since=now,
-                encode=lambda _: None,
+                encode=_fingerprint,
                 decode=listed,
             )
         except (UpstreamUnavailable, TooManyRequests) as exc:
@@ -705,6 +709,10 @@ async def _decode_confirmation(value: object) -> tuple[Digest, float] | None:
 async def _decode_size(value: object) -> int | None:
     """A blob's size as another worker's flight recorded it."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _fingerprint(tags: list[str]) -> str:
+    return hashlib.sha256(json.dumps(tags).encode()).hexdigest()
 
 
 def tag_link(name: str, tag: str, wanted: Representation) -> str:
