@@ -290,6 +290,39 @@ async def test_a_herd_facing_a_failing_upstream_gets_503_from_one_upstream_reque
     served_by_both(server, MANIFESTS, "503")
 
 
+async def test_a_herd_over_two_workers_is_served_stale_after_one_failed_revalidation(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> None:
+    """The tag's TTL has expired and the upstream fails: one revalidation for the host,
+    and every worker serves the last known digest (the failure is shared, each worker
+    falls back on its own)."""
+    image = await push_image(session, upstream_registry.url, "team/stale")
+    proxy = GatedProxy(upstream_registry.url, session)
+    ttl = 1.0
+    async with serve(proxy.app()) as upstream_url:
+        server = regmirror_server(
+            config={
+                "upstreams": [{"url": upstream_url, "tag_ttl": ttl}],
+                "server": {"workers": 2},
+            }
+        )
+        await both_listening(server)
+        url = f"{server.url}/v2/team/stale/manifests/latest"
+        status, body, _ = await fresh("GET", url, Accept=DOCKER_MANIFEST)
+        assert (status, body) == (200, image.manifest)
+        await asyncio.sleep(ttl + 0.2)
+        asked = len(proxy.requests)
+        proxy.fail_status = 503
+        proxy.gate = lambda method, path: "/manifests/" in path
+        results = await herd(proxy, HERD, lambda: fresh("GET", url, Accept=DOCKER_MANIFEST))
+
+    assert all(status == 200 and body == image.manifest for status, body, _ in results)
+    assert len(proxy.requests) - asked == 1, proxy.requests[asked:]
+    served_by_both(server, MANIFESTS)
+
+
 # -- HostFlights: the mechanism ---------------------------------------------------
 
 
