@@ -56,7 +56,7 @@ T = TypeVar("T")
 
 DIRECTORY = "flights"  # under the data directory
 POLL_FIRST = 0.002  # seconds before a waiter first looks at the lock again
-POLL_MAX = 0.05  # the longest between two looks
+POLL_MAX = 0.02  # the longest between two looks (one syscall: cheap)
 IDLE_SECONDS = 300.0  # a lock file untouched this long is removed
 SWEEP_EVERY = 60.0  # how often a process looks for idle lock files
 MAX_RECORD = 64 * 1024  # an outcome is a digest, a size or an error: never near this

@@ -323,6 +323,23 @@ async def test_a_herd_over_two_workers_is_served_stale_after_one_failed_revalida
     served_by_both(server, MANIFESTS)
 
 
+async def test_one_process_takes_no_lock_files(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Serving alone (server.workers: 1), the in-memory coalescing is the whole
+    single-flight: no lock file, no extra work on the upstream path."""
+    image = await push_image(session, upstream_registry.url, "team/alone")
+    server = regmirror_server(config={"upstreams": [{"url": upstream_registry.url}]})
+    url = f"{server.url}/v2/team/alone/manifests/latest"
+    results = await asyncio.gather(*(fresh("GET", url, Accept=DOCKER_MANIFEST) for _ in range(8)))
+    assert all(status == 200 and body == image.manifest for status, body, _ in results)
+    status, _, _ = await fresh("GET", f"{server.url}/v2/team/alone/tags/list")
+    assert status == 200
+    assert not (server.data_dir / hostflight.DIRECTORY).exists()
+
+
 # -- HostFlights: the mechanism ---------------------------------------------------
 
 
