@@ -45,11 +45,13 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from regmirror import errors
 from regmirror.errors import RegistryError
+from regmirror.logs.throttle import Throttled
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,6 +74,13 @@ _ERRORS: dict[str, type[RegistryError]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """Another process's flight answered this caller."""
+
+    value: Any
+
+
 class HostFlights:
     """Cross-process single-flights over lock files in ``directory``."""
 
@@ -80,6 +89,7 @@ class HostFlights:
         self._idle = idle
         self._swept = float("-inf")
         self._sweeping: asyncio.Task[int] | None = None
+        self._broken = Throttled(log)  # a full disk fails every flight: a line a minute
 
     def path(self, key: Sequence[str]) -> Path:
         return self.directory / f"{_hash(key)}.lock"
@@ -104,22 +114,58 @@ class HostFlights:
         """
         began = time.monotonic() if since is None else since
         name = "\0".join(key)
-        path = self.path(key)
         self._sweep_now_and_then()
-        deadline = time.monotonic() + wait
-        fd = -1
         try:
-            while True:
-                fd, won, record = await _enter_settled(path)
+            turn = await self._turn(key, name, began, wait, decode)
+        except OSError as exc:  # a full or read-only disk: no token to take, nobody waits
+            self._broken.warning(
+                "flights",
+                "%s: %s; asking without a single-flight for the host",
+                self.directory,
+                exc,
+            )
+            return await work()
+        if isinstance(turn, _Answer):
+            return turn.value  # type: ignore[no-any-return]
+        if turn is None:
+            return await work()
+        fd = turn  # ours to lead: locked, the path's current file
+        try:
+            try:
+                result = await work()
+            except RegistryError as exc:
+                await self._publish(fd, _error_record(name, exc))
+                raise
+            await self._publish(fd, _record(name, {"value": encode(result)}))
+            return result
+        finally:
+            os.close(fd)  # releases the lock: the waiters read the outcome
+
+    async def _turn(
+        self,
+        key: Sequence[str],
+        name: str,
+        began: float,
+        wait: float,
+        decode: Callable[[Any], Awaitable[Any]],
+    ) -> _Answer | int | None:
+        """Wait for this key's flight in another process, if one is under way: its answer
+        (or its error, raised); else the descriptor of the lock file, locked (this caller
+        leads); None when the wait outlasted ``wait`` (this caller asks on its own)."""
+        path = self.path(key)
+        deadline = time.monotonic() + wait
+        while True:
+            fd, won, record = await _enter_settled(path)
+            try:
                 current = True
                 if not won:
                     if not await _poll(fd, deadline):
                         log.warning(
-                            "%s: another worker's flight took over %.0f s; doing it here",
+                            "%s: another worker's flight took over %.0f s; asking here",
                             key[0],
                             wait,
                         )
-                        return await work()
+                        return None
                     current, record = await _settle(asyncio.to_thread(_look, fd, path))
                 outcome = _parse(record, name, began)
                 if outcome is not None:
@@ -127,25 +173,26 @@ class HostFlights:
                         raise _error(outcome)
                     found = await decode(outcome["value"])
                     if found is not None:
-                        return found
+                        return _Answer(found)
                 if current:
-                    break
+                    led, fd = fd, -1
+                    return led
                 # Swept while we waited: the lock on a removed file is nobody's token.
-                os.close(fd)
-                fd = -1
-            try:
-                result = await work()
-            except RegistryError as exc:
-                shared = _error_record(name, exc)
-                if shared is not None:
-                    await _settle(asyncio.to_thread(_write, fd, shared))
-                raise
-            record = _record(name, {"value": encode(result)})
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    async def _publish(self, fd: int, record: bytes | None) -> None:
+        """Write the flight's outcome for its waiters; when that fails (a full disk) they
+        find none, and one of them asks in turn."""
+        if record is None:
+            return
+        try:
             await _settle(asyncio.to_thread(_write, fd, record))
-            return result
-        finally:
-            if fd >= 0:
-                os.close(fd)  # releases the lock: the waiters read the outcome
+        except OSError as exc:
+            self._broken.warning(
+                "publish", "%s: recording a flight failed: %s", self.directory, exc
+            )
 
     def _sweep_now_and_then(self) -> None:
         now = time.monotonic()

@@ -545,3 +545,15 @@ def test_a_record_from_elsewhere_is_checked() -> None:
         json.dumps({"key": "k", "ended": "soon", "value": "x"}).encode(),
     ):
         assert hostflight._parse(bad, "k", began) is None, bad
+
+
+async def test_a_directory_it_cannot_use_only_costs_the_host_wide_single_flight(
+    tmp_path: Path,
+) -> None:
+    """No lock file can be made (here: the directory is a file; in life a full or
+    read-only disk): the work is done, not failed."""
+    (tmp_path / "flights").write_text("not a directory")
+    flights = HostFlights(tmp_path / "flights")
+    upstream = Upstream()
+    assert await _run(flights, upstream) == "v1"
+    assert await _run(flights, upstream) == "v2"
