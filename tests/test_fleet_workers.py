@@ -529,7 +529,7 @@ async def test_a_worker_killed_mid_fill_is_replaced_by_another_worker_of_its_hos
 
     started = time.monotonic()
     assert await asyncio.wait_for(pull_at(host, other, image), BOUND) == image.layer
-    assert time.monotonic() - started < 10.0  # not after the lease's 60 s
+    assert time.monotonic() - started < 20.0  # not after the lease's 60 s
     assert proxy.blob_gets == 2
     text = await metrics(session, host)
     assert sample(text, 'regmirror_fleet_leases_total{result="taken_over"}') == 1
