@@ -241,6 +241,16 @@ class Fill:
         """Its bytes go into the store (False: streamed through, never stored)."""
         return self._file_end is None
 
+    @property
+    def written(self) -> int:
+        """How many bytes of the blob have arrived so far."""
+        return self._written
+
+    @property
+    def size(self) -> int | None:
+        """The blob's size; None until the source has said (:meth:`length` waits)."""
+        return self._size
+
     async def length(self) -> int:
         """The blob's size, known once the source has answered (for Content-Length)."""
         await self._until(lambda: self._size is not None)
@@ -512,6 +522,10 @@ class Fills:
     def inflight(self, digest: Digest) -> Fill | None:
         """The fill of ``digest`` this process runs now, if any (for peers of a fleet)."""
         return self._inflight.get(digest)
+
+    def running(self) -> list[Fill]:
+        """Every fill this process runs now."""
+        return list(self._inflight.values())
 
     def partial_path(self, digest: Digest) -> Path:
         return self.directory / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
