@@ -26,6 +26,7 @@ from regmirror.fleet import credential
 from regmirror.fleet.leases import Leases, blob_key
 from regmirror.storage.s3 import S3Driver
 from tests.support.auth import basic, write_htpasswd
+from tests.support.http import session
 from tests.support.processes import (  # pytest fixtures among them
     HOST,
     ServerProcess,
@@ -43,7 +44,7 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
+__all__ = ["moto_s3", "regmirror_server", "session", "upstream_registry"]
 
 MiB = 1024 * 1024
 BOUND = 30.0
@@ -51,12 +52,6 @@ SECRET = "fleet-test-secret"
 LEASE_TTL = 3.0
 PEER_TIMEOUT = 1.5
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
 
 
 @pytest.fixture

@@ -13,12 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.support.http import session
 from tests.support.processes import (  # pytest fixtures among them
     STOP_TIMEOUT,
     ServerProcess,
@@ -28,7 +29,7 @@ from tests.support.processes import (  # pytest fixtures among them
 )
 from tests.support.upstream import CountingProxy, push_image, serve, upstream_registry
 
-__all__ = ["regmirror_server", "upstream_registry"]
+__all__ = ["regmirror_server", "session", "upstream_registry"]
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 BOUND = 30.0
@@ -88,12 +89,6 @@ def tier(tmp_path: Path) -> Iterator[Callable[[list[int]], str]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
 
 
 async def fills(session: aiohttp.ClientSession, replica: ServerProcess) -> float:
