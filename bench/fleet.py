@@ -2,7 +2,7 @@
 """A fleet-wide herd: K hosts x M concurrent pulls of one uncached blob, side by side.
 
 One origin (registry:2 holding ``herd/big:latest`` with one random ``--size-mib`` layer)
-behind the counting TCP proxy of ``herd.py`` (one port per scenario; every host of a
+behind the counting TCP proxy of ``pulls.py`` (one port per scenario; every host of a
 scenario goes through the same port, so its counts are the fleet's). One moto S3 server.
 Scenarios, each with K fresh hosts (own data directories), run one after the other:
 
@@ -29,7 +29,6 @@ Only 127.0.0.1 is used; every wait has a deadline; temp directories are deleted 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -43,19 +42,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import MIB, percentile
-from herd import (
+from harness import MIB, percentile, quiet_stop
+from pulls import (
     SETTLE,
     CountingProxy,
     Image,
-    _quiet_stop,
-    make_image,
+    origin_with_image,
     prime,
-    push_image,
     run_herd,
     settled_counts,
 )
-from herd import (
+from pulls import (
     Mirror as Host,
 )
 
@@ -98,7 +95,7 @@ def start_hosts(
             stop_log = work / f"{scenario}-{i}.stop.log"
             if scenario == "registry":
                 server = stack.enter_context(
-                    _quiet_stop(
+                    quiet_stop(
                         run_distribution(
                             base, proxy_url=upstream, extra={"log": {"level": "warn"}}
                         ),
@@ -112,7 +109,7 @@ def start_hosts(
                     env["REGMIRROR_FLEET__ADVERTISE_URL"] = "http://127.0.0.1:{port}"
                     env["REGMIRROR_FLEET__SECRET"] = SECRET
                 server = stack.enter_context(
-                    _quiet_stop(run_regmirror(base, env=env, log_level=LOG_LEVEL), stop_log)
+                    quiet_stop(run_regmirror(base, env=env, log_level=LOG_LEVEL), stop_log)
                 )
             hosts.append(Host(scenario, server.url, server.process.pid))
         yield hosts
@@ -206,16 +203,11 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     proxy: CountingProxy | None = None
     try:
-        image = make_image(root, args.size_mib * MIB)
-        print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
         with (
             run_moto(root) as moto,
-            _quiet_stop(
-                run_distribution(root / "origin", extra={"log": {"level": "warn"}}),
-                root / "origin.stop.log",
-            ) as origin,
+            origin_with_image(root, args.size_mib * MIB) as (origin, image),
         ):
-            asyncio.run(push_image(origin.url, image))
+            print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
             proxy = CountingProxy(list(args.scenarios), origin.port)
             fleet_bucket = moto.new_bucket("fleet")
             for scenario in args.scenarios:
