@@ -32,13 +32,15 @@ from regmirror.stored import StoredBlob
 from regmirror.upstream import Route, Upstream, UpstreamRouter
 from tests.support.oci_layout import build_image, build_index, read_layout
 from tests.support.processes import ServerProcess, regmirror_server, run_regmirror
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     Countdown,
     UpstreamProxy,
     error_code,
     eventually,
     fetch_hashed,
+    http,
+    proxy,
     push_image_to,
     push_index_to,
     put_manifest,
@@ -57,29 +59,12 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
+__all__ = ["http", "moto_s3", "proxy", "regmirror_server", "upstream_registry"]
 
 MiB = 1024 * 1024
 HERD = 100
 
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client with no connection limit, so a herd really is concurrent."""
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=BOUND * 2),
-        auto_decompress=False,
-    ) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
-    async with upstream_proxy(upstream_registry.url) as running:
-        yield running
 
 
 def mirror_of(start: Start, proxy: UpstreamProxy, **settings: object) -> ServerProcess:

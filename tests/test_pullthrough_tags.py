@@ -28,12 +28,13 @@ from regmirror.errors import NameUnknown, UpstreamUnavailable
 from regmirror.upstream import Upstream
 from tests.support.oci_layout import build_image
 from tests.support.processes import ServerProcess, regmirror_server, run_regmirror
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     Countdown,
     UpstreamProxy,
     error_code,
     eventually,
+    http,
     push_image_to,
     put_manifest,
     upstream_env,
@@ -41,7 +42,7 @@ from tests.support.pullthrough import (
 from tests.support.skopeo import Skopeo
 from tests.support.upstream import serve, upstream_registry
 
-__all__ = ["regmirror_server", "upstream_registry"]
+__all__ = ["http", "regmirror_server", "upstream_registry"]
 
 Start = Callable[..., ServerProcess]
 HERD = 50
@@ -84,14 +85,6 @@ class PagingProxy(UpstreamProxy):
             query = urlencode({"n": size, "last": page[-1]})
             headers["Link"] = f'<{request.path}?{query}>; rel="next"'
         return web.json_response({"name": body["name"], "tags": page}, headers=headers)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=BOUND * 2)
-    ) as session:
-        yield session
 
 
 @pytest.fixture
