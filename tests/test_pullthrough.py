@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -49,7 +48,7 @@ from tests.support.pullthrough import (  # pytest fixtures among them
     upstream_proxy,
 )
 from tests.support.s3 import MotoS3, moto_s3
-from tests.support.skopeo import ACCEPT, Skopeo
+from tests.support.skopeo import ACCEPT, Skopeo, skopeo
 from tests.support.upstream import (
     BASIC_PASSWORD,
     BASIC_USER,
@@ -59,7 +58,7 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["http", "moto_s3", "proxy", "regmirror_server", "upstream_registry"]
+__all__ = ["http", "moto_s3", "proxy", "regmirror_server", "skopeo", "upstream_registry"]
 
 MiB = 1024 * 1024
 HERD = 100
@@ -240,13 +239,6 @@ async def test_an_upstream_down_before_the_body_is_a_503_and_a_later_retry_succe
 
 
 # -- 3. a real client through a token-authenticated upstream ----------------------------
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed (Debian package skopeo; tests/run.sh installs it)")
-    return Skopeo(tmp_path / "skopeo")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -39,10 +38,10 @@ from tests.support.pullthrough import (  # pytest fixtures among them
     put_manifest,
     upstream_env,
 )
-from tests.support.skopeo import Skopeo
+from tests.support.skopeo import Skopeo, skopeo
 from tests.support.upstream import serve, upstream_registry
 
-__all__ = ["http", "regmirror_server", "upstream_registry"]
+__all__ = ["http", "regmirror_server", "skopeo", "upstream_registry"]
 
 Start = Callable[..., ServerProcess]
 HERD = 50
@@ -97,13 +96,6 @@ async def proxy(
         yield running
     finally:
         await running.stop()
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed (Debian package skopeo; tests/run.sh installs it)")
-    return Skopeo(tmp_path / "skopeo")
 
 
 async def tag_upstream(

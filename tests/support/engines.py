@@ -91,6 +91,35 @@ def _missing(*programs: str) -> str | None:
     return None
 
 
+def _run_client(
+    argv: list[str],
+    shown: list[str],
+    *,
+    env: dict[str, str],
+    check: bool,
+    timeout: float,
+    input: str | None,
+    context: Callable[[], str] = lambda: "",
+) -> subprocess.CompletedProcess[str]:
+    """Run an engine's client (``shown``: the command as the failure names it); with
+    ``check``, a non-zero exit fails the test with its output and ``context()``."""
+    result = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        input=input if input is not None else "",
+    )
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(shown)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
+            f"stderr:\n{result.stderr[-4000:]}{context()}"
+        )
+    return result
+
+
 @dataclass
 class _Namespace:
     """The files the private mount namespace binds over /etc/hosts and /etc/docker (and,
@@ -162,21 +191,15 @@ class Engine:
     def _run(
         self, argv: list[str], check: bool, timeout: float, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
+        return _run_client(
             argv,
-            check=False,
-            capture_output=True,
-            text=True,
+            argv,
             env=self.client_env,
+            check=check,
             timeout=timeout,
-            input=input if input is not None else "",
+            input=input,
+            context=lambda: f"\n--- {self.name} log ---\n{self.logs(60)}",
         )
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
-                f"stderr:\n{result.stderr[-4000:]}\n--- {self.name} log ---\n{self.logs(60)}"
-            )
-        return result
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -460,21 +483,9 @@ class Podman:
             "--tmpdir", str(self.base / "libpod-tmp"),
             *args,
         ]  # fmt: skip
-        result = subprocess.run(
-            self.namespace.argv(argv),
-            check=False,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            input=input if input is not None else "",
+        return _run_client(
+            self.namespace.argv(argv), argv, env=self.env, check=check, timeout=timeout, input=input
         )
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
-                f"stderr:\n{result.stderr[-4000:]}"
-            )
-        return result
 
     def diff_ids(self, reference: str) -> list[str]:
         """The uncompressed layer digests of a stored image (what was pulled)."""
