@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import MIB, percentile, quiet_stop
+from harness import MIB, percentile, quiet_stop, work_dir
 from pulls import (
     SETTLE,
     CountingProxy,
@@ -198,35 +197,25 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    root = Path(tempfile.mkdtemp(prefix="regmirror-fleet-", dir=args.work_dir))
-    print(f"# work dir {root}", file=sys.stderr)
     rows: list[Row] = []
-    proxy: CountingProxy | None = None
-    try:
-        with (
-            run_moto(root) as moto,
-            origin_with_image(root, args.size_mib * MIB) as (origin, image),
-        ):
-            print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
-            proxy = CountingProxy(list(args.scenarios), origin.port)
-            fleet_bucket = moto.new_bucket("fleet")
-            for scenario in args.scenarios:
-                bucket = moto.new_bucket("nofleet") if scenario == "no-fleet" else fleet_bucket
-                print(f"# {scenario}: {args.hosts} hosts x {args.clients} pulls", file=sys.stderr)
-                work = root / scenario
-                work.mkdir()
-                rows.append(measure(scenario, args, image, proxy, moto, bucket, work))
-                print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
-                if not args.keep:
-                    shutil.rmtree(work, ignore_errors=True)
-                time.sleep(SETTLE)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        if args.keep:
-            print(f"# kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    with (
+        work_dir("regmirror-fleet-", args.work_dir, keep=args.keep) as root,
+        run_moto(root) as moto,
+        origin_with_image(root, args.size_mib * MIB) as (origin, image),
+        CountingProxy(list(args.scenarios), origin.port) as proxy,
+    ):
+        print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
+        fleet_bucket = moto.new_bucket("fleet")
+        for scenario in args.scenarios:
+            bucket = moto.new_bucket("nofleet") if scenario == "no-fleet" else fleet_bucket
+            print(f"# {scenario}: {args.hosts} hosts x {args.clients} pulls", file=sys.stderr)
+            work = root / scenario
+            work.mkdir()
+            rows.append(measure(scenario, args, image, proxy, moto, bucket, work))
+            print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            time.sleep(SETTLE)
     return rows
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -233,3 +235,18 @@ def quiet_stop(server: contextlib.AbstractContextManager[Any], log: Path) -> Ite
     else:
         with open(log, "a") as out, contextlib.redirect_stderr(out):
             server.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str, parent: str | None, *, keep: bool = False) -> Iterator[Path]:
+    """A fresh temporary directory (under ``parent``, default $TMPDIR) for a run's
+    servers, caches and logs, named on stderr; deleted at the end unless ``keep``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    print(f"# work dir {root}", file=sys.stderr)
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"# kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)

@@ -40,7 +40,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from harness import (
     process_tree,
     quiet_stop,
     status_kib,
+    work_dir,
 )
 from pulls import (
     READY_TIMEOUT,
@@ -451,43 +451,35 @@ def regmirror_pull_through_works(image: Image, proxy: CountingProxy, work: Path)
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
-    root = Path(tempfile.mkdtemp(prefix="regmirror-herd-", dir=args.work_dir))
-    print(f"# work dir {root}", file=sys.stderr)
     rows: list[Row] = []
-    proxy: CountingProxy | None = None
-    try:
-        with origin_with_image(root, args.size_mib * MIB) as (origin, image):
-            print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
-            proxy = CountingProxy(list(args.mirrors), origin.port)
-            for n in args.clients:
-                if args.ceiling_runs:
-                    print(
-                        f"# N={n} ceiling (nginx static), best of {args.ceiling_runs}",
-                        file=sys.stderr,
-                    )
-                    tries = []
-                    for i in range(args.ceiling_runs):
-                        tries.append(measure_ceiling(n, args, image, root / f"ceiling-{n}-{i}"))
-                        _progress(tries[-1])
-                        time.sleep(SETTLE)
-                    rows.append(min(tries, key=lambda r: (r.failed + r.wrong, r.wall_s or 1e9)))
-                for name in args.mirrors:
-                    print(f"# N={n} {name}", file=sys.stderr)
-                    work = root / f"{name}-{n}"
-                    rows += measure_mirror(name, n, args, image, proxy, work)
-                    for row in rows[-2:]:
-                        if row.mirror == name and row.clients == n:
-                            _progress(row)
-                    if not args.keep:
-                        shutil.rmtree(work, ignore_errors=True)  # free its cache's disk now
+    with (
+        work_dir("regmirror-herd-", args.work_dir, keep=args.keep) as root,
+        origin_with_image(root, args.size_mib * MIB) as (origin, image),
+        CountingProxy(list(args.mirrors), origin.port) as proxy,
+    ):
+        print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
+        for n in args.clients:
+            if args.ceiling_runs:
+                print(
+                    f"# N={n} ceiling (nginx static), best of {args.ceiling_runs}",
+                    file=sys.stderr,
+                )
+                tries = []
+                for i in range(args.ceiling_runs):
+                    tries.append(measure_ceiling(n, args, image, root / f"ceiling-{n}-{i}"))
+                    _progress(tries[-1])
                     time.sleep(SETTLE)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        if args.keep:
-            print(f"# kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+                rows.append(min(tries, key=lambda r: (r.failed + r.wrong, r.wall_s or 1e9)))
+            for name in args.mirrors:
+                print(f"# N={n} {name}", file=sys.stderr)
+                work = root / f"{name}-{n}"
+                rows += measure_mirror(name, n, args, image, proxy, work)
+                for row in rows[-2:]:
+                    if row.mirror == name and row.clients == n:
+                        _progress(row)
+                if not args.keep:
+                    shutil.rmtree(work, ignore_errors=True)  # free its cache's disk now
+                time.sleep(SETTLE)
     lines, ratios = verdicts(rows, args.clients)
     return rows, {"ratios": ratios, "verdict_lines": lines}
 
@@ -548,16 +540,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def probe(args: argparse.Namespace) -> int:
-    root = Path(tempfile.mkdtemp(prefix="regmirror-herd-probe-", dir=args.work_dir))
-    proxy = None
-    try:
-        with origin_with_image(root, MIB) as (origin, image):
-            proxy = CountingProxy(["regmirror"], origin.port)
-            problem = regmirror_pull_through_works(image, proxy, root / "regmirror")
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with (
+        work_dir("regmirror-herd-probe-", args.work_dir) as root,
+        origin_with_image(root, MIB) as (origin, image),
+        CountingProxy(["regmirror"], origin.port) as proxy,
+    ):
+        problem = regmirror_pull_through_works(image, proxy, root / "regmirror")
     print("regmirror pull-through: " + ("works" if not problem else f"NOT working: {problem}"))
     return 0 if not problem else 1
 

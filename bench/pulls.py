@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from harness import HOST, MIB, make_blob, quiet_stop
@@ -338,6 +338,12 @@ class CountingProxy:
         self._conn.send(("counts", name))
         data, cpu = self._recv()
         return UpstreamCounts(**data), float(cpu)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):

@@ -86,6 +86,19 @@ class Rig:
     async def image(self, repo: str, size: int) -> PushedImage:
         return await image_of(self.session, self.upstream, repo, size)
 
+    async def owner_held(
+        self, repo: str, size: int
+    ) -> tuple[PushedImage, Fleet, asyncio.Task[bytes | None]]:
+        """Two hosts with the image's manifest; the first (the owner) pulls the blob and
+        its upstream body is held after 1 MiB: (image, fleet, the owner's pull)."""
+        image = await self.image(repo, size)
+        fleet = self.fleet(2)
+        await asyncio.gather(*(pull_manifest(self.session, h, image) for h in fleet.hosts))
+        self.proxy.hold_after = 1 * MiB
+        at_owner = asyncio.create_task(pull_blob(self.session, fleet.hosts[0], image))
+        await asyncio.wait_for(self.proxy.held.wait(), BOUND)
+        return image, fleet, at_owner
+
 
 @pytest.fixture
 def rig(
@@ -304,13 +317,8 @@ async def test_concurrent_pulls_across_hosts_make_one_upstream_get_per_blob_and_
 
 
 async def test_an_owner_killed_mid_fill_is_taken_over_from_the_byte_reached(rig: Rig) -> None:
-    image = await rig.image("fleet/killed", 4 * MiB)
-    fleet = rig.fleet(2)
+    image, fleet, at_owner = await rig.owner_held("fleet/killed", 4 * MiB)
     owner, follower = fleet.hosts
-    await asyncio.gather(*(pull_manifest(rig.session, h, image) for h in fleet.hosts))
-    rig.proxy.hold_after = 1 * MiB
-    at_owner = asyncio.create_task(pull_blob(rig.session, owner, image))
-    await asyncio.wait_for(rig.proxy.held.wait(), BOUND)
     at_follower = [asyncio.create_task(pull_blob(rig.session, follower, image)) for _ in range(3)]
     peer_bytes = 'regmirror_fleet_fill_bytes_total{source="peer"}'
     await until_metric(rig.session, follower, peer_bytes, 1)  # streaming from the owner's fill
@@ -334,13 +342,8 @@ async def test_an_owner_killed_mid_fill_is_taken_over_from_the_byte_reached(rig:
 
 
 async def test_a_stalled_owner_is_taken_over(rig: Rig) -> None:
-    image = await rig.image("fleet/stalled", 3 * MiB)
-    fleet = rig.fleet(2)
-    owner, follower = fleet.hosts
-    await asyncio.gather(*(pull_manifest(rig.session, h, image) for h in fleet.hosts))
-    rig.proxy.hold_after = 1 * MiB
-    at_owner = asyncio.create_task(pull_blob(rig.session, owner, image))
-    await asyncio.wait_for(rig.proxy.held.wait(), BOUND)
+    image, fleet, at_owner = await rig.owner_held("fleet/stalled", 3 * MiB)
+    follower = fleet.hosts[1]
     rig.proxy.hold_after = None  # only the owner's body stays held: it stalls
     started = time.monotonic()
     assert await asyncio.wait_for(pull_blob(rig.session, follower, image), BOUND) == image.layer

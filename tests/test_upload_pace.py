@@ -21,8 +21,8 @@ from regmirror.config import ConfigError, load
 from tests.support.api import blob_bytes, sha256
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
 from tests.support.stalled import StalledPatch
+from tests.support.uploads import NAME, finish_from, open_session, refusals
 
-NAME = "lib/app"
 RATE = 1000  # bytes a second
 WINDOW = 1.5  # seconds
 PACE = {"REGMIRROR_UPLOADS__MIN_RATE": str(RATE), "REGMIRROR_UPLOADS__MIN_RATE_WINDOW": "1.5"}
@@ -32,19 +32,6 @@ PACE = {"REGMIRROR_UPLOADS__MIN_RATE": str(RATE), "REGMIRROR_UPLOADS__MIN_RATE_W
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         yield session
-
-
-async def open_session(http: aiohttp.ClientSession, server: ServerProcess) -> str:
-    async with http.post(f"{server.url}/v2/{NAME}/blobs/uploads/") as response:
-        assert response.status == 202, await response.text()
-        return response.headers["Location"]
-
-
-def refusals(metrics_text: str, reason: str) -> float:
-    for line in metrics_text.splitlines():
-        if line.startswith(f'regmirror_upload_refusals_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"no refusals metric for {reason}")
 
 
 async def test_a_trickle_below_the_minimum_rate_is_cut_and_the_session_stays_usable(
@@ -72,19 +59,9 @@ async def test_a_trickle_below_the_minimum_rate_is_cut_and_the_session_stays_usa
     assert b"\r\nRange: 0-999\r\n" in raw  # the trickled bytes are not in the session
     assert WINDOW * 0.9 <= elapsed < WINDOW + 3, elapsed
     assert closed, "the server kept the trickling connection open"
-    async with http.patch(
-        f"{server.url}{location}",
-        data=data[1000:],
-        headers={"Content-Range": f"1000-{len(data) - 1}"},
-    ) as rest:
-        assert rest.status == 202, await rest.text()
-    async with http.put(f"{server.url}{location}?digest={sha256(data)}") as put:
-        assert put.status == 201, await put.text()
-    async with http.get(f"{server.url}/v2/{NAME}/blobs/{sha256(data)}") as blob:
-        assert await blob.read() == data
-    async with http.get(f"{server.url}/metrics") as metrics:
-        text = await metrics.text()
-    assert refusals(text, "too_slow") == 1 and refusals(text, "idle_timeout") == 0
+    await finish_from(http, server, location, data, 1000)
+    assert await refusals(http, server, "too_slow") == 1
+    assert await refusals(http, server, "idle_timeout") == 0
 
 
 async def test_a_slow_but_steady_upload_above_the_rate_goes_through(regmirror_server, http):
