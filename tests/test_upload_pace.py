@@ -14,11 +14,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
 from regmirror.config import ConfigError, load
 from tests.support.api import blob_bytes, sha256
+from tests.support.http import session  # noqa: F401  (fixture)
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
 from tests.support.stalled import StalledPatch
 from tests.support.uploads import NAME, finish_from, open_session, refusals
@@ -28,20 +28,12 @@ WINDOW = 1.5  # seconds
 PACE = {"REGMIRROR_UPLOADS__MIN_RATE": str(RATE), "REGMIRROR_UPLOADS__MIN_RATE_WINDOW": "1.5"}
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        yield session
-
-
 async def test_a_trickle_below_the_minimum_rate_is_cut_and_the_session_stays_usable(
-    regmirror_server, http
+    regmirror_server, session
 ):
     server = regmirror_server(env=PACE)  # idle_timeout stays 60 s: a trickle is never idle
     data = blob_bytes(4000, seed=7)
-    location = await open_session(http, server)
-    async with http.patch(f"{server.url}{location}", data=data[:1000]) as first:
-        assert first.status == 202
+    location = await open_session(session, server, holding=data[:1000])
     stalled = StalledPatch(HOST, server.port, location)
     try:
         started = time.monotonic()
@@ -59,16 +51,16 @@ async def test_a_trickle_below_the_minimum_rate_is_cut_and_the_session_stays_usa
     assert b"\r\nRange: 0-999\r\n" in raw  # the trickled bytes are not in the session
     assert WINDOW * 0.9 <= elapsed < WINDOW + 3, elapsed
     assert closed, "the server kept the trickling connection open"
-    await finish_from(http, server, location, data, 1000)
-    assert await refusals(http, server, "too_slow") == 1
-    assert await refusals(http, server, "idle_timeout") == 0
+    await finish_from(session, server, location, data, 1000)
+    assert await refusals(session, server, "too_slow") == 1
+    assert await refusals(session, server, "idle_timeout") == 0
 
 
-async def test_a_slow_but_steady_upload_above_the_rate_goes_through(regmirror_server, http):
+async def test_a_slow_but_steady_upload_above_the_rate_goes_through(regmirror_server, session):
     server = regmirror_server(env=PACE)
     pieces = [blob_bytes(500, seed=i) for i in range(16)]  # 2,000 bytes/s over ~4 s
     data = b"".join(pieces)
-    location = await open_session(http, server)
+    location = await open_session(session, server)
 
     async def steady() -> AsyncIterator[bytes]:
         for piece in pieces:
@@ -76,25 +68,25 @@ async def test_a_slow_but_steady_upload_above_the_rate_goes_through(regmirror_se
             await asyncio.sleep(0.25)
 
     started = time.monotonic()
-    async with http.put(f"{server.url}{location}?digest={sha256(data)}", data=steady()) as put:
+    async with session.put(f"{server.url}{location}?digest={sha256(data)}", data=steady()) as put:
         assert put.status == 201, await put.text()
     assert time.monotonic() - started > 2 * WINDOW  # it spanned several windows
-    async with http.get(f"{server.url}/v2/{NAME}/blobs/{sha256(data)}") as blob:
+    async with session.get(f"{server.url}/v2/{NAME}/blobs/{sha256(data)}") as blob:
         assert await blob.read() == data
 
 
-async def test_a_minimum_rate_of_zero_lets_a_trickle_run(regmirror_server, http):
+async def test_a_minimum_rate_of_zero_lets_a_trickle_run(regmirror_server, session):
     server = regmirror_server(
         env={**PACE, "REGMIRROR_UPLOADS__MIN_RATE": "0", "REGMIRROR_UPLOADS__IDLE_TIMEOUT": "1"}
     )
-    location = await open_session(http, server)
+    location = await open_session(session, server)
 
     async def trickle() -> AsyncIterator[bytes]:
         for _ in range(10):  # 2 bytes/s for 5 s: past three windows
             yield b"t"
             await asyncio.sleep(0.5)
 
-    async with http.patch(f"{server.url}{location}", data=trickle()) as response:
+    async with session.patch(f"{server.url}{location}", data=trickle()) as response:
         assert response.status == 202, await response.text()
         assert response.headers["Range"] == "0-9"
 

@@ -11,11 +11,17 @@ from tests.support.processes import ServerProcess
 NAME = "lib/app"
 
 
-async def open_session(http: aiohttp.ClientSession, server: ServerProcess, name: str = NAME) -> str:
-    """POST a new session; its Location."""
+async def open_session(
+    http: aiohttp.ClientSession, server: ServerProcess, holding: bytes = b"", name: str = NAME
+) -> str:
+    """POST a new session (and PATCH ``holding`` into it); its Location."""
     async with http.post(f"{server.url}/v2/{name}/blobs/uploads/") as response:
         assert response.status == 202, await response.text()
-        return response.headers["Location"]
+        location = response.headers["Location"]
+    if holding:
+        async with http.patch(f"{server.url}{location}", data=holding) as first:
+            assert first.status == 202, await first.text()
+    return location
 
 
 async def finish_from(
