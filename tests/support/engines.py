@@ -263,6 +263,18 @@ def _wait(engine: Engine, ready: Callable[[], bool]) -> None:
     raise EngineError(f"{engine.name} not ready after {READY_TIMEOUT:.0f}s\n{engine.logs()}")
 
 
+@contextlib.contextmanager
+def _serving(engine: Engine, ready: Callable[[], bool]) -> Iterator[None]:
+    """Until ``ready()``, then the caller's block; the engine is stopped after it and its
+    log's tail printed (pytest shows it with a failure)."""
+    try:
+        _wait(engine, ready)
+        yield
+    finally:
+        engine.stop()
+        print(f"--- {engine.name} log ({engine.log_path}) ---\n{engine.logs(80)}", file=sys.stderr)
+
+
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -323,12 +335,8 @@ def run_dockerd(
         client_env={**os.environ, "DOCKER_CONFIG": str(client_config)},
         socket=socket,
     )
-    try:
-        _wait(engine, lambda: engine.run("version", check=False, timeout=10).returncode == 0)
+    with _serving(engine, lambda: engine.run("version", check=False, timeout=10).returncode == 0):
         yield engine
-    finally:
-        engine.stop()
-        print(f"--- dockerd log ({log_path}) ---\n{engine.logs(80)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -362,12 +370,8 @@ def run_containerd(base: Path) -> Iterator[Containerd]:
         socket=socket,
         hosts_dir=hosts_dir,
     )
-    try:
-        _wait(engine, lambda: engine.ctr("version", check=False, timeout=10).returncode == 0)
+    with _serving(engine, lambda: engine.ctr("version", check=False, timeout=10).returncode == 0):
         yield engine
-    finally:
-        engine.stop()
-        print(f"--- containerd log ({log_path}) ---\n{engine.logs(80)}", file=sys.stderr)
 
 
 def _factory(
