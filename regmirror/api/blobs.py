@@ -153,7 +153,7 @@ def _send_stored(
     request: web.Request,
     found: StoredBlob,
     digest: Digest,
-    file: BinaryIO | None,
+    file: BinaryIO | None,  # None: a HEAD, no body
     span: tuple[int, int] | None,
     hold: Hold,
 ) -> StoredBlobResponse:
