@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -18,31 +18,25 @@ import pytest
 from regmirror import layout
 from regmirror.digest import Digest
 from tests.support.api import blob_bytes, sha256
+from tests.support.http import session  # noqa: F401
 from tests.support.processes import ServerProcess, regmirror_server  # noqa: F401
 
 NAME = "workers/stored"
-BOUND = aiohttp.ClientTimeout(total=30)
 Start = Callable[..., ServerProcess]
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=BOUND) as session:
-        yield session
-
-
-async def push(session: aiohttp.ClientSession, server: ServerProcess, data: bytes) -> str:
+async def push(client: aiohttp.ClientSession, server: ServerProcess, data: bytes) -> str:
     digest = sha256(data)
     url = f"{server.url}/v2/{NAME}/blobs/uploads/?digest={digest}"
-    async with session.post(url, data=data) as response:
+    async with client.post(url, data=data) as response:
         assert response.status == 201, await response.text()
     return digest
 
 
-async def fetch_damaged(session: aiohttp.ClientSession, url: str) -> None:
+async def fetch_damaged(client: aiohttp.ClientSession, url: str) -> None:
     """A GET of the damaged file: its size is remembered from now on."""
     try:
-        async with session.get(url) as response:
+        async with client.get(url) as response:
             assert response.status == 200
             await response.read()
     except aiohttp.ClientPayloadError:
@@ -52,7 +46,7 @@ async def fetch_damaged(session: aiohttp.ClientSession, url: str) -> None:
 @pytest.mark.parametrize("damage", ["truncated", "extended"])
 async def test_a_blob_another_process_repaired_is_served_whole_by_this_one(
     regmirror_server: Start,  # noqa: F811
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession,  # noqa: F811
     tmp_path: Path,
     damage: str,
 ) -> None:
