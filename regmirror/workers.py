@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("regmirror")
@@ -55,6 +56,18 @@ STOP_MARGIN = 10.0  # seconds past the drain timeout before a worker is killed
 MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gives up
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Who a worker process is: its index (0 owns eviction), how many serve the host,
+    and the supervisor's run directory, where each worker publishes its state
+    (:mod:`regmirror.worker_state`) and the eviction owner listens
+    (:mod:`regmirror.eviction_link`)."""
+
+    index: int
+    count: int
+    run_dir: Path
 
 
 def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -95,10 +108,12 @@ def use_multiprocess_metrics() -> None:
     values.ValueClass = values.MultiProcessValue()
 
 
-def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> int:
-    """Fork ``count`` workers running ``serve(index)`` (its return is the exit status);
+def supervise(count: int, serve: Callable[[Worker], int], drain_timeout: float) -> int:
+    """Fork ``count`` workers running ``serve(worker)`` (its return is the exit status);
     until SIGTERM/SIGINT, then drain them. The exit status: 0 when all ended cleanly."""
     metrics_dir = tempfile.mkdtemp(prefix="regmirror-metrics-")
+    # Not under the data directory: a unix socket's path is at most 107 bytes.
+    run_dir = Path(tempfile.mkdtemp(prefix="regmirror-run-"))
     os.environ[METRICS_ENV] = metrics_dir
     stopping = False
 
@@ -112,12 +127,13 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
     status = 0
     try:
         for index in range(count):
-            children[_fork(index, serve)] = index
+            children[_fork(Worker(index, count, run_dir), serve)] = index
         log.info(
-            "serving with %d worker processes (%s); their metrics in %s",
+            "serving with %d worker processes (%s); their metrics in %s, their state in %s",
             count,
             ", ".join(map(str, children)),
             metrics_dir,
+            run_dir,
         )
         while children and not stopping:
             pid, code = _reap()
@@ -125,7 +141,7 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
                 time.sleep(0.1)  # a signal sets ``stopping``; waitpid would be resumed
                 continue
             index = children.pop(pid)
-            _mark_dead(pid)
+            _mark_dead(pid, index, run_dir)
             if stopping:
                 break
             log.error("worker %d (pid %d) exited unexpectedly (%s)", index, pid, code)
@@ -134,19 +150,21 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
                 log.error("workers keep dying: stopping")
                 status = 1
                 break
-            children[_fork(index, serve)] = index
-        status = max(status, _drain(children, drain_timeout + STOP_MARGIN))
+            children[_fork(Worker(index, count, run_dir), serve)] = index
+        status = max(status, _drain(children, drain_timeout + STOP_MARGIN, run_dir))
     finally:
         for pid in children:
             _kill(pid, signal.SIGKILL)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         os.environ.pop(METRICS_ENV, None)
     return status
 
 
-def _fork(index: int, serve: Callable[[int], int]) -> int:
+def _fork(worker: Worker, serve: Callable[[Worker], int]) -> int:
+    index = worker.index
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -157,7 +175,7 @@ def _fork(index: int, serve: Callable[[int], int]) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's loop sets its own
             signal.signal(signum, signal.SIG_DFL)
         use_multiprocess_metrics()
-        code = serve(index)
+        code = serve(worker)
     except BaseException:
         log.exception("worker %d failed", index)
     finally:
@@ -176,7 +194,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _drain(children: dict[int, int], timeout: float) -> int:
+def _drain(children: dict[int, int], timeout: float, run_dir: Path) -> int:
     """SIGTERM every worker and wait for them, SIGKILL after ``timeout``."""
     for pid in children:
         _kill(pid, signal.SIGTERM)
@@ -187,8 +205,9 @@ def _drain(children: dict[int, int], timeout: float) -> int:
         if pid == 0:
             time.sleep(0.05)
             continue
-        children.pop(pid, None)
-        _mark_dead(pid)
+        index = children.pop(pid, None)
+        if index is not None:
+            _mark_dead(pid, index, run_dir)
         status = max(status, 1 if code else 0)
     for pid in list(children):
         log.error("worker pid %d did not drain in %.0f s: killed", pid, timeout)
@@ -214,8 +233,12 @@ def _kill(pid: int, signum: int) -> None:
         pass
 
 
-def _mark_dead(pid: int) -> None:
-    """Its gauges leave the live aggregations; its counters stay counted."""
+def _mark_dead(pid: int, index: int, run_dir: Path) -> None:
+    """Its gauges leave the live aggregations (its counters stay counted), and its
+    published state the host's view (the others see it gone until it is back)."""
     from prometheus_client import multiprocess
 
+    from regmirror import worker_state
+
     multiprocess.mark_process_dead(pid, os.environ.get(METRICS_ENV))
+    worker_state.forget(run_dir, index, pid)
