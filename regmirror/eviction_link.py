@@ -30,7 +30,7 @@ import os
 import socket
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from regmirror.digest import Digest
 from regmirror.errors import DigestInvalid
@@ -76,8 +76,7 @@ class OwnerLink(asyncio.DatagramProtocol):
     # -- asyncio.DatagramProtocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         words = data.decode("ascii", "replace").split()
@@ -166,8 +165,7 @@ class OwnerMailbox(asyncio.DatagramProtocol):
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         words = data[:MAX_DATAGRAM].decode("ascii", "replace").split()
