@@ -190,7 +190,8 @@ class WorkerState:
             self._changed.clear()
             next_beat = loop.time() + self.interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._changed.wait()
             await asyncio.sleep(max(0.0, min(MIN_SPACING, next_beat - loop.time())))
 
     def _gauges(self, state: dict[str, Any]) -> None:
