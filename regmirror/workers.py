@@ -129,11 +129,11 @@ def supervise(count: int, serve: Callable[[Worker], int], drain_timeout: float) 
         for index in range(count):
             children[_fork(Worker(index, count, run_dir), serve)] = index
         log.info(
-            "serving with %d worker processes (%s); their metrics in %s, their state in %s",
+            "serving with %d worker processes (%s); their state in %s, their metrics in %s",
             count,
             ", ".join(map(str, children)),
-            metrics_dir,
             run_dir,
+            metrics_dir,
         )
         while children and not stopping:
             pid, code = _reap()

@@ -45,7 +45,7 @@ async def status(request: web.Request) -> web.Response:
     started = app[STARTED]
     disk = await asyncio.to_thread(os.statvfs, cache.root)
     state = app[WORKER_STATE]
-    fills = [fill_entry(fill) for fill in registry.fills._inflight.values()]
+    fills = [_shown(fill_entry(fill)) for fill in registry.fills._inflight.values()]
     body: dict[str, Any] = {
         "version": __version__,
         "pid": os.getpid(),
@@ -100,7 +100,12 @@ def _host_fills(snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
             known = fills.get(fill["digest"])
             if known is None or (known["following"] and not fill["following"]):
                 fills[fill["digest"]] = {**fill, "worker": snapshot["index"]}
-    return list(fills.values())
+    return [_shown(fill) for fill in fills.values()]
+
+
+def _shown(fill: dict[str, Any]) -> dict[str, Any]:
+    """Whether a worker follows a fill (tails another's file) is not news to anyone."""
+    return {k: v for k, v in fill.items() if k != "following"}
 
 
 def _workers(snapshots: list[dict[str, Any]], count: int, threshold: float) -> list[dict[str, Any]]:
