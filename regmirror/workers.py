@@ -6,26 +6,42 @@ startup, and the port stays reserved), then forks the workers, each of which lis
 the port with a socket of its own (``SO_REUSEPORT``): the kernel spreads new connections
 evenly over them. Not one shared socket: there, whichever worker wakes first accepts a
 whole burst (asyncio accepts up to 100 at a time), and a herd of connections all land
-in one process. The supervisor runs no event loop and holds no application state.
+in one process. The supervisor runs no event loop and holds no application state;
+it makes two directories of its own, emptied at start and removed at the end: the
+metrics directory and the *run directory* (:class:`Worker`), where each worker
+publishes its state and worker 0 listens for the others.
 
 What is per process becomes correct across processes this way:
 
 - **fills**: the partial file's ``flock`` is already the single-flight token across
   processes (:mod:`regmirror.fill`): one upstream GET however the herd is spread;
-- **eviction has one owner**: worker 0's index evicts (it rescans the data directory
-  every ``REINDEX_SECONDS`` to learn what the others stored; their reads stamp the
-  files' mtimes, so LRU order is shared too); the others never delete a blob. Rather
-  than a shared index (SQLite) because the directory already is the shared truth and
-  eviction is rare, bounded work: one evictor means no two processes ever race to
-  delete, and no lock on the serving path. A worker serving a stored blob holds
-  ``flock(LOCK_SH)`` on its file; the owner deletes only a file it can lock
-  exclusively, so nobody's blob is evicted under it;
+- **eviction has one owner**: worker 0's index evicts; the others never delete a
+  blob. They tell it at once, over a unix datagram socket in the run directory
+  (:mod:`regmirror.eviction_link`), each blob they store and each fill they reserve
+  room for, and ask it for room when their disk is full (a bounded wait, then the
+  fill streams through), so its index is the host's and ``cache.max_bytes`` holds as
+  for one process; it also rescans the data directory every ``REINDEX_SECONDS``, a
+  backstop for what its own restart lost (the others' reads stamp the files' mtimes,
+  so LRU order is shared too). Rather than a shared index (SQLite) because the
+  directory already is the shared truth and eviction is rare, bounded work: one
+  evictor means no two processes ever race to delete, and no lock on the serving
+  path. A worker serving a stored blob holds ``flock(LOCK_SH)`` on its file; the
+  owner deletes only a file it can lock exclusively, so nobody's blob is evicted
+  under it;
 - **links**: a link a worker keeps in memory is checked against its file (one ``stat``)
   on every read, so a tag moved or deleted in one worker is seen by the others at once
   (:mod:`regmirror.links`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
   supervisor's, emptied at start: ``/metrics`` from any worker sums every worker's
-  counters (dead ones' too), so each request is counted exactly once;
+  counters (dead ones' too), so each request is counted exactly once, and the live
+  workers' in-flight gauges (``livesum``);
+- **the host's state**: each worker writes a snapshot of itself to the run directory
+  every half second (:mod:`regmirror.worker_state`): ``/-/status`` from any worker
+  shows every worker's, and ``/readyz`` fails when any worker's heartbeat is older
+  than ``server.max_loop_lag`` (stalled or stopped), its fds are near its limit, or
+  it is gone (the supervisor deletes a dead worker's snapshot when it reaps it);
+- **connections**: ``server.max_connections`` is the host's bound, each worker
+  taking an even share (:func:`regmirror.server.worker_share`);
 - **drain**: SIGTERM or SIGINT to the supervisor goes to every worker, which drains as
   a single process does (each runs :class:`~regmirror.connections.Listener` with
   ``SO_REUSEPORT``, within ``server.drain_timeout``: they drain side by side); the supervisor waits for all of them (SIGKILL after the drain
