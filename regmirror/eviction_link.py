@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "owner.sock"
-ASK_TIMEOUT = 5.0  # seconds a worker waits for the owner's answer
+ASK_TIMEOUT = 2.0  # seconds a worker waits for the owner's answer
 PRUNE_SECONDS = 5.0  # how often the owner drops the reservations of dead workers
 MAX_DATAGRAM = 512
 
@@ -214,6 +214,14 @@ class OwnerMailbox(asyncio.DatagramProtocol):
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no procfs
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

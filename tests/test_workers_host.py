@@ -209,6 +209,29 @@ async def test_a_stopped_worker_makes_the_other_one_not_ready_naming_it(
         assert (await ready_answer(server.url)) is not None  # and it answers itself
 
 
+async def test_a_killed_worker_is_not_ready_until_its_successor_publishes(
+    regmirror_server: Start,  # noqa: F811
+) -> None:
+    server = regmirror_server(config={"server": {"workers": 2}})
+    first, second = workers_of(server)
+    await asyncio.sleep(1.0)
+    async with pinned(server, first) as zero:
+        os.kill(second, signal.SIGKILL)
+        reports = []
+        for _ in range(500):
+            async with zero.get(f"{server.url}/readyz") as response:
+                body = await response.json()
+            reports.append((response.status, body["checks"]["workers"]))
+            if reports[-1][0] == 200 and any(status == 503 for status, _ in reports):
+                break
+            await asyncio.sleep(0.01)
+    not_ready = [problem for status, problem in reports if status == 503]
+    assert not_ready, reports
+    assert all(problem.startswith("worker 1") for problem in not_ready), not_ready
+    assert reports[-1] == (200, "ok"), reports[-5:]
+    assert second not in workers_of(server) and len(workers_of(server)) == 2
+
+
 def test_host_problems_name_each_unhealthy_worker(tmp_path: Path) -> None:
     from regmirror import worker_state
     from regmirror.worker_state import problems
