@@ -10,8 +10,9 @@ loop's lag, its file descriptors, its connections, requests and fills in flight,
 Any worker reads them all when asked; the supervisor deletes a dead worker's file when
 it reaps it (:func:`forget`).
 
-A worker is unhealthy for the host (:func:`problems`) when its file is missing (not
-started yet, or restarting), its pid is gone, its heartbeat is older than
+A worker is unhealthy for the host (:func:`problems`) when its file is missing
+(restarting; in the host's first :data:`STARTUP_GRACE` seconds, one not seen yet is
+starting, which is fine: it does not listen yet), its pid is gone (or a zombie), its heartbeat is older than
 ``server.max_loop_lag`` (its event loop is stalled, or it is stopped: it cannot write),
 its own watchdog measured a stall that long, its descriptors are past
 :data:`~regmirror.health.FD_READY_FRACTION` of its limit, or it is draining. Files
@@ -30,6 +31,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 PUBLISH_INTERVAL = 0.5  # seconds between snapshots (the heartbeat)
 MIN_SPACING = 0.05  # seconds between snapshots written on change
 FDS_EVERY = 4  # snapshots between counts of open descriptors (a listdir of /proc)
+STARTUP_GRACE = 10.0  # seconds after its start a worker overlooks others yet to publish
 UNREFERENCED_EVERY = 20  # snapshots between counts of unreferenced blobs (a walk of the index)
 
 
@@ -122,6 +125,7 @@ class WorkerState:
         self._ticks = 0
         self._fds = open_fds()
         self._unreferenced = 0
+        self._seen: set[int] = set()  # workers seen publishing (the startup grace)
 
     @property
     def shared(self) -> bool:
@@ -188,6 +192,7 @@ class WorkerState:
             except Exception:  # logged; the next beat may do
                 log.exception("publishing this worker's state failed")
             self._changed.clear()
+            self._starting()
             next_beat = loop.time() + self.interval
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
@@ -213,6 +218,15 @@ class WorkerState:
         """Every worker's snapshot, this one's taken now; index order."""
         return sorted([await self.snapshot(), *self.others()], key=lambda s: s["index"] or 0)
 
+    def _starting(self) -> bool:
+        """Within the startup grace: note which workers have published so far."""
+        if self.run_dir is None or time.time() - self.started >= STARTUP_GRACE:
+            return False
+        for index in range(self.count):
+            if index not in self._seen and read(self.run_dir, index) is not None:
+                self._seen.add(index)
+        return True
+
     def owner_disk_problem(self, own: str | None) -> str | None:
         """The eviction owner's verdict on the disk (its index knows every worker's
         blobs); ``own`` when this is the owner or it has not published one."""
@@ -229,7 +243,10 @@ class WorkerState:
         checks are :func:`regmirror.health` s."""
         if self.run_dir is None:
             return None
-        return problems(self.run_dir, self.count, threshold, skip=self.index)
+        starting: set[int] = set()  # not published since the host started: fine for now
+        if self._starting():
+            starting = set(range(self.count)) - self._seen
+        return problems(self.run_dir, self.count, threshold, skip=self.index, starting=starting)
 
 
 def read(run_dir: Path, index: int) -> dict[str, Any] | None:
@@ -240,8 +257,18 @@ def read(run_dir: Path, index: int) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
-def problems(run_dir: Path, count: int, threshold: float, *, skip: int | None = None) -> str | None:
-    """What is wrong with the workers other than ``skip``, each named; None if nothing."""
+def problems(
+    run_dir: Path,
+    count: int,
+    threshold: float,
+    *,
+    skip: int | None = None,
+    starting: Collection[int] = (),
+) -> str | None:
+    """What is wrong with the workers other than ``skip``, each named; None if nothing.
+    ``starting``: workers that have not published since the host started, whose
+    absence is no problem (they do not listen yet: the kernel gives their connections
+    to the others); absent otherwise, a worker is restarting."""
     found = []
     now = time.time()
     for index in range(count):
@@ -249,6 +276,8 @@ def problems(run_dir: Path, count: int, threshold: float, *, skip: int | None = 
             continue
         state = read(run_dir, index)
         if state is None:
+            if index in starting:
+                continue
             found.append(f"worker {index}: not running (starting, or restarting after it died)")
             continue
         if (problem := worker_problem(state, now, threshold)) is not None:

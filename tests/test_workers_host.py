@@ -262,6 +262,8 @@ def test_host_problems_name_each_unhealthy_worker(tmp_path: Path) -> None:
     worker_state.forget(tmp_path, 1, os.getpid())  # the supervisor reaped it
     assert "worker 1: not running" in (problems(tmp_path, 3, 5.0) or "")
     assert "worker 2: not running" in (problems(tmp_path, 3, 5.0) or "")
+    publish(1)
+    assert problems(tmp_path, 3, 5.0, starting={2}) is None  # not started yet: fine
 
 
 # -- server.max_connections ----------------------------------------------------------
