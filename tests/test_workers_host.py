@@ -199,7 +199,7 @@ async def test_a_stopped_worker_makes_the_other_one_not_ready_naming_it(
         assert status == 503, body
         problem = body["checks"]["workers"]
         assert f"worker 1 (pid {second})" in problem and "stalled" in problem, problem
-        assert lag - 0.1 < took < lag + 1.0, took
+        assert took < lag + 1.0, took  # silent since its last beat, up to 0.5 s before
         for _ in range(100):  # back: ready once its loop has run a heartbeat
             status, body = await ready(zero)
             if status == 200:
