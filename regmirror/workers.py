@@ -15,6 +15,11 @@ What is per process becomes correct across processes this way:
 
 - **fills**: the partial file's ``flock`` is already the single-flight token across
   processes (:mod:`regmirror.fill`): one upstream GET however the herd is spread;
+- **the herd's other upstream requests** (a tag's resolution, a manifest's GET, a
+  blob's HEAD, a tag list): a lock file per request under ``<data>/flights/`` is their
+  token (:mod:`regmirror.hostflight`): one worker asks and stores the answer, the
+  others answer from it, or from its error; each worker's in-memory coalescing stays
+  in front;
 - **eviction has one owner**: worker 0's index evicts; the others never delete a
   blob. They tell it at once, over a unix datagram socket in the run directory
   (:mod:`regmirror.eviction_link`), each blob they store and each fill they reserve
