@@ -55,8 +55,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @contextlib.asynccontextmanager
 async def pinned(server: ServerProcess, pid: int) -> AsyncIterator[aiohttp.ClientSession]:
-    """A session whose one kept-alive connection the worker ``pid`` serves."""
-    for _ in range(100):
+    """A session whose one kept-alive connection the worker ``pid`` serves (waiting for
+    it to listen: the server is ready once any worker answers)."""
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
         client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1),
             timeout=aiohttp.ClientTimeout(total=BOUND),
@@ -70,6 +72,7 @@ async def pinned(server: ServerProcess, pid: int) -> AsyncIterator[aiohttp.Clien
                 await client.close()
             return
         await client.close()
+        await asyncio.sleep(0.02)
     raise AssertionError(f"no connection reached worker pid {pid}")
 
 
