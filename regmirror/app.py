@@ -22,7 +22,7 @@ from regmirror.api.keys import (
     REGISTRY,
     SHUTDOWN,
     TRUSTED_PROXIES,
-    UPLOAD_IDLE_TIMEOUT,
+    UPLOAD_PACE,
     UPLOADS,
     WATCHDOG,
     WORKER_STATE,
@@ -43,6 +43,7 @@ from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
 from regmirror.upload_caps import SessionCaps
+from regmirror.upload_pace import BodyPace
 from regmirror.uploads import Uploads
 from regmirror.upstream import UpstreamRouter
 from regmirror.worker_state import WorkerState
@@ -135,11 +136,16 @@ def create_app(
         caps=SessionCaps(
             total=settings.uploads.max_sessions,
             per_client=settings.uploads.max_sessions_per_client,
+            ipv6_prefix=settings.uploads.client_ipv6_prefix,
         ),
         on_growth=_upload_growth(cache, trimmer),
         shared_dir=worker is not None,
     )
-    app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
+    app[UPLOAD_PACE] = BodyPace(
+        idle_timeout=settings.uploads.idle_timeout,
+        min_rate=settings.uploads.min_rate,
+        window=settings.uploads.min_rate_window,
+    )
     app[TRUSTED_PROXIES] = trusted_proxies
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
     app[SHUTDOWN] = Shutdown()
@@ -195,10 +201,6 @@ def check_fleet(settings: Settings) -> None:
         raise ConfigError("fleet.peer_timeout must be above 0 and below cache.fill_idle_timeout")
     if fleet.lease_ttl <= 0:
         raise ConfigError("fleet.lease_ttl must be above 0")
-    if settings.server.workers != 1:
-        # A host's workers would share one fleet identity (advertise_url) with leases
-        # and in-flight fills each kept per process: not made correct across them yet.
-        raise ConfigError("fleet.advertise_url needs server.workers: 1 (one process per host)")
 
 
 def _fleet(fleet: Fleet) -> Context:

@@ -77,8 +77,8 @@ def fill_entry(fill: Fill) -> dict[str, Any]:
     """A fill in flight as ``/-/status`` shows it (named by digest only)."""
     return {
         "digest": str(fill.digest),
-        "bytes": fill._written,  # Fill keeps its progress private; what its readers use
-        "size": fill._size,  # None until the source has said
+        "bytes": fill.written,
+        "size": fill.size,  # None until the source has said
         # Tailing another process's partial file: that worker lists the fill as its own.
         "following": fill.origin.name == "another process",
     }
@@ -141,7 +141,7 @@ class WorkerState:
         self._changed.set()
 
     async def snapshot(self) -> dict[str, Any]:
-        fills = [fill_entry(f) for f in self.fills._inflight.values()]
+        fills = [fill_entry(f) for f in self.fills.running()]
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         state: dict[str, Any] = {
             "index": self.index,
@@ -169,9 +169,7 @@ class WorkerState:
             self._unreferenced = len(cache.unreferenced())
         return {
             "bytes": cache.total,
-            # The index holds one entry per blob on local disk (eviction.py has no
-            # public count; reading its length is all this needs).
-            "blobs": len(cache._entries),
+            "blobs": cache.blob_count,
             "index_loaded": cache.loaded,  # built in the background after start
             "unreferenced_blobs": self._unreferenced,
             "staged_bytes": cache.reserved + cache.uploads,

@@ -36,6 +36,10 @@ What is per process becomes correct across processes this way:
 - **links**: a link a worker keeps in memory is checked against its file (one ``stat``)
   on every read, so a tag moved or deleted in one worker is seen by the others at once
   (:mod:`regmirror.links`);
+- **fleet mode**: the host (``fleet.advertise_url``) is the fleet's member, the worker
+  that fills a blob (the partial file's lock) holds its lease; a peer's request reaching
+  another worker streams that worker's partial file, and a worker killed mid-fill has
+  its lease taken over by the host's next fill at once (:mod:`regmirror.fleet.coordinator`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
   supervisor's, emptied at start: ``/metrics`` from any worker sums every worker's
   counters (dead ones' too), so each request is counted exactly once, and the live

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +23,7 @@ from regmirror import layout, workers
 from regmirror.config import ConfigError, load
 from regmirror.digest import Digest
 from regmirror.eviction import BlobCache
+from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -35,16 +36,10 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["upstream_registry"]
+__all__ = ["session", "upstream_registry"]
 
 BOUND = 60.0
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def workers_of(server: ServerProcess) -> list[int]:
@@ -395,20 +390,6 @@ def test_workers_setting_is_checked() -> None:
     for bad in ("-1", "1000", "two"):
         with pytest.raises(ConfigError, match="workers"):
             load(environ={"REGMIRROR_SERVER__WORKERS": bad})
-
-
-def test_fleet_mode_refuses_several_workers() -> None:
-    from regmirror.app import check_fleet
-
-    environ = {
-        "REGMIRROR_S3__BUCKET": "b",
-        "REGMIRROR_S3__WRITE_BACK": "true",
-        "REGMIRROR_FLEET__ADVERTISE_URL": "http://10.0.0.1:5000",
-        "REGMIRROR_FLEET__SECRET": "s3cret",
-    }
-    check_fleet(load(environ=environ))
-    with pytest.raises(ConfigError, match="server.workers: 1"):
-        check_fleet(load(environ={**environ, "REGMIRROR_SERVER__WORKERS": "2"}))
 
 
 async def test_eviction_skips_a_blob_another_process_is_serving(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 
 from regmirror import layout
+from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -40,17 +41,11 @@ from tests.support.upstream import (
 )
 from tests.test_workers import fresh_get, workers_of
 
-__all__ = ["upstream_registry"]
+__all__ = ["session", "upstream_registry"]
 
 BOUND = 60.0
 MiB = 1024 * 1024
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @contextlib.asynccontextmanager

@@ -45,7 +45,7 @@ async def status(request: web.Request) -> web.Response:
     started = app[STARTED]
     disk = await asyncio.to_thread(os.statvfs, cache.root)
     state = app[WORKER_STATE]
-    fills = [_shown(fill_entry(fill)) for fill in registry.fills._inflight.values()]
+    fills = [_shown(fill_entry(fill)) for fill in registry.fills.running()]
     body: dict[str, Any] = {
         "version": __version__,
         "pid": os.getpid(),
@@ -54,9 +54,7 @@ async def status(request: web.Request) -> web.Response:
         "data_dir": str(cache.root),
         "cache": {
             "bytes": cache.total,
-            # The index holds one entry per blob on local disk (eviction.py has no
-            # public count; reading its length is all this needs).
-            "blobs": len(cache._entries),
+            "blobs": cache.blob_count,
             "index_loaded": cache.loaded,  # built in the background after start
             "unreferenced_blobs": len(cache.unreferenced()),
             "max_bytes": cache.max_bytes,
