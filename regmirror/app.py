@@ -25,12 +25,14 @@ from regmirror.api.keys import (
     UPLOAD_PACE,
     UPLOADS,
     WATCHDOG,
+    WORKER_STATE,
 )
 from regmirror.api.routes import add_probe_routes, add_routes
 from regmirror.auth import middleware as auth
 from regmirror.auth.clients import networks
 from regmirror.config import ConfigError, Settings
 from regmirror.eviction import BlobCache
+from regmirror.eviction_link import OwnerLink, OwnerMailbox
 from regmirror.fill import Fills
 from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
@@ -44,6 +46,7 @@ from regmirror.upload_caps import SessionCaps
 from regmirror.upload_pace import BodyPace
 from regmirror.uploads import Uploads
 from regmirror.upstream import UpstreamRouter
+from regmirror.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,17 @@ READ_BUFSIZE = 64 * 1024
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
-def create_app(settings: Settings, *, worker: int | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, worker: int | None = None, host: workers.Worker | None = None
+) -> web.Application:
     """The application; ``worker``: its index among several serving processes
-    (:mod:`regmirror.workers`; worker 0 owns eviction), None when it serves alone."""
+    (:mod:`regmirror.workers`; worker 0 owns eviction), None when it serves alone;
+    ``host``: who it is among them (the run directory they share their state in)."""
+    if host is not None:
+        worker = host.index
     metrics = Metrics()
     owner = worker is None or worker == 0
+    link = OwnerLink(host.run_dir) if host is not None and not owner else None
     access = auth.build(settings.auth, on_failure=metrics.auth_failure)
     data_dir = Path(settings.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +103,7 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
         unreferenced_grace=settings.cache.unreferenced_grace,
         evicts=owner,
         reindex=workers.REINDEX_SECONDS if worker == 0 else None,
+        link=link,
     )
     metrics.cache_max.set(settings.cache.max_bytes or 0)
     fills = Fills(
@@ -139,8 +149,20 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
     app[TRUSTED_PROXIES] = trusted_proxies
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
     app[SHUTDOWN] = Shutdown()
+    app[WORKER_STATE] = WorkerState(
+        fills=fills,
+        watchdog=app[WATCHDOG],
+        shutdown=app[SHUTDOWN],
+        metrics=metrics,
+        index=worker,
+        count=host.count if host is not None else 1,
+        run_dir=host.run_dir if host is not None else None,
+        cache=cache if host is not None and owner else None,
+    )
     app.on_response_prepare.append(stamp_api_version)
     app.cleanup_ctx.append(_data_dir_lock(data_dir))  # first: nothing starts without it
+    if host is not None:  # before the index loads: nothing another worker says is lost
+        app.cleanup_ctx.append(_owner_link(host, cache, link))
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
     app.cleanup_ctx.append(_trim_heap(trimmer))
@@ -148,6 +170,7 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
     app.cleanup_ctx.append(_close_stores(registry))
     app.cleanup_ctx.append(_blob_cache(cache))  # stopped first: it may be using S3
     app.cleanup_ctx.append(_watch_loop)
+    app.cleanup_ctx.append(_publish_state)
     # With metrics_listen, /metrics is served there only; the probes stay here too, where
     # load balancers and kubelets already look for them.
     add_routes(app, metrics=settings.metrics_listen is None)
@@ -196,6 +219,7 @@ def create_probe_app(app: web.Application) -> web.Application:
     probes[REGISTRY] = app[REGISTRY]
     probes[WATCHDOG] = app[WATCHDOG]
     probes[SHUTDOWN] = app[SHUTDOWN]
+    probes[WORKER_STATE] = app[WORKER_STATE]
     add_probe_routes(probes)
     return probes
 
@@ -288,6 +312,32 @@ async def _watch_loop(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(app[WATCHDOG].run(), name="loop-watchdog")
     yield
     task.cancel()
+
+
+async def _publish_state(app: web.Application) -> AsyncIterator[None]:
+    """This process's state for the others, and the in-flight gauges."""
+    task = asyncio.create_task(app[WORKER_STATE].run(), name="worker-state")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _owner_link(host: workers.Worker, cache: BlobCache, link: OwnerLink | None) -> Context:
+    """Worker 0 listens for what the others store and ask (:mod:`regmirror.eviction_link`);
+    the others talk to it."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        if link is not None:
+            await link.start()
+            yield
+            link.close()
+            return
+        mailbox = OwnerMailbox(host.run_dir, cache)
+        await mailbox.start()
+        yield
+        await mailbox.close()
+
+    return run
 
 
 def _upstreams(settings: Settings, registry: Registry) -> Context:

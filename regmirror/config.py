@@ -209,8 +209,9 @@ class ServerSettings:
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight, in total
     header_timeout: float = 15.0  # seconds a client has to send a request's headers
     keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept
-    # Open connections per port; beyond it the longest idle one is closed (or, with none
-    # idle, the new one). Lowered at startup to leave room under the fd limit.
+    # Open connections per port, for the host (each worker gets a share: server.py);
+    # beyond it the longest idle one is closed (or, with none idle, the new one).
+    # Lowered at startup to leave room under the fd limit.
     max_connections: int = 2048
     max_loop_lag: float = 5.0  # seconds the event loop may stall before /readyz fails
     # Seconds a response may wait on a client that acknowledges none of its bytes (it

@@ -48,10 +48,12 @@ The index is built in the background (:meth:`BlobCache.start_loading`): serving 
 waits for it (a stored blob is found by its path), eviction and admission do
 (:meth:`BlobCache.wait_loaded`), so startup takes the same time whatever the store holds.
 
-Several processes on one data directory (``server.workers``): one of them owns eviction
-and rescans the directory every ``reindex`` seconds to learn what the others stored;
-the others never delete (``evicts=False``). A blob is deleted only when no process holds
-``flock(LOCK_SH)`` on it, which a process serving it does (:mod:`regmirror.workers`).
+Several processes on one data directory (``server.workers``): one of them owns eviction;
+the others never delete (``evicts=False``). They tell the owner at once what they store
+and reserve, and ask it for room (``link``, :mod:`regmirror.eviction_link`), so its index
+is the host's; it also rescans the directory every ``reindex`` seconds, a backstop for
+what a restart lost. A blob is deleted only when no process holds ``flock(LOCK_SH)`` on
+it, which a process serving it does (:mod:`regmirror.workers`).
 """
 
 from __future__ import annotations
@@ -68,12 +70,15 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from regmirror import layout
 from regmirror.digest import Digest
 from regmirror.errors import DigestInvalid
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable
+
+if TYPE_CHECKING:
+    from regmirror.eviction_link import OwnerLink
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +139,18 @@ class BlobCache:
         unreferenced_grace: float = UNREFERENCED_GRACE,
         evicts: bool = True,
         reindex: float | None = None,
+        link: OwnerLink | None = None,
     ):
         """``evicts`` False: this process never deletes a blob (another process owns
-        eviction, :mod:`regmirror.workers`); ``reindex``: seconds between rescans of the
-        data directory, for the owner to learn what other processes stored."""
+        eviction, :mod:`regmirror.workers`); ``link``: how it tells that owner what it
+        stores and asks it for room; ``reindex``: seconds between the owner's rescans
+        of the data directory (a backstop)."""
         self.root = root
         self.unreferenced_grace = unreferenced_grace
         self.evicts = evicts
+        self.link = link
         self.reindex = reindex
+        self._remote: dict[str, int] = {}  # the other workers' reservations (owner)
         self._reindexing: asyncio.Task[None] | None = None
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -177,7 +186,38 @@ class BlobCache:
         self._put(digest, size, State.EVICTABLE if evictable else State.PINNED)
         self._entries.move_to_end(digest)
         self._stamp(digest)
+        if self.link is not None:
+            self.link.stored(digest, size, pinned=not evictable)
         self._schedule()
+
+    # -- what the other workers tell the owner (regmirror.eviction_link) ------------
+
+    def learned(self, digest: Digest, size: int, *, evictable: bool) -> None:
+        """Another worker stored ``digest`` (and stamped its mtime): as :meth:`added`."""
+        self._put(digest, size, State.EVICTABLE if evictable else State.PINNED)
+        self._entries.move_to_end(digest)
+        self._schedule()
+
+    def remote_reserve(self, key: str, size: int) -> None:
+        """Another worker's fill of ``size`` bytes counts toward the budget until
+        :meth:`remote_release` of ``key``; room is made for it now."""
+        self.reserved += size - self._remote.get(key, 0)
+        self._remote[key] = size
+        self._report()
+        self._schedule()
+
+    def remote_release(self, key: str) -> None:
+        self.reserved -= self._remote.pop(key, 0)
+        self._report()
+
+    def remote_pass(self) -> None:
+        """Another worker's uploads grew: measure them (an eviction pass does)."""
+        self._schedule()
+
+    def drop_remote(self, alive: Callable[[int], bool]) -> None:
+        """Release the reservations of workers that are gone (``key``: ``<pid>.<n>``)."""
+        for key in [k for k in self._remote if not alive(int(k.split(".")[0]))]:
+            self.remote_release(key)
 
     def uploads_grew(self, nbytes: int) -> None:
         """Upload sessions took ``nbytes`` more on disk (negative: gave them back).
@@ -195,6 +235,8 @@ class BlobCache:
         over = self.max_bytes is not None and self.budgeted > self.max_bytes * HIGH_WATERMARK
         if self._uploads_unmeasured >= UPLOAD_RECHECK_BYTES or (over and not self._stuck):
             self._uploads_unmeasured = 0
+            if self.link is not None:
+                self.link.check()
             self._schedule()
 
     def touched(self, digest: Digest) -> None:
@@ -469,6 +511,10 @@ class BlobCache:
         free = await asyncio.to_thread(disk_free, self.root)
         if size <= free - self.min_free_bytes:
             return None  # fits as things are: no need to wait for the index
+        if self.link is not None:  # the owner's index knows every worker's blobs
+            answer = await self.link.admit(size)
+            if answer is not None:
+                return None if answer == "ok" else answer
         await self.wait_loaded()
         if size > free - self.min_free_bytes + self.evictable_bytes():
             return "disk_full"
@@ -491,15 +537,17 @@ class BlobCache:
         """Count a fill of ``size`` bytes toward the budget until it is released (it is
         then in the store, or gone), making room for it now rather than after."""
         self.reserved += size
+        key = self.link.reserve(size) if self.link is not None else None
         self._schedule()
-        return Reservation(self, size)
+        return Reservation(self, size, key)
 
     async def make_room(self, nbytes: int) -> int:
         """The disk is full (ENOSPC): evict the least recently used evictable blobs until
         ``nbytes`` plus the floor are free and the budget is under its low watermark;
         the bytes evicted (0: nothing left to evict). Works with no limits configured."""
-        if not self.evicts:
-            return 0  # another process owns eviction: the fill streams through
+        if not self.evicts:  # another process owns eviction: ask it, a bounded wait
+            freed = await self.link.room(nbytes) if self.link is not None else None
+            return freed or 0  # nothing (or no answer): the fill streams through
         await self.wait_loaded()
         freed = 0
         free = await asyncio.to_thread(disk_free, self.root)
@@ -695,14 +743,17 @@ def _log_round(count: int, freed: int, seconds: float, cache: BlobCache) -> None
 class Reservation:
     """A fill's size counted toward the budget; :meth:`release` it once."""
 
-    def __init__(self, cache: BlobCache, size: int):
+    def __init__(self, cache: BlobCache, size: int, key: str | None = None):
         self._cache: BlobCache | None = cache
         self.size = size
+        self.key = key  # the owner's name for it, in another worker
 
     def release(self) -> None:
         if self._cache is not None:
             self._cache.reserved -= self.size
             self._cache._report()
+            if self.key is not None and self._cache.link is not None:
+                self._cache.link.release(self.key)
             self._cache = None
 
 

@@ -144,6 +144,26 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",  # reported by the eviction owner (regmirror.workers)
         )
+        # Set by each worker every half second (regmirror.worker_state); summed over
+        # the live workers: the host's, whichever worker /metrics reaches.
+        self.fills_in_flight = Gauge(
+            "regmirror_fills_in_flight",
+            "Fills copying a blob onto local disk now (one per blob, whatever the waiters).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.requests_in_flight = Gauge(
+            "regmirror_http_requests_in_flight",
+            "Requests on the registry port being handled now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.connections_open = Gauge(
+            "regmirror_http_connections",
+            "Client connections open on the registry port (bounded by server.max_connections).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.evictions = Counter(
             "regmirror_evictions_total",
             "Blobs evicted from local disk to stay within the budget and free-space floor.",
@@ -239,6 +259,7 @@ class Metrics:
 
     def fleet_tag(self, result: str) -> None:
         self.fleet_tags.labels(result).inc()
+
     def upload_refused(self, reason: str) -> None:
         self.upload_refusals.labels(reason).inc()
 

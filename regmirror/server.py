@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from regmirror import log_limits
-from regmirror.api.keys import SHUTDOWN
+from regmirror.api.keys import SHUTDOWN, WORKER_STATE
 from regmirror.app import create_probe_app
 from regmirror.config import ServerSettings
 from regmirror.connections import (
@@ -34,10 +35,15 @@ from regmirror.connections import (
 )
 from regmirror.logs.access import runner_options
 from regmirror.tls import ServerTLS
+from regmirror.workers import Worker
 
 log = logging.getLogger("regmirror")
 
 PROBE_DRAIN = 5.0  # seconds the probe port's own requests get once the registry is done
+# Connections each worker may hold at least, however many workers share
+# server.max_connections (unless it is smaller): a worker the kernel hands a burst to
+# must not refuse it while the others idle.
+MIN_WORKER_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,19 @@ def run(
     probes: Listen | None = None,
     settings: ServerSettings | None = None,
     reuse_port: bool = False,
+    worker: Worker | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain."""
     asyncio.run(
-        serve(app, registry, tls=tls, probes=probes, settings=settings, reuse_port=reuse_port)
+        serve(
+            app,
+            registry,
+            tls=tls,
+            probes=probes,
+            settings=settings,
+            reuse_port=reuse_port,
+            worker=worker,
+        )
     )
 
 
@@ -69,17 +84,20 @@ async def serve(
     probes: Listen | None = None,
     settings: ServerSettings | None = None,
     reuse_port: bool = False,
+    worker: Worker | None = None,
 ) -> None:
     """Serve ``app`` on ``registry`` (and its probes on ``probes``) until SIGTERM or
-    SIGINT; ``reuse_port``: as one of several worker processes (:mod:`regmirror.workers`)."""
+    SIGINT; ``worker``: as one of several worker processes (:mod:`regmirror.workers`),
+    with ``SO_REUSEPORT`` (``reuse_port`` alone: that without the rest)."""
     settings = settings or ServerSettings()
+    reuse_port = reuse_port or worker is not None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     log_limits.install()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    limits = _limits(settings, ports=2 if probes is not None else 1)
+    limits = _limits(settings, ports=2 if probes is not None else 1, worker=worker)
     listeners: list[Listener] = []
     try:
         main = await _runner(app, limits)
@@ -95,6 +113,7 @@ async def serve(
             )
         )
         await listeners[0].start()
+        app[WORKER_STATE].attach(listeners[0])
         scheme = "https" if tls is not None else "http"
         log.info("serving %s://%s:%d/v2/", scheme, registry.host, registry.port)
         if probes is not None:
@@ -115,6 +134,7 @@ async def serve(
             )
         await stop.wait()
         app[SHUTDOWN].draining = True
+        app[WORKER_STATE].changed()  # the other workers' /readyz says so at once
         await _drain(listeners, settings.drain_timeout)
     finally:
         for listener in listeners:  # after a failed start; a no-op after the drain
@@ -134,15 +154,33 @@ async def _runner(app: web.Application, limits: Limits) -> web.AppRunner:
     return runner
 
 
-def _limits(settings: ServerSettings, *, ports: int) -> Limits:
-    fd_limit = raise_fd_limit()
-    bound = connection_bound(settings.max_connections, fd_limit, ports)
-    if bound < settings.max_connections:
+def worker_share(configured: int, count: int) -> int:
+    """Each of ``count`` workers' part of ``server.max_connections`` (the host's bound):
+    an even share, but at least :data:`MIN_WORKER_CONNECTIONS` (or all of it, if less)."""
+    return max(math.ceil(configured / count), min(configured, MIN_WORKER_CONNECTIONS))
+
+
+def _limits(settings: ServerSettings, *, ports: int, worker: Worker | None = None) -> Limits:
+    fd_limit = raise_fd_limit()  # per process: each worker has a limit of its own
+    share = settings.max_connections
+    if worker is not None:
+        share = worker_share(settings.max_connections, worker.count)
+        log.info(
+            "worker %d: up to %d connections per port (server.max_connections %d for the "
+            "host, over %d workers)",
+            worker.index,
+            share,
+            settings.max_connections,
+            worker.count,
+        )
+    bound = connection_bound(share, fd_limit, ports)
+    if bound < share:
         log.warning(
-            "server.max_connections %d lowered to %d per port: the fd limit is %d "
+            "server.max_connections %d lowered to %d per port%s: the fd limit is %d "
             "(raise LimitNOFILE / ulimit -n)",
             settings.max_connections,
             bound,
+            " in each worker" if worker is not None else "",
             fd_limit,
         )
     return Limits(

@@ -6,7 +6,10 @@ startup, and the port stays reserved), then forks the workers, each of which lis
 the port with a socket of its own (``SO_REUSEPORT``): the kernel spreads new connections
 evenly over them. Not one shared socket: there, whichever worker wakes first accepts a
 whole burst (asyncio accepts up to 100 at a time), and a herd of connections all land
-in one process. The supervisor runs no event loop and holds no application state.
+in one process. The supervisor runs no event loop and holds no application state;
+it makes two directories of its own, emptied at start and removed at the end: the
+metrics directory and the *run directory* (:class:`Worker`), where each worker
+publishes its state and worker 0 listens for the others.
 
 What is per process becomes correct across processes this way:
 
@@ -17,14 +20,19 @@ What is per process becomes correct across processes this way:
   token (:mod:`regmirror.hostflight`): one worker asks and stores the answer, the
   others answer from it, or from its error; each worker's in-memory coalescing stays
   in front;
-- **eviction has one owner**: worker 0's index evicts (it rescans the data directory
-  every ``REINDEX_SECONDS`` to learn what the others stored; their reads stamp the
-  files' mtimes, so LRU order is shared too); the others never delete a blob. Rather
-  than a shared index (SQLite) because the directory already is the shared truth and
-  eviction is rare, bounded work: one evictor means no two processes ever race to
-  delete, and no lock on the serving path. A worker serving a stored blob holds
-  ``flock(LOCK_SH)`` on its file; the owner deletes only a file it can lock
-  exclusively, so nobody's blob is evicted under it;
+- **eviction has one owner**: worker 0's index evicts; the others never delete a
+  blob. They tell it at once, over a unix datagram socket in the run directory
+  (:mod:`regmirror.eviction_link`), each blob they store and each fill they reserve
+  room for, and ask it for room when their disk is full (a bounded wait, then the
+  fill streams through), so its index is the host's and ``cache.max_bytes`` holds as
+  for one process; it also rescans the data directory every ``REINDEX_SECONDS``, a
+  backstop for what its own restart lost (the others' reads stamp the files' mtimes,
+  so LRU order is shared too). Rather than a shared index (SQLite) because the
+  directory already is the shared truth and eviction is rare, bounded work: one
+  evictor means no two processes ever race to delete, and no lock on the serving
+  path. A worker serving a stored blob holds ``flock(LOCK_SH)`` on its file; the
+  owner deletes only a file it can lock exclusively, so nobody's blob is evicted
+  under it;
 - **links**: a link a worker keeps in memory is checked against its file (one ``stat``)
   on every read, so a tag moved or deleted in one worker is seen by the others at once
   (:mod:`regmirror.links`);
@@ -34,7 +42,15 @@ What is per process becomes correct across processes this way:
   its lease taken over by the host's next fill at once (:mod:`regmirror.fleet.coordinator`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
   supervisor's, emptied at start: ``/metrics`` from any worker sums every worker's
-  counters (dead ones' too), so each request is counted exactly once;
+  counters (dead ones' too), so each request is counted exactly once, and the live
+  workers' in-flight gauges (``livesum``);
+- **the host's state**: each worker writes a snapshot of itself to the run directory
+  every half second (:mod:`regmirror.worker_state`): ``/-/status`` from any worker
+  shows every worker's, and ``/readyz`` fails when any worker's heartbeat is older
+  than ``server.max_loop_lag`` (stalled or stopped), its fds are near its limit, or
+  it is gone (the supervisor deletes a dead worker's snapshot when it reaps it);
+- **connections**: ``server.max_connections`` is the host's bound, each worker
+  taking an even share (:func:`regmirror.server.worker_share`);
 - **drain**: SIGTERM or SIGINT to the supervisor goes to every worker, which drains as
   a single process does (each runs :class:`~regmirror.connections.Listener` with
   ``SO_REUSEPORT``, within ``server.drain_timeout``: they drain side by side); the supervisor waits for all of them (SIGKILL after the drain
@@ -55,6 +71,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("regmirror")
@@ -64,6 +81,18 @@ STOP_MARGIN = 10.0  # seconds past the drain timeout before a worker is killed
 MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gives up
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Who a worker process is: its index (0 owns eviction), how many serve the host,
+    and the supervisor's run directory, where each worker publishes its state
+    (:mod:`regmirror.worker_state`) and the eviction owner listens
+    (:mod:`regmirror.eviction_link`)."""
+
+    index: int
+    count: int
+    run_dir: Path
 
 
 def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -104,10 +133,12 @@ def use_multiprocess_metrics() -> None:
     values.ValueClass = values.MultiProcessValue()
 
 
-def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> int:
-    """Fork ``count`` workers running ``serve(index)`` (its return is the exit status);
+def supervise(count: int, serve: Callable[[Worker], int], drain_timeout: float) -> int:
+    """Fork ``count`` workers running ``serve(worker)`` (its return is the exit status);
     until SIGTERM/SIGINT, then drain them. The exit status: 0 when all ended cleanly."""
     metrics_dir = tempfile.mkdtemp(prefix="regmirror-metrics-")
+    # Not under the data directory: a unix socket's path is at most 107 bytes.
+    run_dir = Path(tempfile.mkdtemp(prefix="regmirror-run-"))
     os.environ[METRICS_ENV] = metrics_dir
     stopping = False
 
@@ -121,11 +152,12 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
     status = 0
     try:
         for index in range(count):
-            children[_fork(index, serve)] = index
+            children[_fork(Worker(index, count, run_dir), serve)] = index
         log.info(
-            "serving with %d worker processes (%s); their metrics in %s",
+            "serving with %d worker processes (%s); their state in %s, their metrics in %s",
             count,
             ", ".join(map(str, children)),
+            run_dir,
             metrics_dir,
         )
         while children and not stopping:
@@ -134,7 +166,7 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
                 time.sleep(0.1)  # a signal sets ``stopping``; waitpid would be resumed
                 continue
             index = children.pop(pid)
-            _mark_dead(pid)
+            _mark_dead(pid, index, run_dir)
             if stopping:
                 break
             log.error("worker %d (pid %d) exited unexpectedly (%s)", index, pid, code)
@@ -143,19 +175,21 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
                 log.error("workers keep dying: stopping")
                 status = 1
                 break
-            children[_fork(index, serve)] = index
-        status = max(status, _drain(children, drain_timeout + STOP_MARGIN))
+            children[_fork(Worker(index, count, run_dir), serve)] = index
+        status = max(status, _drain(children, drain_timeout + STOP_MARGIN, run_dir))
     finally:
         for pid in children:
             _kill(pid, signal.SIGKILL)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         os.environ.pop(METRICS_ENV, None)
     return status
 
 
-def _fork(index: int, serve: Callable[[int], int]) -> int:
+def _fork(worker: Worker, serve: Callable[[Worker], int]) -> int:
+    index = worker.index
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -166,7 +200,7 @@ def _fork(index: int, serve: Callable[[int], int]) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's loop sets its own
             signal.signal(signum, signal.SIG_DFL)
         use_multiprocess_metrics()
-        code = serve(index)
+        code = serve(worker)
     except BaseException:
         log.exception("worker %d failed", index)
     finally:
@@ -185,7 +219,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _drain(children: dict[int, int], timeout: float) -> int:
+def _drain(children: dict[int, int], timeout: float, run_dir: Path) -> int:
     """SIGTERM every worker and wait for them, SIGKILL after ``timeout``."""
     for pid in children:
         _kill(pid, signal.SIGTERM)
@@ -196,8 +230,9 @@ def _drain(children: dict[int, int], timeout: float) -> int:
         if pid == 0:
             time.sleep(0.05)
             continue
-        children.pop(pid, None)
-        _mark_dead(pid)
+        index = children.pop(pid, None)
+        if index is not None:
+            _mark_dead(pid, index, run_dir)
         status = max(status, 1 if code else 0)
     for pid in list(children):
         log.error("worker pid %d did not drain in %.0f s: killed", pid, timeout)
@@ -223,8 +258,12 @@ def _kill(pid: int, signum: int) -> None:
         pass
 
 
-def _mark_dead(pid: int) -> None:
-    """Its gauges leave the live aggregations; its counters stay counted."""
+def _mark_dead(pid: int, index: int, run_dir: Path) -> None:
+    """Its gauges leave the live aggregations (its counters stay counted), and its
+    published state the host's view (the others see it gone until it is back)."""
     from prometheus_client import multiprocess
 
+    from regmirror import worker_state
+
     multiprocess.mark_process_dead(pid, os.environ.get(METRICS_ENV))
+    worker_state.forget(run_dir, index, pid)

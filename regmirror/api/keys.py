@@ -11,6 +11,7 @@ from regmirror.metrics import Metrics
 from regmirror.registry import Registry
 from regmirror.upload_pace import BodyPace
 from regmirror.uploads import Uploads
+from regmirror.worker_state import WorkerState
 
 REGISTRY = web.AppKey("registry", Registry)
 UPLOADS = web.AppKey("uploads", Uploads)
@@ -18,6 +19,8 @@ METRICS = web.AppKey("metrics", Metrics)
 FLEET = web.AppKey("fleet", Fleet)  # set only in fleet mode
 WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
+# This process's state, and (with server.workers) every worker's: /-/status, /readyz.
+WORKER_STATE = web.AppKey("worker_state", WorkerState)
 # auth.trusted_proxies: whose X-Forwarded-For names the client (session caps per client).
 TRUSTED_PROXIES = web.AppKey[tuple[Network, ...]]("trusted_proxies")
 # uploads.idle_timeout and min_rate: how fast a request body must arrive.

@@ -104,17 +104,17 @@ def run(args: argparse.Namespace) -> int:
     del app  # each worker builds its own (checked above: the settings are usable)
     ports = [sock.getsockname()[1] for sock in reserved]
 
-    def serve_worker(index: int) -> int:
+    def serve_worker(worker: workers.Worker) -> int:
         held.release()  # the worker takes its own (the app's data directory lock)
         for sock in reserved:
             sock.close()
         run_server(
-            create_app(settings, worker=index),
+            create_app(settings, host=worker),
             Listen(host, ports[0]),
             tls=server_tls(settings.tls),
             probes=Listen(probes[0], ports[1]) if probes is not None else None,
             settings=settings.server,
-            reuse_port=True,
+            worker=worker,
         )
         return 0
 

@@ -1,7 +1,8 @@
 """``regmirror status``: what an SRE asks a running regmirror first, in one report.
 
 Three reads, all cheap and read-only: ``/-/status`` (version, uptime, the cache index,
-fills in flight), ``/metrics`` (hits and misses, fills, evictions, errors; parsed with
+fills in flight; with ``server.workers``, every worker's, and a line per worker),
+``/metrics`` (hits and misses, fills, evictions, errors; parsed with
 prometheus_client's own parser) and ``/readyz`` (whether local disk and S3 answer).
 :func:`read_status` returns the report as a plain dict (what ``--json`` prints);
 :func:`render` lays it out for a person.
@@ -124,6 +125,7 @@ def build_report(
         "pid": info.get("pid"),
         "uptime_seconds": info.get("uptime_seconds"),
         "data_dir": info.get("data_dir"),
+        "workers": info.get("workers", []),  # with server.workers: one per worker
         "cache": cache,
         "requests": {
             "hits": int(hits),
@@ -179,6 +181,8 @@ def render(console: Console, report: dict[str, Any]) -> None:
     )
     for tier, state in report["tiers"].items():
         row("", Text.assemble(f"{tier}: ", _health(state)))
+    for worker in report["workers"]:
+        row("workers" if worker["index"] == 0 else "", _worker(worker))
 
     cache = report["cache"]
     used, budget = cache.get("bytes", 0), cache.get("max_bytes")
@@ -216,7 +220,8 @@ def render(console: Console, report: dict[str, Any]) -> None:
         progress = (
             f"{size_text(done)} of {size_text(size)} ({done / size:.0%})" if size else "starting"
         )
-        row("", f"{fill['digest'][:19]}…  {progress}")
+        where = f"  (worker {fill['worker']})" if fill.get("worker") is not None else ""
+        row("", f"{fill['digest'][:19]}…  {progress}{where}")
 
     for upstream in report["upstreams"]:
         errors = upstream["errors"]
@@ -246,6 +251,20 @@ def render(console: Console, report: dict[str, Any]) -> None:
     row("evictions", f"{evictions['blobs']} blobs, {size_text(evictions['bytes'])}")
     row("5xx", str(requests["server_errors"]))
     console.print(grid)
+
+
+def _worker(worker: dict[str, Any]) -> Text:
+    name = f"worker {worker['index']}: pid {worker['pid']}"
+    if worker.get("pid") is None:
+        return Text.assemble(f"worker {worker['index']}: ", ("not running", "bold red"))
+    line = (
+        f"{name}, up {_duration(worker.get('uptime_seconds'))}, "
+        f"{worker.get('connections', 0)} connections, "
+        f"{worker.get('requests_in_flight', 0)} requests, {worker.get('fills', 0)} fills"
+    )
+    if worker.get("problem"):
+        return Text.assemble(f"{line}: ", (worker["problem"], "bold red"))
+    return Text(line)
 
 
 def _health(state: str) -> tuple[str, str]:
