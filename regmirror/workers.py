@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import shutil
 import signal
@@ -46,7 +45,8 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
+
+from regmirror import cpus
 
 log = logging.getLogger("regmirror")
 
@@ -57,17 +57,10 @@ METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """One per CPU this process may use: its affinity, capped by a cgroup v2 CPU quota
-    (a container limited to 2 CPUs on a 64-core node gets 2 workers, not 64)."""
-    cpus = len(os.sched_getaffinity(0)) or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota == "max":
-        return cpus
-    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+def default_workers() -> int:
+    """One per CPU this process may use (:mod:`regmirror.cpus`: its affinity, capped by
+    its cgroups' CPU quota): a container limited to 2 CPUs on a 64-core node gets 2."""
+    return cpus.usable_cpus()
 
 
 def bind(host: str, port: int, *, listen: bool) -> socket.socket:

@@ -1,0 +1,100 @@
+"""``server.workers`` by default: one serving process per CPU this process may use.
+
+The count honours the CPU quota of the process's cgroup and of every cgroup above it,
+wherever the quota was set (a container's root cgroup, a systemd service or slice),
+in cgroup v2 and v1 layouts; these tests build such trees in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from regmirror import cpus
+from regmirror.config import load
+
+CPUS = len(os.sched_getaffinity(0))
+
+
+def v2_tree(root: Path, membership: str, quotas: dict[str, str]) -> tuple[Path, Path]:
+    """A unified hierarchy at ``root/fs`` with ``cpu.max`` per cgroup path, and a
+    ``/proc/self/cgroup`` naming ``membership``."""
+    fs = root / "fs"
+    fs.mkdir()
+    (fs / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    for path, value in quotas.items():
+        directory = fs / path.strip("/")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cpu.max").write_text(value + "\n")
+    (fs / membership.strip("/")).mkdir(parents=True, exist_ok=True)
+    proc = root / "cgroup"
+    proc.write_text(f"0::{membership}\n")
+    return proc, fs
+
+
+def test_the_default_is_one_worker_per_cpu() -> None:
+    assert load(environ={}).server.workers == 0
+    assert load(environ={"REGMIRROR_SERVER__WORKERS": "1"}).server.workers == 1
+
+
+def test_no_quota_counts_every_cpu_of_the_affinity(tmp_path: Path) -> None:
+    proc, fs = v2_tree(tmp_path, "/", {"/": "max 100000"})
+    assert cpus.cpu_quota(proc, fs) is None
+    assert cpus.usable_cpus(proc, fs) == CPUS
+    assert cpus.usable_cpus(tmp_path / "absent", fs) == CPUS
+
+
+def test_a_containers_quota_at_the_root_of_its_cgroup_namespace(tmp_path: Path) -> None:
+    """Kubernetes limits.cpu: 1500m, docker run --cpus 1.5: the container sees its own
+    cgroup as the root, with the quota in it."""
+    proc, fs = v2_tree(tmp_path, "/", {"/": "150000 100000"})
+    assert cpus.cpu_quota(proc, fs) == 1.5
+    assert cpus.usable_cpus(proc, fs) == min(CPUS, 2)
+
+
+def test_a_systemd_services_quota_in_its_own_cgroup(tmp_path: Path) -> None:
+    """CPUQuota=100% writes cpu.max in the service's cgroup, not at the root (where
+    the count looked before)."""
+    proc, fs = v2_tree(
+        tmp_path,
+        "/system.slice/regmirror.service",
+        {"/system.slice/regmirror.service": "100000 100000"},
+    )
+    assert cpus.cpu_quota(proc, fs) == 1.0
+    assert cpus.usable_cpus(proc, fs) == 1
+
+
+def test_the_smallest_quota_on_the_way_to_the_root_wins(tmp_path: Path) -> None:
+    proc, fs = v2_tree(
+        tmp_path,
+        "/mirror.slice/regmirror.service",
+        {
+            "/mirror.slice": "50000 100000",
+            "/mirror.slice/regmirror.service": "400000 100000",
+        },
+    )
+    assert cpus.cpu_quota(proc, fs) == 0.5
+    assert cpus.usable_cpus(proc, fs) == 1  # never 0
+
+
+def test_cgroup_v1_quota_of_a_container_mounted_as_its_own_root(tmp_path: Path) -> None:
+    """v1 without a cgroup namespace: /proc/self/cgroup names the host's path, which the
+    container's mount does not have; the mount's root is the container's cgroup."""
+    fs = tmp_path / "fs"
+    cpu = fs / "cpu,cpuacct"
+    cpu.mkdir(parents=True)
+    (cpu / "cpu.cfs_quota_us").write_text("200000\n")
+    (cpu / "cpu.cfs_period_us").write_text("100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert cpus.cpu_quota(proc, fs) == 2.0
+    assert cpus.usable_cpus(proc, fs) == min(CPUS, 2)
+    (cpu / "cpu.cfs_quota_us").write_text("-1\n")  # no quota
+    assert cpus.usable_cpus(proc, fs) == CPUS
+
+
+@pytest.mark.parametrize("value", ["", "max", "150000", "x 100000", "150000 0", "1 2 3"])
+def test_an_unreadable_quota_is_no_quota(tmp_path: Path, value: str) -> None:
+    proc, fs = v2_tree(tmp_path, "/", {"/": value})
+    assert cpus.usable_cpus(proc, fs) == CPUS
