@@ -98,3 +98,18 @@ def test_cgroup_v1_quota_of_a_container_mounted_as_its_own_root(tmp_path: Path) 
 def test_an_unreadable_quota_is_no_quota(tmp_path: Path, value: str) -> None:
     proc, fs = v2_tree(tmp_path, "/", {"/": value})
     assert cpus.usable_cpus(proc, fs) == CPUS
+
+
+def test_the_daemonset_bounds_its_workers_when_it_sets_no_cpu_limit() -> None:
+    """Without a CPU limit the pod's cgroup has no quota: one worker per CPU would be one
+    per node core, each under the one memory limit."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+    daemonset = yaml.safe_load((root / "daemonset.yaml").read_text())
+    [container] = [
+        c for c in daemonset["spec"]["template"]["spec"]["containers"] if c["name"] == "regmirror"
+    ]
+    settings = load(root / "config.yml", environ={})
+    if "cpu" not in container["resources"].get("limits", {}):
+        assert 1 <= settings.server.workers <= 4
