@@ -31,11 +31,12 @@ BOUND = 20.0
 
 
 def open_files(server: ServerProcess) -> list[str]:
-    fds = Path(f"/proc/{server.process.pid}/fd")
+    """What the serving processes (every worker) have open."""
     found = []
-    for fd in fds.iterdir():
-        with contextlib.suppress(OSError):
-            found.append(os.readlink(fd))
+    for pid in server.serving_pids():
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                found.append(os.readlink(fd))
     return found
 
 
