@@ -54,6 +54,7 @@ REINDEX_SECONDS = 10.0  # how often the eviction owner rescans the data director
 STOP_MARGIN = 10.0  # seconds past the drain timeout before a worker is killed
 MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gives up
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -99,7 +100,7 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
         nonlocal stopping
         stopping = True
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     children: dict[int, int] = {}  # pid -> worker index
     deaths: deque[float] = deque(maxlen=MAX_RESTARTS)
     status = 0
@@ -140,14 +141,20 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
 
 
 def _fork(index: int, serve: Callable[[int], int]) -> int:
+    """A worker, born with SIGTERM and SIGINT blocked: one sent while it starts waits
+    until its event loop handles them (:func:`regmirror.server.serve` unblocks them),
+    rather than finding the supervisor's handler (swallowed: the worker would serve on)
+    or none (it would die undrained)."""
     parent = os.getpid()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return pid
     code = 1
     try:
         _die_with(parent)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's loop sets its own
+        for signum in STOP_SIGNALS:  # the worker's loop sets its own; pending ones wait
             signal.signal(signum, signal.SIG_DFL)
         use_multiprocess_metrics()
         code = serve(index)

@@ -7,12 +7,16 @@ in cgroup v2 and v1 layouts; these tests build such trees in a temporary directo
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from regmirror import cpus
 from regmirror.config import load
+from tests.support.processes import HOST, REPO_ROOT, free_port
 
 CPUS = len(os.sched_getaffinity(0))
 
@@ -113,3 +117,34 @@ def test_the_daemonset_bounds_its_workers_when_it_sets_no_cpu_limit() -> None:
     settings = load(root / "config.yml", environ={})
     if "cpu" not in container["resources"].get("limits", {}):
         assert 1 <= settings.server.workers <= 4
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_workers_start_stops_them_cleanly(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM (or Ctrl-C's SIGINT) while the workers build their apps: there a worker
+    had no handler and died of it (exit status 1), or, just after the fork, still the
+    supervisor's, which swallowed it (the worker served on until killed 40 s later).
+    Now the signal waits until the worker's loop takes it, and the worker drains."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGMIRROR_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), REGMIRROR_SERVER__WORKERS="2", SLOW_WORKER_START="1")
+    argv = [sys.executable, "-m", "tests.support.slow_workers", "serve"]
+    argv += ["--listen", f"{HOST}:{free_port()}"]
+    argv += ["--data-dir", str(tmp_path / "data")]
+    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "worker processes" in line:  # forked, not serving yet
+                process.send_signal(signum)
+                break
+        code = process.wait(15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    logs = process.stderr.read()
+    assert code == 0, logs
+    assert "did not drain" not in logs and "exited unexpectedly" not in logs
+    assert logs.count("stopping: draining") == 2  # each worker, once it could
