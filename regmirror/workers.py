@@ -38,15 +38,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 
 from regmirror import cpus
+from regmirror.metrics_dir import MetricsDir
 
 log = logging.getLogger("regmirror")
 
@@ -92,8 +91,8 @@ def use_multiprocess_metrics() -> None:
 def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> int:
     """Fork ``count`` workers running ``serve(index)`` (its return is the exit status);
     until SIGTERM/SIGINT, then drain them. The exit status: 0 when all ended cleanly."""
-    metrics_dir = tempfile.mkdtemp(prefix="regmirror-metrics-")
-    os.environ[METRICS_ENV] = metrics_dir
+    metrics = MetricsDir()
+    os.environ[METRICS_ENV] = metrics.path
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -111,7 +110,7 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
             "serving with %d worker processes (%s); their metrics in %s",
             count,
             ", ".join(map(str, children)),
-            metrics_dir,
+            metrics.path,
         )
         while children and not stopping:
             pid, code = _reap()
@@ -135,7 +134,7 @@ def supervise(count: int, serve: Callable[[int], int], drain_timeout: float) -> 
             _kill(pid, signal.SIGKILL)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics.remove()
         os.environ.pop(METRICS_ENV, None)
     return status
 

@@ -6,17 +6,29 @@ in cgroup v2 and v1 layouts; these tests build such trees in a temporary directo
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from regmirror import cpus
+from regmirror import cpus, metrics_dir
 from regmirror.config import load
-from tests.support.processes import HOST, REPO_ROOT, free_port
+from tests.support.processes import (  # noqa: F401  (pytest fixtures)
+    HOST,
+    REPO_ROOT,
+    ServerProcess,
+    free_port,
+    regmirror_server,
+)
+from tests.test_workers import metrics_dir as metrics_dir_of
+
+Start = Callable[..., ServerProcess]
 
 CPUS = len(os.sched_getaffinity(0))
 
@@ -148,3 +160,45 @@ def test_a_signal_while_the_workers_start_stops_them_cleanly(
     assert code == 0, logs
     assert "did not drain" not in logs and "exited unexpectedly" not in logs
     assert logs.count("stopping: draining") == 2  # each worker, once it could
+
+
+def test_a_killed_supervisors_metrics_directory_goes_at_the_next_start(
+    regmirror_server: Start,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """kill -9 of the supervisor left its metrics directory in the temp directory, one
+    more on every restart (a container's /tmp outlives it). The next start removes it;
+    a directory still in use, or not one of ours, stays."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    config = {"server": {"workers": 2}}
+    killed = regmirror_server(env=env, config=config)
+    left = metrics_dir_of(killed)
+    assert left.parent == tmp and any(left.glob("*.db"))
+    workers = killed.serving_pids()
+    killed.stopped = True  # by this test, on purpose
+    killed.process.kill()
+    killed.process.wait(10)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.05)
+    assert left.is_dir()
+
+    in_use = tmp / f"{metrics_dir.PREFIX}in-use"
+    in_use.mkdir()
+    held = os.open(in_use / metrics_dir.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a live supervisor holds it
+    older = tmp / f"{metrics_dir.PREFIX}older"  # no lock file: not ours to judge
+    older.mkdir()
+    try:
+        restarted = regmirror_server(env=env, config=config)
+        assert not left.exists()
+        assert in_use.is_dir() and older.is_dir()
+        assert metrics_dir_of(restarted).is_dir()
+        restarted.stop()
+        assert not metrics_dir_of(restarted).exists()  # an orderly stop removes its own
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([in_use.name, older.name])
