@@ -24,8 +24,9 @@ What is per process becomes correct across processes this way:
   on every read, so a tag moved or deleted in one worker is seen by the others at once
   (:mod:`regmirror.links`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
-  supervisor's, emptied at start: ``/metrics`` from any worker sums every worker's
-  counters (dead ones' too), so each request is counted exactly once;
+  supervisor's, new for each run (:mod:`regmirror.metrics_dir`): ``/metrics`` from
+  any worker sums every worker's counters (dead ones' too), so each request is counted
+  exactly once;
 - **drain**: SIGTERM or SIGINT to the supervisor goes to every worker, which drains as
   a single process does (each runs :class:`~regmirror.connections.Listener` with
   ``SO_REUSEPORT``, within ``server.drain_timeout``: they drain side by side); the supervisor waits for all of them (SIGKILL after the drain
