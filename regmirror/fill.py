@@ -578,7 +578,6 @@ class Fills:
         return fill
 
     def _start(self, fill: Fill, source: Source, *, claim: bool) -> None:
-        self.observer.fill_started(fill.digest)
         task = asyncio.create_task(self._run(fill, source, claim), name=f"fill {fill.digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -617,9 +616,14 @@ class Fills:
             async with asyncio.timeout(self.timeout):
                 fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
                 if claim and fd is None:
+                    # Another process's fill (a worker's): following its file is joining
+                    # a fill in flight, so the host's metrics count one fill, however
+                    # many workers the herd reached.
+                    self.observer.fill_coalesced(fill.digest)
                     fill.origin = Origin("fill", "another process")
                     result = await self._tail(fill)
                 else:
+                    self.observer.fill_started(fill.digest)
                     await self._copy(fill, source, fd)
                     if not fill.kept:
                         result = "stream_through"
