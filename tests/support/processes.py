@@ -74,7 +74,6 @@ class ServerProcess:
     ssl_context: ssl.SSLContext | None = None  # what the readiness poll trusted (TLS)
     stopped: bool = False  # stop() was called: an exit is expected
 
-
     @property
     def port(self) -> int:
         return int(self.host_port.rpartition(":")[2])
