@@ -21,6 +21,7 @@ wall time, bodies correct.
     python bench/fleet.py                              # K=8, M=10, 64 MiB
     python bench/fleet.py --hosts 16 --size-mib 256
     python bench/fleet.py --hosts 3 --clients 4 --size-mib 16 --scenarios fleet,no-fleet
+    python bench/fleet.py --hosts 4 --workers 2           # hosts of two workers each
 
 Only 127.0.0.1 is used; every wait has a deadline; temp directories are deleted unless
 ``--keep``. See bench/README.md, section "Fleet".
@@ -88,9 +89,10 @@ class Row:
 
 @contextlib.contextmanager
 def start_hosts(
-    scenario: str, count: int, work: Path, upstream: str, moto: Any, bucket: str
+    scenario: str, count: int, work: Path, upstream: str, moto: Any, bucket: str, workers: int
 ) -> Iterator[list[Host]]:
-    """``count`` fresh hosts of ``scenario``, all pulling through ``upstream``."""
+    """``count`` fresh hosts of ``scenario``, all pulling through ``upstream``; regmirror
+    hosts run ``workers`` serving processes each."""
     with contextlib.ExitStack() as stack:
         hosts = []
         for i in range(count):
@@ -108,6 +110,7 @@ def start_hosts(
             else:
                 env = regmirror_env(moto, bucket, write_back="true")
                 env["REGMIRROR_UPSTREAMS__0__URL"] = upstream
+                env["REGMIRROR_SERVER__WORKERS"] = str(workers)
                 if scenario != "no-fleet":
                     env["REGMIRROR_FLEET__ADVERTISE_URL"] = "http://127.0.0.1:{port}"
                     env["REGMIRROR_FLEET__SECRET"] = SECRET
@@ -129,7 +132,9 @@ def measure(
 ) -> Row:
     row = Row(scenario, args.hosts, args.clients)
     proxy.reset(scenario)
-    with start_hosts(scenario, args.hosts, work, proxy.url(scenario), moto, bucket) as hosts:
+    with start_hosts(
+        scenario, args.hosts, work, proxy.url(scenario), moto, bucket, args.workers
+    ) as hosts:
         with ThreadPoolExecutor(len(hosts)) as pool:  # every host primes at once
             problems = [p for p in pool.map(lambda h: prime(h, image), hosts) if p]
         if problems:
@@ -248,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda text: [s for s in text.split(",") if s],
         default=list(SCENARIOS),
         help=f"comma-separated, in order ({','.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server.workers of each regmirror host (1)"
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="per client (300 s)")
     parser.add_argument("--verify", choices=("compare", "sha256"), default="compare")

@@ -172,11 +172,6 @@ def check_fleet(settings: Settings) -> None:
         raise ConfigError("fleet.peer_timeout must be above 0 and below cache.fill_idle_timeout")
     if fleet.lease_ttl <= 0:
         raise ConfigError("fleet.lease_ttl must be above 0")
-    if settings.server.workers > 1:
-        # A host's workers would share one fleet identity (advertise_url) with leases
-        # and in-flight fills each kept per process: not made correct across them yet.
-        # The default (0, one per CPU) serves fleet mode with one (cli.serve).
-        raise ConfigError("fleet.advertise_url needs server.workers: 1 (one process per host)")
 
 
 def _fleet(fleet: Fleet) -> Context:

@@ -34,10 +34,13 @@ stalling the others.
 Across processes sharing the data directory the partial file is the single-flight
 token: its owner holds ``flock(LOCK_EX)`` on it for the whole fill. A process that
 finds it locked does not fetch; it tails the file until the owner renames it into the
-store (done) or drops it (failed). That tailing polls (no cross-process wake-up);
-within a process nothing polls. A fill another process streams through is not followed:
-its bytes never reach the shared file, so the tailing readers are cut when it ends (one
-process per data directory is what is supported today).
+store (done) or drops it (failed); one that claims the file just after its owner
+renamed it finds the blob stored instead (the owner renames before it unlocks). A
+fleet peer's request reaching a process that does not fill the blob follows another
+process's fill the same way (:meth:`Fills.follow`). That tailing polls (no
+cross-process wake-up); within a process nothing polls. A fill another process streams
+through is not followed: its bytes never reach the shared file, so the tailing readers
+are cut when it ends (one process per data directory is what is supported today).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -75,6 +79,7 @@ __all__ = [
     "Origin",
     "Source",
     "Span",
+    "holds_claim",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +92,20 @@ STALL = 60.0  # seconds a streamed-through fill waits for a reader holding its w
 PARTIAL_SUFFIX = ".partial"
 SIZE_XATTR = "user.regmirror.size"  # lets another process learn the size before the end
 TAIL_INTERVAL = 0.05  # seconds between looks at another process's partial file
+CLAIM_ATTEMPTS = 5  # tries at locking a partial file that keeps changing under us
+
+# Set in the task of a fill that holds its partial file's lock (see holds_claim).
+_claimed: ContextVar[bool] = ContextVar("regmirror_fill_claimed", default=False)
+
+
+def holds_claim() -> bool:
+    """Whether the caller runs in a fill that holds its blob's partial-file lock, the
+    single-flight token of every process on the data directory: no other process (worker)
+    fills that blob now. False in a replay (a blob streamed through again, never claimed)
+    and outside fills. A fleet source uses it to tell a lease of a dead worker of its own
+    host from a live one's (:mod:`regmirror.fleet.coordinator`)."""
+    return _claimed.get()
+
 
 # (size, chunks from offset): Upstream.open_blob's answer, or any tier's.
 Source = Callable[[int], Awaitable[tuple[int, AsyncIterator[bytes]]]]
@@ -509,9 +528,26 @@ class Fills:
         # The writers' own threads: readers' to_thread hops cannot queue ahead of them.
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
 
-    def inflight(self, digest: Digest) -> Fill | None:
-        """The fill of ``digest`` this process runs now, if any (for peers of a fleet)."""
-        return self._inflight.get(digest)
+    async def follow(self, digest: Digest) -> Fill | None:
+        """The fill of ``digest`` in flight on this host, never a new one: this process's,
+        else another process's (another worker's), followed through its partial file as
+        this process's own waiters would follow it; None when no process fills it. For
+        fleet peers, whose request may reach any worker of the host."""
+        fill = self._inflight.get(digest)
+        if fill is not None or not await asyncio.to_thread(_locked, self.partial_path(digest)):
+            return fill
+        fill = self._inflight.get(digest)  # started here meanwhile
+        if fill is None:
+            fill = Fill(
+                digest,
+                self.partial_path(digest),
+                self.local.path(layout.blob_data(digest)),
+                None,
+                origin=Origin("fill", "another process"),
+            )
+            self._inflight[digest] = fill
+            self._start(fill, None, claim=False)
+        return fill
 
     def partial_path(self, digest: Digest) -> Path:
         return self.directory / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"
@@ -577,7 +613,10 @@ class Fills:
             self.observer.fill_coalesced(digest)
         return fill
 
-    def _start(self, fill: Fill, source: Source, *, claim: bool) -> None:
+    def _start(self, fill: Fill, source: Source | None, *, claim: bool) -> None:
+        """Run ``fill`` in a task of its own: claimed (its partial file locked, or else
+        another process's fill followed), or not (a replay), or, without a ``source``,
+        only following another process's fill."""
         task = asyncio.create_task(self._run(fill, source, claim), name=f"fill {fill.digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -608,22 +647,33 @@ class Fills:
 
     # -- the fill task -----------------------------------------------------------
 
-    async def _run(self, fill: Fill, source: Source, claim: bool) -> None:
+    async def _run(self, fill: Fill, source: Source | None, claim: bool) -> None:
         started = time.monotonic()
         result, message = "ok", ""
         cause: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout):
                 fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
-                if claim and fd is None:
+                if source is None or (claim and fd is None):
                     # Another process's fill (a worker's): following its file is joining
                     # a fill in flight, so the host's metrics count one fill, however
                     # many workers the herd reached.
                     self.observer.fill_coalesced(fill.digest)
                     fill.origin = Origin("fill", "another process")
                     result = await self._tail(fill)
+                elif (
+                    fd is not None
+                    and (size := await _settle(_stored_meanwhile(fill, fd))) is not None
+                ):
+                    # Another process stored it between our look at the store and our
+                    # claim (it renames before it unlocks): nothing to fetch.
+                    self.observer.fill_coalesced(fill.digest)
+                    fill.origin = Origin("fill", "another process")
+                    fill._set_size(size)
+                    result = "other_process"
                 else:
                     self.observer.fill_started(fill.digest)
+                    _claimed.set(fd is not None)  # this task's context only
                     await self._copy(fill, source, fd)
                     if not fill.kept:
                         result = "stream_through"
@@ -878,13 +928,15 @@ def _claim(path: Path) -> int | None:
     """Open and lock ``path`` as this fill's partial file; None when another process
     holds it. A leftover file nobody locks (a crash) is taken over and truncated."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
+    for _ in range(CLAIM_ATTEMPTS):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return None
+            if _locked(path):
+                return None
+            continue  # only another process's passing look (_locked, _look) held it
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -893,7 +945,41 @@ def _claim(path: Path) -> int | None:
             os.ftruncate(fd, 0)
             return fd
         os.close(fd)
-    raise OSError(f"could not claim {path}: it keeps being replaced")
+    raise OSError(f"could not claim {path}: it keeps changing")
+
+
+def _locked(path: Path) -> bool:
+    """Whether a fill (of any process) holds ``path`` locked: a shared lock cannot be
+    had. Taking it for an instant makes a claim at that instant fail, hence _claim's
+    second look."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock
+    return False
+
+
+async def _stored_meanwhile(fill: Fill, fd: int) -> int | None:
+    """With ``fill``'s partial file just claimed: the size of the blob if it is in the
+    store already (its partial file is then dropped and ``fd`` closed), else None."""
+
+    def look() -> int | None:
+        try:
+            size = fill.final.stat().st_size
+        except OSError:  # not there (or unreadable: the copy that follows will tell)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            fill.partial.unlink()  # before unlocking, so nobody tails a dead file
+        os.close(fd)
+        return size
+
+    return await asyncio.to_thread(look)
 
 
 def _write_at(fd: int, chunk: bytes, offset: int, hasher: Any) -> None:

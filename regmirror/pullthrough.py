@@ -7,7 +7,11 @@ has one digest per representation (what the upstream answers a given ``Accept``,
 :mod:`regmirror.negotiation`), and each is cached, revalidated and recorded on its own.
 Digests are immutable and kept until evicted. Identical concurrent requests
 share one upstream request: manifests by (repository, reference, representation),
-blobs by digest (through :class:`~regmirror.fill.Fills`).
+blobs by digest (through :class:`~regmirror.fill.Fills`). With other processes on the
+data directory (``server.workers``) that holds for the host: a tag's resolution, a
+manifest's GET, a blob's HEAD and a tag list are each asked by one worker, which stores
+what it learnt, the others answering from that (:mod:`regmirror.hostflight`); the
+in-memory coalescing stays in front, so each worker takes part once.
 
 What was pulled is recorded under its own link tree (``<data>/proxy``, registry:2's
 layout, keyed by upstream host and upstream repository name), apart from pushed
@@ -24,6 +28,7 @@ digest alone would serve pushed content under any name routed to an upstream.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -33,9 +38,10 @@ from typing import Any, TypeVar
 
 from cachetools import LRUCache
 
-from regmirror import layout
+from regmirror import hostflight, layout
 from regmirror.digest import Digest
 from regmirror.errors import (
+    DigestInvalid,
     FillFailed,
     ManifestInvalid,
     ManifestTooLarge,
@@ -49,6 +55,7 @@ from regmirror.fill import Fill, Fills, Origin, Source
 from regmirror.fleet import tags as fleet_tags
 from regmirror.fleet.coordinator import Fleet
 from regmirror.fleet.leases import manifest_lease
+from regmirror.hostflight import HostFlights
 from regmirror.links import LinkStore
 from regmirror.logs import served
 from regmirror.logs.throttle import Throttled
@@ -64,6 +71,9 @@ T = TypeVar("T")
 
 TAG_ENTRIES = 100_000
 TAG_LIST_TAGS = 1_000_000  # tags kept in memory across every cached tag list
+# A worker waits for another's flight at most this many upstream requests' stall timeouts
+# (a flight asks for a token, a HEAD and a GET at most), then asks itself.
+FLIGHT_WAIT_REQUESTS = 3
 
 
 class PullThrough:
@@ -83,9 +93,11 @@ class PullThrough:
         fleet: Fleet | None = None,
     ):
         """``shared_dir``: other processes serve the same data directory (workers): a
-        tag one of them confirmed upstream (its link's mtime) is fresh here too."""
+        tag one of them confirmed upstream (its link's mtime) is fresh here too, and
+        identical upstream requests are single-flights for the host."""
         self.local = local
         self.shared_dir = shared_dir
+        self._flights = HostFlights(local.root / hostflight.DIRECTORY) if shared_dir else None
         self.fleet = fleet if write_back and shared is not None else None
         self.cache = cache or BlobCache(local.root, shared=shared)
         self.stored = stored or StoredFiles(local)
@@ -177,15 +189,30 @@ class PullThrough:
             )
             return head.digest
 
-        try:
+        asked = False
+
+        async def confirm() -> tuple[Digest, float]:
+            """The digest, and how many seconds ago the upstream named it."""
+            nonlocal asked
+            asked = True
             if self.fleet is not None:  # one revalidation per TTL for the fleet
                 key = fleet_tags.record_key(name, tag, wanted.key)
-                digest, age = await fleet_tags.revalidate(
+                return await fleet_tags.revalidate(
                     self.fleet, key, route.upstream.settings.tag_ttl, ask
                 )
-                now -= age  # confirmed when the host that asked did
-            else:
-                digest = await ask()
+            return await ask(), 0.0
+
+        try:
+            # Another worker's answer, when it asked meanwhile: it records the link.
+            digest, age = await self._hostwide(
+                route,
+                ("tag", name, tag, wanted.key),
+                confirm,
+                since=now,
+                encode=lambda answer: [str(answer[0]), answer[1]],
+                decode=_decode_confirmation,
+            )
+            now -= age  # confirmed when whoever asked did
         except (UpstreamUnavailable, TooManyRequests) as exc:
             stale = known[0] if known is not None else await self._last_known(name, tag, wanted)
             if stale is None:
@@ -203,7 +230,7 @@ class PullThrough:
             self._tags[(name, tag, wanted.key)] = (stale, time.monotonic())
             return stale, False
         self._tags[(name, tag, wanted.key)] = (digest, now)
-        return digest, True
+        return digest, asked
 
     async def _confirmed_elsewhere(
         self, name: str, tag: str, wanted: Representation, now: float
@@ -253,9 +280,27 @@ class PullThrough:
         named: bool = False,
     ) -> Manifest:
         """``named``: the upstream has confirmed ``digest`` for this repository."""
+        since = time.monotonic()
         held = await self.held_manifest(route, digest)
         if held is not None:
             return held
+
+        async def stored(_: object) -> Manifest | None:
+            return await self.held_manifest(route, digest)  # what another worker pulled
+
+        return await self._hostwide(
+            route,
+            ("manifest", name, str(digest)),
+            lambda: self._pull_manifest(route, name, digest, accept, named),
+            since=since,
+            encode=lambda _: None,
+            decode=stored,
+        )
+
+    async def _pull_manifest(
+        self, route: Route, name: str, digest: Digest, accept: Sequence[str], named: bool
+    ) -> Manifest:
+        """Fetch manifest ``digest`` (from S3 or the upstream), store and link it."""
         linked = await self.links.exists(layout.revision_link(name, digest))
         raw, media_type = await self._fetch_manifest(route, digest, accept, named or linked)
         manifest = self._remember(digest, raw, media_type)
@@ -355,10 +400,30 @@ class PullThrough:
     async def _fetch_tags(self, route: Route, name: str) -> list[str]:
         known = self._tag_lists.get(name)
         now = time.monotonic()
-        if known is not None and now - known[1] < route.upstream.settings.tag_ttl:
+        ttl = route.upstream.settings.tag_ttl
+        if self.shared_dir and (known is None or now - known[1] >= ttl):
+            # Another worker may have fetched it since: one listing per TTL for the host.
+            elsewhere = await self._listed_elsewhere(name, now)
+            if elsewhere is not None and (known is None or elsewhere[1] > known[1]):
+                known = self._tag_lists[name] = elsewhere
+        if known is not None and now - known[1] < ttl:
             return known[0]  # fetched while this caller waited for its turn
+
+        async def listed(fingerprint: object) -> list[str] | None:
+            """What another worker fetched, as it recorded it (not an older list, should
+            its write have failed)."""
+            tags = await self._last_tag_list(name)
+            return tags if tags is not None and _fingerprint(tags) == fingerprint else None
+
         try:
-            tags = sorted(set(await self._ask(route, route.upstream.list_tags(route.name))))
+            tags = await self._hostwide(
+                route,
+                ("tags", name),
+                lambda: self._list_upstream(route, name, known),
+                since=now,
+                encode=_fingerprint,
+                decode=listed,
+            )
         except (UpstreamUnavailable, TooManyRequests) as exc:
             stale = known[0] if known is not None else await self._last_tag_list(name)
             if stale is None:
@@ -369,12 +434,33 @@ class PullThrough:
             self._tag_lists[name] = (stale, time.monotonic())  # ask again after a TTL
             return stale
         self._tag_lists[name] = (tags, now)
-        if known is None or known[0] != tags:
-            try:  # for stale-if-error after a restart; this answer does not depend on it
+        return tags
+
+    async def _list_upstream(
+        self, route: Route, name: str, known: tuple[list[str], float] | None
+    ) -> list[str]:
+        """The upstream's tags, recorded: for stale-if-error after a restart, and (its
+        mtime saying when) for the other workers; this answer does not depend on it."""
+        tags = sorted(set(await self._ask(route, route.upstream.list_tags(route.name))))
+        if self.shared_dir or known is None or known[0] != tags:
+            try:
                 await self.links.primary.put(tag_list_key(name), json.dumps(tags).encode())
             except (OSError, StorageUnavailable) as exc:
                 log.warning("recording the tags of %s failed: %s", name, exc)
         return tags
+
+    async def _listed_elsewhere(self, name: str, now: float) -> tuple[list[str], float] | None:
+        """The tag list as another process last fetched it, and when (on this clock)."""
+        primary = self.links.primary
+        if not isinstance(primary, FilesystemDriver):
+            return None
+        try:
+            path = primary.path(tag_list_key(name))
+            age = time.time() - (await asyncio.to_thread(os.stat, path)).st_mtime
+        except OSError:
+            return None
+        tags = await self._last_tag_list(name)
+        return None if tags is None else (tags, now - max(age, 0.0))
 
     async def _last_tag_list(self, name: str) -> list[str] | None:
         try:
@@ -412,10 +498,20 @@ class PullThrough:
         ``fetch``, only its size when it is not local."""
         name = cache_name(route)
         size = None
+        since = time.monotonic()
 
         async def upstream_size() -> int:
+            key = ("stat", name, str(digest))
             return await self._once(
-                ("stat", name, str(digest)), lambda: self._stat_and_link(route, name, digest)
+                key,
+                lambda: self._hostwide(
+                    route,
+                    key,
+                    lambda: self._stat_and_link(route, name, digest),
+                    since=since,
+                    encode=lambda size: size,
+                    decode=_decode_size,
+                ),
             )
 
         if not await self.links.exists(layout.layer_link(name, digest)):
@@ -530,6 +626,25 @@ class PullThrough:
 
     # -- coalescing ----------------------------------------------------------
 
+    async def _hostwide(
+        self,
+        route: Route,
+        key: tuple[str, ...],
+        work: Callable[[], Awaitable[T]],
+        *,
+        since: float,
+        encode: Callable[[T], Any],
+        decode: Callable[[Any], Awaitable[T | None]],
+    ) -> T:
+        """``work()`` (an upstream request, and storing its answer) once for every worker
+        on the data directory asking at once; simply ``work()`` when serving alone."""
+        if self._flights is None:
+            return await work()
+        wait = FLIGHT_WAIT_REQUESTS * route.upstream.stall_timeout
+        return await self._flights.run(
+            key, work, encode=encode, decode=decode, wait=wait, since=since
+        )
+
     async def _once(self, key: tuple[str, ...], work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` once for all concurrent callers with the same key.
 
@@ -558,6 +673,8 @@ class PullThrough:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._flights is not None:
+            await self._flights.close()
 
 
 async def read_manifest(driver: Driver, digest: Digest) -> bytes:
@@ -574,6 +691,28 @@ async def read_manifest(driver: Driver, digest: Digest) -> bytes:
     if Digest.of(raw, digest.algorithm) != digest:
         raise PathNotFound(f"{driver.name} holds other bytes for manifest {digest}")
     return raw
+
+
+async def _decode_confirmation(value: object) -> tuple[Digest, float] | None:
+    """A tag's confirmation as another worker's flight recorded it (digest, age)."""
+    if not isinstance(value, list) or len(value) != 2:
+        return None
+    text, age = value
+    if not isinstance(text, str) or not isinstance(age, int | float):
+        return None
+    try:
+        return Digest.parse(text), float(age)
+    except DigestInvalid:
+        return None
+
+
+async def _decode_size(value: object) -> int | None:
+    """A blob's size as another worker's flight recorded it."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _fingerprint(tags: list[str]) -> str:
+    return hashlib.sha256(json.dumps(tags).encode()).hexdigest()
 
 
 def tag_link(name: str, tag: str, wanted: Representation) -> str:

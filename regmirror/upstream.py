@@ -221,6 +221,12 @@ class Upstream:
     def __repr__(self) -> str:
         return f"Upstream({str(self.url)!r})"
 
+    @property
+    def stall_timeout(self) -> float:
+        """The longest one request may go without progress before it fails: connecting,
+        then waiting for its next bytes."""
+        return (self._timeout.sock_connect or 0.0) + (self._timeout.sock_read or 0.0)
+
     def remote_name(self, repo: str) -> str:
         """Docker Hub's official images live under ``library/``: ``nginx`` is ``library/nginx``."""
         if self.docker_hub and "/" not in repo:

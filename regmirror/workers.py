@@ -12,6 +12,11 @@ What is per process becomes correct across processes this way:
 
 - **fills**: the partial file's ``flock`` is already the single-flight token across
   processes (:mod:`regmirror.fill`): one upstream GET however the herd is spread;
+- **the herd's other upstream requests** (a tag's resolution, a manifest's GET, a
+  blob's HEAD, a tag list): a lock file per request under ``<data>/flights/`` is their
+  token (:mod:`regmirror.hostflight`): one worker asks and stores the answer, the
+  others answer from it, or from its error; each worker's in-memory coalescing stays
+  in front;
 - **eviction has one owner**: worker 0's index evicts (it rescans the data directory
   every ``REINDEX_SECONDS`` to learn what the others stored; their reads stamp the
   files' mtimes, so LRU order is shared too); the others never delete a blob. Rather
@@ -23,6 +28,10 @@ What is per process becomes correct across processes this way:
 - **links**: a link a worker keeps in memory is checked against its file (one ``stat``)
   on every read, so a tag moved or deleted in one worker is seen by the others at once
   (:mod:`regmirror.links`);
+- **fleet mode**: the host (``fleet.advertise_url``) is the fleet's member, the worker
+  that fills a blob (the partial file's lock) holds its lease; a peer's request reaching
+  another worker streams that worker's partial file, and a worker killed mid-fill has
+  its lease taken over by the host's next fill at once (:mod:`regmirror.fleet.coordinator`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
   supervisor's, new for each run (:mod:`regmirror.metrics_dir`): ``/metrics`` from
   any worker sums every worker's counters (dead ones' too), so each request is counted

@@ -397,20 +397,6 @@ def test_workers_setting_is_checked() -> None:
             load(environ={"REGMIRROR_SERVER__WORKERS": bad})
 
 
-def test_fleet_mode_refuses_several_workers() -> None:
-    from regmirror.app import check_fleet
-
-    environ = {
-        "REGMIRROR_S3__BUCKET": "b",
-        "REGMIRROR_S3__WRITE_BACK": "true",
-        "REGMIRROR_FLEET__ADVERTISE_URL": "http://10.0.0.1:5000",
-        "REGMIRROR_FLEET__SECRET": "s3cret",
-    }
-    check_fleet(load(environ=environ))
-    with pytest.raises(ConfigError, match="server.workers: 1"):
-        check_fleet(load(environ={**environ, "REGMIRROR_SERVER__WORKERS": "2"}))
-
-
 async def test_eviction_skips_a_blob_another_process_is_serving(tmp_path: Path) -> None:
     """A worker serving a stored blob holds LOCK_SH on it (api.blobs); the owner's
     eviction deletes only a file it can lock exclusively, and takes it once it is free."""

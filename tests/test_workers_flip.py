@@ -203,21 +203,3 @@ def test_a_killed_supervisors_metrics_directory_goes_at_the_next_start(
         os.close(held)
     assert sorted(p.name for p in tmp.iterdir()) == sorted([in_use.name, older.name])
 
-
-def test_fleet_mode_left_at_the_default_runs_one_process() -> None:
-    """Until fleet mode runs across workers (it refuses more than one), a fleet host
-    that never set server.workers keeps starting, with one process."""
-    from regmirror.app import check_fleet
-    from regmirror.cli.serve import _worker_count
-
-    fleet = {
-        "REGMIRROR_S3__BUCKET": "b",
-        "REGMIRROR_S3__WRITE_BACK": "true",
-        "REGMIRROR_FLEET__ADVERTISE_URL": "http://10.0.0.1:5000",
-        "REGMIRROR_FLEET__SECRET": "s3cret",
-    }
-    settings = load(environ=fleet)
-    check_fleet(settings)  # the default is accepted
-    assert _worker_count(settings) == 1
-    assert _worker_count(load(environ={})) == cpus.usable_cpus()
-    assert _worker_count(load(environ={"REGMIRROR_SERVER__WORKERS": "3"})) == 3

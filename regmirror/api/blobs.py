@@ -132,7 +132,7 @@ def _send_stored(
     request: web.Request,
     found: StoredBlob,
     digest: Digest,
-    file: BinaryIO,
+    file: BinaryIO | None,  # None: a HEAD, no body
     span: tuple[int, int] | None,
     hold: Hold,
 ) -> StoredBlobResponse:

@@ -6,6 +6,10 @@ rules of ``auth`` do not apply and the peer credential opens nothing under ``/v2
 fill in progress is streamed as it grows, its last byte only once the digest is
 verified, exactly as to a local client; a failed fill cuts the connection. Nothing is
 fetched for a peer: a blob this host neither holds nor fills is 404.
+
+The peer names the host (``fleet.advertise_url``), and the kernel hands its connection
+to any of the host's workers: the fill may run in another one, whose partial file this
+worker then follows (:meth:`~regmirror.fill.Fills.follow`), as its own waiters would.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ async def get_peer_blob(request: web.Request) -> web.StreamResponse:
     registry = request.app[REGISTRY]
     hold = await registry.cache.hold(digest)
     try:
-        found: StoredBlob | Fill | None = registry.fills.inflight(digest)
+        found: StoredBlob | Fill | None = await registry.fills.follow(digest)
         if found is None:
             key = layout.blob_data(digest)
             try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from regmirror import __version__, datalock, workers
 from regmirror.app import create_app
-from regmirror.config import ConfigError, Settings, load
+from regmirror.config import ConfigError, load
 from regmirror.datalock import DataDirBusy
 from regmirror.logs import formatting
 from regmirror.logs.redact import without_secrets
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             host,
             who,
         )
-    count = _worker_count(settings)
+    count = settings.server.workers or workers.default_workers()  # 0: one per CPU
     try:
         if count == 1:
             run_server(
@@ -124,17 +124,6 @@ def run(args: argparse.Namespace) -> int:
         held.release()
         for sock in reserved:
             sock.close()
-
-
-def _worker_count(settings: Settings) -> int:
-    """``server.workers``, its default 0 being one per CPU; fleet mode runs one process
-    per host (app.check_fleet refuses more), so there 0 means one."""
-    if settings.server.workers:
-        return settings.server.workers
-    if settings.fleet.advertise_url:
-        log.info("fleet mode: one serving process (server.workers 0 is one per CPU elsewhere)")
-        return 1
-    return workers.default_workers()
 
 
 def _is_loopback(host: str) -> bool:

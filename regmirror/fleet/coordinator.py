@@ -10,6 +10,41 @@ the lease is taken over (If-Match on the ETag seen) and the fill goes on *from t
 had reached*: from S3 if the blob got there meanwhile, else from the upstream with a
 Range, else from whichever host took the lease first. The fill hashes the whole blob
 whatever the mix of sources, so bytes a peer got wrong fail that fill only.
+
+**A host of several workers** (``server.workers``) is still one member of the fleet:
+the host is the fleet's identity (a lease's ``owner`` is its ``fleet.advertise_url``,
+the address every peer uses), while the lease is held by the one worker that fills: its
+``instance`` (one per process) and the ETag only that worker knows make renewals and the
+release that worker's alone. On the host, the partial file's lock already decides which
+worker fills (:mod:`regmirror.fill`): the others follow its partial file and never
+reach this source, so a host takes at most one lease per blob. Chosen over an identity
+per worker (peers cannot address one worker behind a shared ``SO_REUSEPORT`` port, and
+two leases per host would undo the partial file's single-flight) and over one worker
+doing the fleet's work for the others (a new channel between workers, a bottleneck, and
+one more thing to fail): the two single-flights compose with no new shared state. What
+stays per process is correct so: ``_held`` is the holder's alone, ``_alone`` is what
+this worker filled without a lease, ``_followed``/``_distrusted`` are hints. The cases
+this adds:
+
+- a lease that names this host but another worker, seen by a fill that holds the
+  partial file's lock: that worker no longer fills the blob (it was killed, or it is an
+  earlier run of the host), since it would hold the lock. The lease is taken over at
+  once (``If-Match`` on its ETag) rather than at its expiry, and the fill reads the
+  upstream. A host never asks itself for a blob over HTTP: the request could reach
+  the very worker waiting for it;
+- the same lease seen by a fill without the lock (a replay of a blob streamed through)
+  is treated as this process's own: the replay reads the upstream, without a lease;
+- a peer's request may reach any worker of the host: one that does not fill the blob
+  streams the filling worker's partial file (``api/fleet.py``, ``Fills.follow``); a
+  fill streamed through (not kept: no room) leaves no partial file to follow, and such
+  a peer is cut and takes the lease over;
+- only the worker holding the lease writes the blob back to S3 (:meth:`Fleet.owns`):
+  the workers that followed its partial file, and have probed nothing, do not;
+- which peers' bytes failed a fill here (:meth:`Fleet.fill_failed`) is remembered per
+  worker: another worker may follow that peer once more, and then distrusts it too.
+
+Manifests and tag revalidations (:meth:`Fleet.single`) need nothing more: every worker
+is a contender for the small lease, and the losers read what the winner published.
 """
 
 from __future__ import annotations
@@ -28,6 +63,7 @@ from cachetools import LRUCache
 from regmirror.config import FleetSettings
 from regmirror.digest import Digest
 from regmirror.errors import UpstreamUnavailable
+from regmirror.fill import holds_claim
 from regmirror.fleet.leases import Lease, Leases, blob_key
 from regmirror.fleet.peers import PeerError, Peers
 from regmirror.storage.driver import StorageUnavailable
@@ -85,6 +121,9 @@ class Fleet:
         # bytes failed a fill here: their lease is taken over, not followed again.
         self._followed: LRUCache[Digest, str] = LRUCache(REMEMBERED)
         self._distrusted: LRUCache[Digest, str] = LRUCache(REMEMBERED)
+        # Blobs this process filled from the upstream without a lease (leases unsupported,
+        # S3 unavailable): it writes them back itself, as without fleet mode.
+        self._alone: LRUCache[Digest, bool] = LRUCache(REMEMBERED)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(auto_decompress=False)
@@ -102,18 +141,15 @@ class Fleet:
         assert self._peers is not None, "Fleet.start() first"
         return self._peers
 
-    @property
-    def coordinating(self) -> bool:
-        """Leases work on this store (known after the first fill)."""
-        return self.leases.supported_known is True
-
     def owns(self, digest: Digest) -> bool:
-        """Whether this host is the one to write ``digest`` back to S3: it holds the lease
-        (or leases are not in use, and every host writes back what it filled)."""
-        if not self.coordinating:
-            return True
+        """Whether this process is the one to write ``digest`` back to S3: it holds the
+        lease, or it filled the blob without one (leases are not in use: every host
+        writes back what it filled). A worker whose fill followed another worker's
+        partial file never opened this source: not it."""
         held = self._held.get(digest)
-        return held is not None and not held.lost
+        if held is not None:
+            return not held.lost
+        return digest in self._alone
 
     async def open(self, digest: Digest, offset: int, upstream: Upstream, stored: Stored) -> Opened:
         """Where a fill of ``digest`` reads from ``offset``: the upstream (lease won) or
@@ -128,6 +164,7 @@ class Fleet:
                 return await self._source(digest, offset, upstream, stored, None, 0)
             except StorageUnavailable as exc:  # no lease to be had: this host fills alone
                 log.warning("fleet: S3 unavailable (%s); %s filled by this host alone", exc, digest)
+        self._alone[digest] = True
         size, chunks = await upstream(offset)
         return size, self.counted("upstream", chunks)
 
@@ -182,6 +219,7 @@ class Fleet:
 
     async def release(self, digest: Digest) -> None:
         """Drop this host's lease on ``digest`` (its blob is in S3, or its fill failed)."""
+        self._alone.pop(digest, None)
         held = self._held.pop(digest, None)
         if held is None:
             return
@@ -214,10 +252,19 @@ class Fleet:
             lease, won = await self.leases.acquire(key)
             if won:
                 return await self._own(lease, digest, offset, upstream, stored)
-            if self.leases.mine(lease):
-                # A second fill of ours (a replay of a blob streamed through): no lease.
+            ours = lease.owner == self.leases.owner  # this host's, maybe another worker's
+            if self.leases.mine(lease) or (ours and not holds_claim()):
+                # A second fill of this host's (a replay of a blob streamed through): no lease.
                 size, chunks = await upstream(offset)
                 return size, self.counted("upstream", chunks)
+            if ours:
+                # Another worker's, yet this fill holds the partial file's lock: that worker
+                # fills no more (killed, or an earlier run of this host). Taken over now,
+                # never asked for over HTTP (see the module's docstring).
+                taken = await self.leases.take_over(lease, "its worker is gone")
+                if taken is not None:
+                    return await self._own(taken, digest, offset, upstream, stored)
+                continue  # changed since we read it: look again
             if failed is None and self._distrusted.get(digest) == lease.instance:
                 failed = lease  # its bytes failed a fill here before
             if lease.expired() or (failed is not None and lease.instance == failed.instance):

@@ -3,11 +3,11 @@
 A lease is created with ``PutObject`` + ``If-None-Match: *``, so of any number of hosts
 asking at once exactly one wins (the others get 412 and read who did). It names its owner
 (``fleet.advertise_url``, and a per-process instance id, so that a restarted host does not
-mistake its predecessor's lease for its own) and a deadline (wall clock, UTC seconds).
-The owner renews it (``If-Match`` on the ETag it last wrote) while its fill progresses; a
-lease past its deadline, or whose owner a peer could not get bytes from, is taken over the
-same way, so two hosts can never both believe they took it. Nothing deletes a dead host's
-lease: it simply expires.
+mistake its predecessor's lease for its own, nor one worker of a host another worker's)
+and a deadline (wall clock, UTC seconds). The owner renews it (``If-Match`` on the ETag
+it last wrote) while its fill progresses; a lease past its deadline, or whose owner a
+peer could not get bytes from, is taken over the same way, so two hosts can never both
+believe they took it. Nothing deletes a dead host's lease: it simply expires.
 
 A store that ignores the conditions would let every host win; :meth:`Leases.supported`
 finds that out once (a probe object written twice) and fleet mode is then off, with a
@@ -124,17 +124,17 @@ class Leases:
         except (ValueError, KeyError, TypeError):
             return Lease(key, "", "", 0.0, etag)  # unreadable: as good as expired
 
-    async def take_over(self, lease: Lease) -> Lease | None:
-        """``lease`` made ours, if nobody changed it since it was read."""
+    async def take_over(self, lease: Lease, why: str | None = None) -> Lease | None:
+        """``lease`` made ours, if nobody changed it since it was read; ``why`` is logged
+        (by default: it expired, or its owner was unreachable or stalled)."""
         body, expires = self._body()
         etag = await self.s3.put_if(lease.key, body, etag=lease.etag)
         if etag is None:
             return None
+        if why is None:
+            why = "expired" if lease.expired() else "unreachable or stalled"
         log.warning(
-            "fleet: took over the lease %s from %s (%s)",
-            lease.key,
-            lease.owner or "?",
-            "expired" if lease.expired() else "unreachable or stalled",
+            "fleet: took over the lease %s from %s (%s)", lease.key, lease.owner or "?", why
         )
         self._observe("taken_over")
         return Lease(lease.key, self.owner, self.instance, expires, etag)
