@@ -2,7 +2,7 @@
 """A fleet-wide herd: K hosts x M concurrent pulls of one uncached blob, side by side.
 
 One origin (registry:2 holding ``herd/big:latest`` with one random ``--size-mib`` layer)
-behind the counting TCP proxy of ``herd.py`` (one port per scenario; every host of a
+behind the counting TCP proxy of ``pulls.py`` (one port per scenario; every host of a
 scenario goes through the same port, so its counts are the fleet's). One moto S3 server.
 Scenarios, each with K fresh hosts (own data directories), run one after the other:
 
@@ -30,13 +30,11 @@ Only 127.0.0.1 is used; every wait has a deadline; temp directories are deleted 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,19 +42,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import MIB, percentile
-from herd import (
+from harness import MIB, percentile, quiet_stop, work_dir
+from pulls import (
     SETTLE,
     CountingProxy,
     Image,
-    _quiet_stop,
-    make_image,
+    origin_with_image,
     prime,
-    push_image,
     run_herd,
     settled_counts,
 )
-from herd import (
+from pulls import (
     Mirror as Host,
 )
 
@@ -100,7 +96,7 @@ def start_hosts(
             stop_log = work / f"{scenario}-{i}.stop.log"
             if scenario == "registry":
                 server = stack.enter_context(
-                    _quiet_stop(
+                    quiet_stop(
                         run_distribution(
                             base, proxy_url=upstream, extra={"log": {"level": "warn"}}
                         ),
@@ -115,7 +111,7 @@ def start_hosts(
                     env["REGMIRROR_FLEET__ADVERTISE_URL"] = "http://127.0.0.1:{port}"
                     env["REGMIRROR_FLEET__SECRET"] = SECRET
                 server = stack.enter_context(
-                    _quiet_stop(run_regmirror(base, env=env, log_level=LOG_LEVEL), stop_log)
+                    quiet_stop(run_regmirror(base, env=env, log_level=LOG_LEVEL), stop_log)
                 )
             hosts.append(Host(scenario, server.url, server.process.pid))
         yield hosts
@@ -206,40 +202,25 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    root = Path(tempfile.mkdtemp(prefix="regmirror-fleet-", dir=args.work_dir))
-    print(f"# work dir {root}", file=sys.stderr)
     rows: list[Row] = []
-    proxy: CountingProxy | None = None
-    try:
-        image = make_image(root, args.size_mib * MIB)
+    with (
+        work_dir("regmirror-fleet-", args.work_dir, keep=args.keep) as root,
+        run_moto(root) as moto,
+        origin_with_image(root, args.size_mib * MIB) as (origin, image),
+        CountingProxy(list(args.scenarios), origin.port) as proxy,
+    ):
         print(f"# blob {image.digest} ({args.size_mib} MiB)", file=sys.stderr)
-        with (
-            run_moto(root) as moto,
-            _quiet_stop(
-                run_distribution(root / "origin", extra={"log": {"level": "warn"}}),
-                root / "origin.stop.log",
-            ) as origin,
-        ):
-            asyncio.run(push_image(origin.url, image))
-            proxy = CountingProxy(list(args.scenarios), origin.port)
-            fleet_bucket = moto.new_bucket("fleet")
-            for scenario in args.scenarios:
-                bucket = moto.new_bucket("nofleet") if scenario == "no-fleet" else fleet_bucket
-                print(f"# {scenario}: {args.hosts} hosts x {args.clients} pulls", file=sys.stderr)
-                work = root / scenario
-                work.mkdir()
-                rows.append(measure(scenario, args, image, proxy, moto, bucket, work))
-                print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
-                if not args.keep:
-                    shutil.rmtree(work, ignore_errors=True)
-                time.sleep(SETTLE)
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        if args.keep:
-            print(f"# kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        fleet_bucket = moto.new_bucket("fleet")
+        for scenario in args.scenarios:
+            bucket = moto.new_bucket("nofleet") if scenario == "no-fleet" else fleet_bucket
+            print(f"# {scenario}: {args.hosts} hosts x {args.clients} pulls", file=sys.stderr)
+            work = root / scenario
+            work.mkdir()
+            rows.append(measure(scenario, args, image, proxy, moto, bucket, work))
+            print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            time.sleep(SETTLE)
     return rows
 
 

@@ -1,8 +1,10 @@
 """What every bench script shares: where it runs, test content, process figures, percentiles.
 
 Bench scripts start servers with ``tests.support.processes`` (the same fixtures the tests
-use), make content with :func:`make_blob`, sample a server's process tree with
-:class:`TreeMemory` and :func:`open_fds`, and report nearest-rank :func:`percentile`s.
+use; :func:`quiet_stop` keeps their stop-time log tails out of a report), nginx with
+:func:`nginx_config`, make content with :func:`make_blob`, sample a server's process tree
+with :class:`TreeMemory` and :func:`open_fds`, and report nearest-rank :func:`percentile`s.
+The pull benchmarks' own pieces (image, origin, counting proxy, clients) are in pulls.py.
 Only 127.0.0.1 is ever used.
 """
 
@@ -11,10 +13,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -142,9 +149,9 @@ def drop_page_cache() -> str | None:
     return None
 
 
-# nginx serving files as they are on disk: the bound a static file server with sendfile
-# reaches on this machine. Everything it writes (pid, logs, temp paths) stays in ``prefix``.
-NGINX_STATIC_CONF = """\
+# nginx in the foreground with everything it writes (pid, logs, temp paths) under its
+# prefix; ``http_extra`` goes in the http block, ``server`` in the one server block.
+NGINX_CONF = """\
 daemon off;
 {user}worker_processes {workers};
 worker_rlimit_nofile 16384;
@@ -164,30 +171,82 @@ http {{
     scgi_temp_path {prefix}/scgi_temp;
     types {{ }}
     default_type application/octet-stream;
+{http_extra}
     server {{
         listen {host}:{port} backlog=4096;
-        root {root};
-        location = /v2/ {{ return 200 "{{}}"; }}
+{server}
     }}
 }}
 """
 
 
-def nginx_static(prefix: Path, root: Path, port: int, workers: int | None = None) -> list[str]:
-    """Write an nginx config serving ``root`` on ``port`` with sendfile, one worker per
-    core unless ``workers`` says otherwise; the command line that runs it in the
-    foreground. As root, workers would otherwise run as nobody and could not read a
-    0700 temp directory, so they stay root."""
+def nginx_config(
+    prefix: Path, port: int, *, server: str, http_extra: str = "", workers: int | None = None
+) -> list[str]:
+    """Write ``prefix``/nginx.conf listening on ``port`` (one worker per core unless
+    ``workers`` says otherwise); the command line that runs it in the foreground. As
+    root, workers would otherwise run as nobody and could not read a 0700 temp
+    directory, so they stay root."""
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(
-        NGINX_STATIC_CONF.format(
+        NGINX_CONF.format(
             user="user root;\n" if os.geteuid() == 0 else "",
             workers=workers or os.cpu_count() or 1,
             prefix=prefix,
             host=HOST,
             port=port,
-            root=root,
+            http_extra=http_extra,
+            server=server,
         )
     )
     return ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+
+
+def nginx_static(prefix: Path, root: Path, port: int, workers: int | None = None) -> list[str]:
+    """nginx serving the files under ``root`` as they are on disk, with sendfile: the
+    bound a static file server reaches on this machine (see :func:`nginx_config`)."""
+    server = f'        root {root};\n        location = /v2/ {{ return 200 "{{}}"; }}'
+    return nginx_config(prefix, port, server=server, workers=workers)
+
+
+def http_status(url: str, timeout: float = 2.0) -> int:
+    """The HTTP status ``url`` answers a GET with; 0 when it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+@contextlib.contextmanager
+def quiet_stop(server: contextlib.AbstractContextManager[Any], log: Path) -> Iterator[Any]:
+    """Enter ``server``; on the way out send what tests.support prints (the server's log
+    tail) to ``log`` instead of our stderr."""
+    value = server.__enter__()
+    try:
+        yield value
+    except BaseException:
+        with open(log, "a") as out, contextlib.redirect_stderr(out):
+            if not server.__exit__(*sys.exc_info()):
+                raise
+    else:
+        with open(log, "a") as out, contextlib.redirect_stderr(out):
+            server.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str, parent: str | None, *, keep: bool = False) -> Iterator[Path]:
+    """A fresh temporary directory (under ``parent``, default $TMPDIR) for a run's
+    servers, caches and logs, named on stderr; deleted at the end unless ``keep``."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    print(f"# work dir {root}", file=sys.stderr)
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"# kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)

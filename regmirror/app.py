@@ -22,7 +22,7 @@ from regmirror.api.keys import (
     REGISTRY,
     SHUTDOWN,
     TRUSTED_PROXIES,
-    UPLOAD_IDLE_TIMEOUT,
+    UPLOAD_PACE,
     UPLOADS,
     WATCHDOG,
 )
@@ -41,6 +41,7 @@ from regmirror.registry import Registry
 from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
 from regmirror.upload_caps import SessionCaps
+from regmirror.upload_pace import BodyPace
 from regmirror.uploads import Uploads
 from regmirror.upstream import UpstreamRouter
 
@@ -125,11 +126,16 @@ def create_app(settings: Settings, *, worker: int | None = None) -> web.Applicat
         caps=SessionCaps(
             total=settings.uploads.max_sessions,
             per_client=settings.uploads.max_sessions_per_client,
+            ipv6_prefix=settings.uploads.client_ipv6_prefix,
         ),
         on_growth=_upload_growth(cache, trimmer),
         shared_dir=worker is not None,
     )
-    app[UPLOAD_IDLE_TIMEOUT] = settings.uploads.idle_timeout
+    app[UPLOAD_PACE] = BodyPace(
+        idle_timeout=settings.uploads.idle_timeout,
+        min_rate=settings.uploads.min_rate,
+        window=settings.uploads.min_rate_window,
+    )
     app[TRUSTED_PROXIES] = trusted_proxies
     app[WATCHDOG] = LoopWatchdog(threshold=settings.server.max_loop_lag)
     app[SHUTDOWN] = Shutdown()

@@ -149,14 +149,27 @@ class TLSSettings:
 class UploadSettings:
     ttl: float = 24 * 3600.0  # idle seconds after which a session is dropped
     idle_timeout: float = 60.0  # seconds without a byte of a request body before it is cut
+    # A request body slower than this many bytes a second, averaged over each
+    # min_rate_window, is cut too (a trickle never goes idle); 0: no minimum.
+    min_rate: int = _size(default=1024)
+    min_rate_window: float = 60.0
     max_blob_bytes: int = _size(default=10 * 1024**3)  # the largest blob one may push
     max_sessions: int = 1000  # open upload sessions in all
     max_sessions_per_client: int = 250  # open upload sessions per client address
+    # IPv6 clients count per network of this many leading bits (one host often holds a
+    # whole /64); 128: per address.
+    client_ipv6_prefix: int = 64
 
     def __post_init__(self) -> None:
         for key in ("idle_timeout", "max_blob_bytes", "max_sessions", "max_sessions_per_client"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"uploads.{key}: must be more than 0")
+        if not 1 <= self.client_ipv6_prefix <= 128:
+            raise ConfigError("uploads.client_ipv6_prefix: must be from 1 to 128")
+        if self.min_rate < 0:
+            raise ConfigError("uploads.min_rate: must be 0 (no minimum) or more")
+        if self.min_rate_window <= 0:
+            raise ConfigError("uploads.min_rate_window: must be more than 0")
 
 
 def _one_of(*choices: str) -> Any:

@@ -162,6 +162,12 @@ class UploadIdle(UploadRefused):
     reason = "idle_timeout"
 
 
+class UploadTooSlow(UploadIdle):
+    """A request body slower than ``uploads.min_rate`` over a window: cut like an idle one."""
+
+    reason = "too_slow"
+
+
 class UploadBusy(UploadRefused):
     """A session another request is writing to: refused at once, never queued behind it.
     416, as for a chunk that does not continue the upload where it stands."""

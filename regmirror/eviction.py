@@ -277,6 +277,11 @@ class BlobCache:
     def loaded(self) -> bool:
         return self._loaded.is_set()
 
+    @property
+    def blob_count(self) -> int:
+        """How many blobs on local disk the index holds."""
+        return len(self._entries)
+
     async def wait_loaded(self) -> None:
         """Until the index holds every blob on disk (at once when it does, or when no
         load was started: an index told about writes only)."""

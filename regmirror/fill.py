@@ -260,6 +260,16 @@ class Fill:
         """Its bytes go into the store (False: streamed through, never stored)."""
         return self._file_end is None
 
+    @property
+    def written(self) -> int:
+        """How many bytes of the blob have arrived so far."""
+        return self._written
+
+    @property
+    def size(self) -> int | None:
+        """The blob's size; None until the source has said (:meth:`length` waits)."""
+        return self._size
+
     async def length(self) -> int:
         """The blob's size, known once the source has answered (for Content-Length)."""
         await self._until(lambda: self._size is not None)
@@ -548,6 +558,10 @@ class Fills:
             self._inflight[digest] = fill
             self._start(fill, None, claim=False)
         return fill
+
+    def running(self) -> list[Fill]:
+        """Every fill this process runs now."""
+        return list(self._inflight.values())
 
     def partial_path(self, digest: Digest) -> Path:
         return self.directory / f"{digest.algorithm}-{digest.hex}{PARTIAL_SUFFIX}"

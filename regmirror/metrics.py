@@ -21,7 +21,14 @@ from prometheus_client.exposition import generate_latest
 from regmirror.digest import Digest
 from regmirror.fill import RESULTS, STREAM_THROUGH_REASONS
 
-UPLOAD_REFUSALS = ("too_large", "idle_timeout", "busy", "max_sessions", "max_sessions_per_client")
+UPLOAD_REFUSALS = (
+    "too_large",
+    "idle_timeout",
+    "too_slow",
+    "busy",
+    "max_sessions",
+    "max_sessions_per_client",
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -182,7 +189,8 @@ class Metrics:
         self.upload_refusals = Counter(
             "regmirror_upload_refusals_total",
             "Upload requests refused by the upload limits, by reason (too_large: past "
-            "uploads.max_blob_bytes; idle_timeout: a body that stalled; busy: a session "
+            "uploads.max_blob_bytes; idle_timeout: a body that stalled; too_slow: one under "
+            "uploads.min_rate; busy: a session "
             "another request is writing; max_sessions, max_sessions_per_client).",
             ["reason"],
             registry=self.registry,

@@ -7,10 +7,17 @@ disk and the directory. The count lives in memory: rebuilt at startup from the s
 With several worker processes (``server.workers``) the count is brought up to date from
 disk before each new session (:meth:`regmirror.uploads.Uploads.start`), so the caps hold for the host, not per
 worker; two workers opening the last free session at the same instant may both get it.
+
+An IPv6 client counts by its network (``uploads.client_ipv6_prefix``, /64 by default):
+one host is routinely handed a whole /64 and may pick a fresh address for every request,
+so per address it could open sessions without end. ``info.json`` keeps the address
+itself; the grouping is applied when counting, so changing the prefix regroups the
+sessions on disk at the next start.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 
@@ -20,20 +27,33 @@ from regmirror.errors import TooManyUploads
 class SessionCaps:
     """Open sessions by id and client; :meth:`open` refuses one over a cap."""
 
-    def __init__(self, *, total: int, per_client: int):
+    def __init__(self, *, total: int, per_client: int, ipv6_prefix: int = 64):
         self.total = total
         self.per_client = per_client
-        self._clients: dict[str, str] = {}  # session id -> client address
+        self.ipv6_prefix = ipv6_prefix
+        self._clients: dict[str, str] = {}  # session id -> client (see client_key)
         self._counts: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._clients)
 
     def of(self, client: str) -> int:
-        return self._counts[client]
+        return self._counts[self.client_key(client)]
+
+    def client_key(self, client: str) -> str:
+        """Who ``client`` (an address as recorded) counts as: an IPv6 address as its
+        network of ``ipv6_prefix`` bits; anything else as itself."""
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client  # "-": no address known
+        if address.version != 6 or self.ipv6_prefix >= 128:
+            return client
+        return str(ipaddress.ip_network(f"{address}/{self.ipv6_prefix}", strict=False))
 
     def open(self, upload_id: str, client: str) -> None:
         """Count a new session of ``client``; TOOMANYREQUESTS (429) if a cap is reached."""
+        client = self.client_key(client)
         if len(self._clients) >= self.total:
             raise TooManyUploads(
                 f"{len(self._clients)} upload sessions are open, the most this registry "
@@ -67,5 +87,6 @@ class SessionCaps:
                 self._add(upload_id, client)
 
     def _add(self, upload_id: str, client: str) -> None:
+        client = self.client_key(client)
         self._clients[upload_id] = client
         self._counts[client] += 1

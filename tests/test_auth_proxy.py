@@ -9,75 +9,23 @@ loopback addresses (127.0.0.2, 127.0.0.3) to be told apart.
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
-from pathlib import Path
 
 import pytest
 
 from tests.support.auth import write_htpasswd
+from tests.support.nginx import tier
 from tests.support.processes import (  # noqa: F401  (fixtures)
-    STOP_TIMEOUT,
     ServerProcess,
-    free_port,
-    poll_ready,
     regmirror_server,
 )
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+__all__ = ["tier"]  # a pytest fixture
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
-
-
-@pytest.fixture
-def tier(tmp_path: Path) -> Iterator[Callable[[int], str]]:
-    """``tier(backend_port)``: nginx with deploy/nginx/regmirror-tier.conf in front of
-    one backend; its base URL."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(backend_port: int) -> str:
-        port = free_port()
-        conf = (DEPLOY / "nginx" / "regmirror-tier.conf").read_text()
-        conf = re.sub(r"regmirror-\d\.internal:5000", f"127.0.0.1:{backend_port}", conf)
-        conf = conf.replace("listen 5000;", f"listen 127.0.0.1:{port};")
-        conf = conf.replace("listen [::]:5000;", "")
-        conf = conf.replace("/var/cache/nginx", str(tmp_path / "cache"))
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "tier.conf").write_text(conf)
-        (tmp_path / "nginx.conf").write_text(
-            f"daemon off;\nuser root;\npid {tmp_path}/nginx.pid;\n"
-            f"error_log {tmp_path}/error.log;\nevents {{}}\n"
-            f"http {{\n  access_log off;\n  client_body_temp_path {tmp_path}/body;\n"
-            f"  proxy_temp_path {tmp_path}/proxy;\n  include {tmp_path}/tier.conf;\n}}\n"
-        )
-        process = subprocess.Popen(
-            ["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-
-        def logs() -> str:
-            path = tmp_path / "error.log"
-            return path.read_text() if path.exists() else ""
-
-        poll_ready(f"{url}/healthz", process, logs, 30.0)
-        return url
-
-    yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def get_from(source: str, url: str, path: str, headers: dict[str, str] | None = None) -> int:
@@ -104,7 +52,7 @@ def backend(regmirror_server, tmp_path) -> ServerProcess:  # noqa: F811
 
 
 def test_the_tier_passes_the_client_address_and_the_backend_believes_it(backend, tier):
-    url = tier(backend.port)
+    url = tier([backend.port])
 
     assert get_from("127.0.0.2", url, "/v2/") == 200
     assert get_from("127.0.0.2", url, "/v2/lib/app/tags/list") == 404  # pulled, not refused
@@ -113,7 +61,7 @@ def test_the_tier_passes_the_client_address_and_the_backend_believes_it(backend,
 
 
 def test_a_client_cannot_spoof_its_address_through_the_tier(backend, tier):
-    url = tier(backend.port)
+    url = tier([backend.port])
     spoofed = {"X-Forwarded-For": "127.0.0.2"}
 
     assert get_from("127.0.0.3", url, "/v2/", spoofed) == 401

@@ -15,8 +15,10 @@ import pytest
 from tests.support.auth import leaked, secret, write_htpasswd
 from tests.support.oci_layout import Image, build_image, read_layout, write_image_layout
 from tests.support.processes import ServerProcess, regmirror_server  # noqa: F401
-from tests.support.skopeo import Skopeo
+from tests.support.skopeo import Skopeo, skopeo
 from tests.support.token_server import ISSUER, SERVICE, TokenIssuer, User, run_token_server
+
+__all__ = ["skopeo"]  # a pytest fixture
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None,
@@ -25,11 +27,6 @@ pytestmark = pytest.mark.skipif(
 
 CI_PASSWORD = secret("ci-skopeo-Pa55")
 READER_PASSWORD = secret("reader-skopeo-Pa55")
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from tests.support.engines import (  # noqa: F401  (pytest fixtures)
     shipped_hosts_toml,
 )
 from tests.support.fake_upstream import fake_upstream
+from tests.support.http import session
 from tests.support.oci_layout import Image, build_image, write_image_layout
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     REPO_ROOT,
@@ -46,8 +47,10 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     regmirror_server,
 )
 from tests.support.pullthrough import UpstreamProxy, push_image_to, upstream_env, upstream_proxy
-from tests.support.skopeo import Skopeo
+from tests.support.skopeo import Skopeo, skopeo
 from tests.support.upstream import upstream_registry  # noqa: F401  (pytest fixture)
+
+__all__ = ["session", "skopeo"]  # pytest fixtures
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None,
@@ -63,17 +66,6 @@ LAYERS = ({"etc/hostname": 9, "usr/bin/tool": 4096}, {"opt/data.bin": 300 * 1024
 @pytest.fixture(scope="module")
 def image() -> Image:
     return build_image(seed=41, layers=LAYERS)
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 @pytest.fixture
@@ -175,13 +167,13 @@ async def test_docker_pull_alpine_goes_through_registry_mirrors_to_the_upstream(
     hub_proxy: UpstreamProxy,
     regmirror_server: StartServer,  # noqa: F811
     docker_engine: StartDocker,  # noqa: F811
-    http: aiohttp.ClientSession,
+    session: aiohttp.ClientSession,
     image: Image,
 ) -> None:
     """What a host does: ``docker pull alpine:3.19`` with the shipped daemon.json; the
     registry:2 standing in for Docker Hub holds library/alpine:3.19 and regmirror
     fills from it."""
-    await push_image_to(http, upstream_registry.url, "library/alpine", image, "3.19")
+    await push_image_to(session, upstream_registry.url, "library/alpine", image, "3.19")
     server = regmirror_server(env=upstream_env(hub_proxy.url, ns="docker.io"))
     docker = await asyncio.to_thread(
         docker_engine, daemon_json=shipped_daemon_json(server.host_port)
@@ -212,10 +204,10 @@ async def test_after_regmirror_warm_a_docker_pull_makes_no_upstream_request(
     hub_proxy: UpstreamProxy,
     regmirror_server: StartServer,  # noqa: F811
     docker_engine: StartDocker,  # noqa: F811
-    http: aiohttp.ClientSession,
+    session: aiohttp.ClientSession,
     image: Image,
 ) -> None:
-    await push_image_to(http, upstream_registry.url, "library/alpine", image, "3.19")
+    await push_image_to(session, upstream_registry.url, "library/alpine", image, "3.19")
     server = regmirror_server(env=upstream_env(hub_proxy.url, ns="docker.io"))
     warmed = await warm(server, "library/alpine:3.19")
     assert warmed.returncode == 0, warmed.stdout.decode()
@@ -422,14 +414,14 @@ async def test_containerd_ns_docker_io_is_answered_by_the_upstream_bound_to_dock
     hub_proxy: UpstreamProxy,
     regmirror_server: StartServer,  # noqa: F811
     containerd_engine: Callable[..., Containerd],  # noqa: F811
-    http: aiohttp.ClientSession,
+    session: aiohttp.ClientSession,
     image: Image,
 ) -> None:
     """containerd adds ``?ns=docker.io`` to what it asks the mirror of the shipped
     hosts.toml; regmirror answers from the upstream whose ``ns`` is docker.io (here
     under a prefix), not from the default upstream, which holds another image under
     the same name."""
-    await push_image_to(http, upstream_registry.url, "library/testimg", image, "ns")
+    await push_image_to(session, upstream_registry.url, "library/testimg", image, "ns")
     decoy = build_image(seed=42, layers=LAYERS)
     async with fake_upstream() as default:
         default.add_image("library/testimg", decoy, "ns")
@@ -451,6 +443,6 @@ async def test_containerd_ns_docker_io_is_answered_by_the_upstream_bound_to_dock
         assert upstream_manifest_names(hub_proxy) == {"library/testimg"}
         assert default.requests == []
         # Without ?ns= the same name is the default upstream's: the decoy.
-        async with http.get(f"{server.url}/v2/library/testimg/manifests/ns") as response:
+        async with session.get(f"{server.url}/v2/library/testimg/manifests/ns") as response:
             assert response.status == 200
             assert response.headers["Docker-Content-Digest"] == decoy.manifest.digest

@@ -11,47 +11,31 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from regmirror import layout
 from tests.support.processes import ServerProcess, regmirror_server
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     Countdown,
     UpstreamProxy,
     eventually,
     fetch_hashed,
+    http,
+    proxy,
     stored_files,
     upstream_env,
-    upstream_proxy,
 )
 from tests.support.upstream import push_blob, upstream_registry
 
-__all__ = ["regmirror_server", "upstream_registry"]
+__all__ = ["http", "proxy", "regmirror_server", "upstream_registry"]
 
 MiB = 1024 * 1024
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=BOUND * 2),
-        auto_decompress=False,
-    ) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
-    async with upstream_proxy(upstream_registry.url) as running:
-        yield running
 
 
 async def metrics_text(http: aiohttp.ClientSession, server: ServerProcess) -> str:

@@ -13,7 +13,9 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,6 +28,7 @@ from regmirror.fleet import credential
 from regmirror.fleet.leases import Leases, blob_key
 from regmirror.storage.s3 import S3Driver
 from tests.support.auth import basic, write_htpasswd
+from tests.support.http import session
 from tests.support.processes import (  # pytest fixtures among them
     HOST,
     ServerProcess,
@@ -43,7 +46,7 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
+__all__ = ["moto_s3", "regmirror_server", "session", "upstream_registry"]
 
 MiB = 1024 * 1024
 BOUND = 30.0
@@ -51,12 +54,6 @@ SECRET = "fleet-test-secret"
 LEASE_TTL = 3.0
 PEER_TIMEOUT = 1.5
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
 
 
 @pytest.fixture
@@ -70,6 +67,48 @@ async def proxy(
             yield counting
         finally:
             counting.release.set()
+
+
+@dataclass
+class Rig:
+    """What every fleet test starts from: a server factory, the bucket's moto, registry:2
+    behind the counting proxy, and a client session."""
+
+    start: Start
+    moto: MotoS3
+    proxy: CountingProxy
+    upstream: ServerProcess
+    session: aiohttp.ClientSession
+
+    def fleet(self, count: int, extra: dict[str, str] | None = None, **kwargs: Any) -> Fleet:
+        return Fleet(self.start, self.moto, self.proxy, count, extra, **kwargs)
+
+    async def image(self, repo: str, size: int) -> PushedImage:
+        return await image_of(self.session, self.upstream, repo, size)
+
+    async def owner_held(
+        self, repo: str, size: int
+    ) -> tuple[PushedImage, Fleet, asyncio.Task[bytes | None]]:
+        """Two hosts with the image's manifest; the first (the owner) pulls the blob and
+        its upstream body is held after 1 MiB: (image, fleet, the owner's pull)."""
+        image = await self.image(repo, size)
+        fleet = self.fleet(2)
+        await asyncio.gather(*(pull_manifest(self.session, h, image) for h in fleet.hosts))
+        self.proxy.hold_after = 1 * MiB
+        at_owner = asyncio.create_task(pull_blob(self.session, fleet.hosts[0], image))
+        await asyncio.wait_for(self.proxy.held.wait(), BOUND)
+        return image, fleet, at_owner
+
+
+@pytest.fixture
+def rig(
+    regmirror_server: Start,
+    moto_s3: MotoS3,
+    proxy: CountingProxy,
+    upstream_registry: ServerProcess,
+    session: aiohttp.ClientSession,
+) -> Rig:
+    return Rig(regmirror_server, moto_s3, proxy, upstream_registry, session)
 
 
 class Fleet:
@@ -235,39 +274,37 @@ def s3_front(
 
 
 async def test_concurrent_pulls_across_hosts_make_one_upstream_get_per_blob_and_manifest(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
+    rig: Rig,
 ) -> None:
-    image = await image_of(session, upstream_registry, "fleet/herd", 4 * MiB)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 3)
-    proxy.requests.clear()
-    await asyncio.gather(*(pull_manifest(session, h, image) for h in fleet.hosts for _ in range(3)))
-    assert manifest_requests(proxy, "GET") == 1
-    assert manifest_requests(proxy, "HEAD") == 1  # the tag, revalidated once for the fleet
-    texts = [await metrics(session, h) for h in fleet.hosts]
+    image = await rig.image("fleet/herd", 4 * MiB)
+    fleet = rig.fleet(3)
+    rig.proxy.requests.clear()
+    await asyncio.gather(
+        *(pull_manifest(rig.session, h, image) for h in fleet.hosts for _ in range(3))
+    )
+    assert manifest_requests(rig.proxy, "GET") == 1
+    assert manifest_requests(rig.proxy, "HEAD") == 1  # the tag, revalidated once for the fleet
+    texts = [await metrics(rig.session, h) for h in fleet.hosts]
     revalidations = 'regmirror_fleet_tag_revalidations_total{result="%s"}'
     assert sum(sample(t, revalidations % "performed") for t in texts) == 1
     assert sum(sample(t, revalidations % "shared") for t in texts) == 2
 
-    proxy.hold_after = 1 * MiB  # the owner's upstream body stops here until every host asks
+    rig.proxy.hold_after = 1 * MiB  # the owner's upstream body stops here until every host asks
     pulls = [
-        asyncio.create_task(pull_blob(session, h, image)) for h in fleet.hosts for _ in range(3)
+        asyncio.create_task(pull_blob(rig.session, h, image)) for h in fleet.hosts for _ in range(3)
     ]
-    await asyncio.wait_for(proxy.held.wait(), BOUND)
+    await asyncio.wait_for(rig.proxy.held.wait(), BOUND)
     lost = 'regmirror_fleet_leases_total{result="lost"}'
     for _ in range(int(BOUND / 0.05)):
-        texts = [await metrics(session, h) for h in fleet.hosts]
+        texts = [await metrics(rig.session, h) for h in fleet.hosts]
         if sum(sample(t, lost) for t in texts) >= 2:
             break
         await asyncio.sleep(0.05)
-    proxy.release.set()
+    rig.proxy.release.set()
     bodies = await asyncio.wait_for(asyncio.gather(*pulls), BOUND)
     assert all(body == image.layer for body in bodies)
-    assert proxy.blob_gets == 1
-    texts = [await metrics(session, h) for h in fleet.hosts]
+    assert rig.proxy.blob_gets == 1
+    texts = [await metrics(rig.session, h) for h in fleet.hosts]
     source = 'regmirror_fleet_fill_bytes_total{source="%s"}'
     assert sum(sample(t, source % "upstream") for t in texts) == len(image.layer)
     assert sum(sample(t, source % "peer") for t in texts) == 2 * len(image.layer)
@@ -279,80 +316,52 @@ async def test_concurrent_pulls_across_hosts_make_one_upstream_get_per_blob_and_
     )
 
 
-async def test_an_owner_killed_mid_fill_is_taken_over_from_the_byte_reached(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
-) -> None:
-    image = await image_of(session, upstream_registry, "fleet/killed", 4 * MiB)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 2)
+async def test_an_owner_killed_mid_fill_is_taken_over_from_the_byte_reached(rig: Rig) -> None:
+    image, fleet, at_owner = await rig.owner_held("fleet/killed", 4 * MiB)
     owner, follower = fleet.hosts
-    await asyncio.gather(*(pull_manifest(session, h, image) for h in fleet.hosts))
-    proxy.hold_after = 1 * MiB
-    at_owner = asyncio.create_task(pull_blob(session, owner, image))
-    await asyncio.wait_for(proxy.held.wait(), BOUND)
-    at_follower = [asyncio.create_task(pull_blob(session, follower, image)) for _ in range(3)]
+    at_follower = [asyncio.create_task(pull_blob(rig.session, follower, image)) for _ in range(3)]
     peer_bytes = 'regmirror_fleet_fill_bytes_total{source="peer"}'
-    await until_metric(session, follower, peer_bytes, 1)  # streaming from the owner's fill
-    proxy.hold_after = None
+    await until_metric(rig.session, follower, peer_bytes, 1)  # streaming from the owner's fill
+    rig.proxy.hold_after = None
     owner.stopped = True
     owner.process.kill()
     await asyncio.to_thread(owner.process.wait, BOUND)
-    proxy.release.set()
+    rig.proxy.release.set()
 
     assert all(
         b == image.layer for b in await asyncio.wait_for(asyncio.gather(*at_follower), BOUND)
     )
     assert await asyncio.wait_for(at_owner, BOUND) is None  # cut, never a clean short body
-    assert proxy.blob_gets == 2  # the owner's, and one ranged GET for the rest
-    ranged = [path for m, path in proxy.requests if m == "GET" and "/blobs/sha" in path]
+    assert rig.proxy.blob_gets == 2  # the owner's, and one ranged GET for the rest
+    ranged = [path for m, path in rig.proxy.requests if m == "GET" and "/blobs/sha" in path]
     assert len(ranged) == 2
-    text = await metrics(session, follower)
+    text = await metrics(rig.session, follower)
     assert sample(text, 'regmirror_fleet_leases_total{result="taken_over"}') == 1
     assert sample(text, 'regmirror_fleet_fill_bytes_total{source="upstream"}') < len(image.layer)
     await fleet.until_gone(fleet.lease_key(image.layer_digest))
 
 
-async def test_a_stalled_owner_is_taken_over(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
-) -> None:
-    image = await image_of(session, upstream_registry, "fleet/stalled", 3 * MiB)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 2)
-    owner, follower = fleet.hosts
-    await asyncio.gather(*(pull_manifest(session, h, image) for h in fleet.hosts))
-    proxy.hold_after = 1 * MiB
-    at_owner = asyncio.create_task(pull_blob(session, owner, image))
-    await asyncio.wait_for(proxy.held.wait(), BOUND)
-    proxy.hold_after = None  # only the owner's body stays held: it stalls
+async def test_a_stalled_owner_is_taken_over(rig: Rig) -> None:
+    image, fleet, at_owner = await rig.owner_held("fleet/stalled", 3 * MiB)
+    follower = fleet.hosts[1]
+    rig.proxy.hold_after = None  # only the owner's body stays held: it stalls
     started = time.monotonic()
-    assert await asyncio.wait_for(pull_blob(session, follower, image), BOUND) == image.layer
+    assert await asyncio.wait_for(pull_blob(rig.session, follower, image), BOUND) == image.layer
     assert time.monotonic() - started < PEER_TIMEOUT + 10
-    assert proxy.blob_gets == 2
-    text = await metrics(session, follower)
+    assert rig.proxy.blob_gets == 2
+    text = await metrics(rig.session, follower)
     assert sample(text, 'regmirror_fleet_peer_errors_total{kind="stalled"}') == 1
     assert sample(text, 'regmirror_fleet_leases_total{result="taken_over"}') == 1
-    proxy.release.set()  # the stalled owner finishes its own clients' pull
+    rig.proxy.release.set()  # the stalled owner finishes its own clients' pull
     assert await asyncio.wait_for(at_owner, BOUND) == image.layer
     await fleet.until_gone(fleet.lease_key(image.layer_digest))
 
 
-async def test_a_peer_sending_wrong_bytes_fails_that_fill_only(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
-) -> None:
-    image = await image_of(session, upstream_registry, "fleet/corrupt", 1 * MiB)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 1)
+async def test_a_peer_sending_wrong_bytes_fails_that_fill_only(rig: Rig) -> None:
+    image = await rig.image("fleet/corrupt", 1 * MiB)
+    fleet = rig.fleet(1)
     (host,) = fleet.hosts
-    await pull_manifest(session, host, image)
+    await pull_manifest(rig.session, host, image)
     asked: list[str | None] = []
 
     async def lying_peer(request: web.Request) -> web.Response:
@@ -363,41 +372,39 @@ async def test_a_peer_sending_wrong_bytes_fails_that_fill_only(
     app.router.add_get("/-/fleet/blobs/{digest}", lying_peer)
     async with serve(app) as liar:
         fleet.plant_lease(image.layer_digest, liar, expires_in=600.0)
-        assert await pull_blob(session, host, image) is None  # cut: never a clean body
+        assert await pull_blob(rig.session, host, image) is None  # cut: never a clean body
         assert asked and credential.verify(
             SECRET, asked[0], "GET", f"/-/fleet/blobs/{image.layer_digest}"
         )
-        assert await metric(session, host, 'regmirror_fills_total{result="digest_mismatch"}') == 1
-        assert proxy.blob_gets == 0
+        assert (
+            await metric(rig.session, host, 'regmirror_fills_total{result="digest_mismatch"}') == 1
+        )
+        assert rig.proxy.blob_gets == 0
         # The next fill does not follow the liar again (its lease has long to run): it
         # takes the lease over and fetches from the upstream.
-        assert await pull_blob(session, host, image) == image.layer
+        assert await pull_blob(rig.session, host, image) == image.layer
         assert len(asked) == 1
-    assert proxy.blob_gets == 1
-    text = await metrics(session, host)
+    assert rig.proxy.blob_gets == 1
+    text = await metrics(rig.session, host)
     assert sample(text, 'regmirror_fleet_leases_total{result="taken_over"}') == 1
 
 
 async def test_a_lease_left_by_a_dead_host_expires_and_an_unreachable_owner_is_taken_over(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
+    rig: Rig,
 ) -> None:
-    expired = await image_of(session, upstream_registry, "fleet/expired", 1 * MiB)
-    unreachable = await image_of(session, upstream_registry, "fleet/unreachable", 1 * MiB)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 1)
+    expired = await rig.image("fleet/expired", 1 * MiB)
+    unreachable = await rig.image("fleet/unreachable", 1 * MiB)
+    fleet = rig.fleet(1)
     (host,) = fleet.hosts
     nobody = f"http://{HOST}:{free_port()}"
     fleet.plant_lease(expired.layer_digest, nobody, expires_in=-1.0)
     fleet.plant_lease(unreachable.layer_digest, nobody, expires_in=600.0)
     for image in (expired, unreachable):
-        await pull_manifest(session, host, image)
-        assert await asyncio.wait_for(pull_blob(session, host, image), BOUND) == image.layer
+        await pull_manifest(rig.session, host, image)
+        assert await asyncio.wait_for(pull_blob(rig.session, host, image), BOUND) == image.layer
         await fleet.until_gone(fleet.lease_key(image.layer_digest))
-    assert proxy.blob_gets == 2
-    text = await metrics(session, host)
+    assert rig.proxy.blob_gets == 2
+    text = await metrics(rig.session, host)
     assert sample(text, 'regmirror_fleet_leases_total{result="taken_over"}') == 2
     assert sample(text, 'regmirror_fleet_peer_errors_total{kind="unreachable"}') == 1
 
@@ -405,18 +412,12 @@ async def test_a_lease_left_by_a_dead_host_expires_and_an_unreachable_owner_is_t
 # -- the peer endpoint ----------------------------------------------------------------
 
 
-async def test_the_peer_endpoint_serves_blobs_only_to_signed_requests(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
-) -> None:
-    image = await image_of(session, upstream_registry, "fleet/peer", 64 * 1024)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 1)
+async def test_the_peer_endpoint_serves_blobs_only_to_signed_requests(rig: Rig) -> None:
+    image = await rig.image("fleet/peer", 64 * 1024)
+    fleet = rig.fleet(1)
     (host,) = fleet.hosts
-    await pull_manifest(session, host, image)
-    assert await pull_blob(session, host, image) == image.layer
+    await pull_manifest(rig.session, host, image)
+    assert await pull_blob(rig.session, host, image) == image.layer
     path = f"/-/fleet/blobs/{image.layer_digest}"
     for authorization in (
         None,
@@ -426,17 +427,17 @@ async def test_the_peer_endpoint_serves_blobs_only_to_signed_requests(
         credential.sign(SECRET, "GET", path, now=time.time() - 3600),
     ):
         headers = {"Authorization": authorization} if authorization else {}
-        async with session.get(f"{host.url}{path}", headers=headers) as response:
+        async with rig.session.get(f"{host.url}{path}", headers=headers) as response:
             assert response.status == 401
             assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
     signed = {"Authorization": credential.sign(SECRET, "GET", path), "Range": "bytes=10-"}
-    async with session.get(f"{host.url}{path}", headers=signed) as response:
+    async with rig.session.get(f"{host.url}{path}", headers=signed) as response:
         assert response.status == 206 and await response.read() == image.layer[10:]
     unknown = "/-/fleet/blobs/sha256:" + "1" * 64
     signed = {"Authorization": credential.sign(SECRET, "GET", unknown)}
-    async with session.get(f"{host.url}{unknown}", headers=signed) as response:
+    async with rig.session.get(f"{host.url}{unknown}", headers=signed) as response:
         assert response.status == 404  # nothing is fetched for a peer
-    assert proxy.blob_gets == 1
+    assert rig.proxy.blob_gets == 1
 
 
 # -- leases against moto, and the configuration ------------------------------------------
@@ -493,102 +494,74 @@ def test_fleet_mode_needs_the_bucket_write_back_and_a_secret() -> None:
 
 
 async def test_a_store_that_ignores_conditional_writes_turns_fleet_mode_off_with_a_warning(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
+    rig: Rig,
 ) -> None:
-    image = await image_of(session, upstream_registry, "fleet/unconditional", 256 * 1024)
+    image = await rig.image("fleet/unconditional", 256 * 1024)
 
-    async with serve(s3_front(session, moto_s3, forget_conditions=True)) as store:
-        fleet = Fleet(
-            regmirror_server,
-            moto_s3,
-            proxy,
-            2,
-            extra={"REGMIRROR_S3__ENDPOINT_URL": store},
-        )
+    async with serve(s3_front(rig.session, rig.moto, forget_conditions=True)) as store:
+        fleet = rig.fleet(2, extra={"REGMIRROR_S3__ENDPOINT_URL": store})
         for host in fleet.hosts:
-            await pull_manifest(session, host, image)
-        proxy.hold_after = 64 * 1024
-        pulls = [asyncio.create_task(pull_blob(session, h, image)) for h in fleet.hosts]
+            await pull_manifest(rig.session, host, image)
+        rig.proxy.hold_after = 64 * 1024
+        pulls = [asyncio.create_task(pull_blob(rig.session, h, image)) for h in fleet.hosts]
         for _ in range(int(BOUND / 0.05)):
-            if proxy.blob_gets == 2:
+            if rig.proxy.blob_gets == 2:
                 break
             await asyncio.sleep(0.05)
-        proxy.release.set()
+        rig.proxy.release.set()
         assert await asyncio.gather(*pulls) == [image.layer, image.layer]
-    assert proxy.blob_gets == 2  # every host fills on its own, as without fleet mode
+    assert rig.proxy.blob_gets == 2  # every host fills on its own, as without fleet mode
     assert all("ignores conditional writes" in host.logs() for host in fleet.hosts)
-    assert not any("/leases/" in key for key in moto_s3.keys(fleet.bucket))
+    assert not any("/leases/" in key for key in rig.moto.keys(fleet.bucket))
 
 
 async def test_with_auth_on_the_peer_credential_opens_the_peer_endpoint_and_nothing_else(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
+    rig: Rig,
     tmp_path: Path,
 ) -> None:
-    image = await image_of(session, upstream_registry, "fleet/private", 64 * 1024)
+    image = await rig.image("fleet/private", 64 * 1024)
     htpasswd = write_htpasswd(tmp_path / "htpasswd", {"ci": "ci-password"})
     auth = {
         "REGMIRROR_AUTH__HTPASSWD": str(htpasswd),
         "REGMIRROR_AUTH__ANONYMOUS_PULL": "[]",
     }
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 2, extra=auth, ready_status=401)
+    fleet = rig.fleet(2, extra=auth, ready_status=401)
     owner, peer = fleet.hosts
     manifest = f"/v2/{image.repo}/manifests/{image.tag}"
     layer = f"/v2/{image.repo}/blobs/{image.layer_digest}"
     for path in (manifest, layer, "/v2/"):
         signed = {"Authorization": credential.sign(SECRET, "GET", path)}
-        async with session.get(f"{owner.url}{path}", headers=signed) as response:
+        async with rig.session.get(f"{owner.url}{path}", headers=signed) as response:
             assert response.status == 401, path  # the peer credential is no login
     ci = basic("ci", "ci-password")
-    async with session.get(
+    async with rig.session.get(
         f"{owner.url}{manifest}", headers={**ci, "Accept": DOCKER_MANIFEST}
     ) as response:
         assert response.status == 200
-    async with session.get(f"{peer.url}{layer}", headers=ci) as response:
+    async with rig.session.get(f"{peer.url}{layer}", headers=ci) as response:
         assert response.status == 200 and await response.read() == image.layer
     path = f"/-/fleet/blobs/{image.layer_digest}"
-    async with session.get(f"{peer.url}{path}", headers=ci) as response:
+    async with rig.session.get(f"{peer.url}{path}", headers=ci) as response:
         assert response.status == 401  # a user's login is not the peer credential
     signed = {"Authorization": credential.sign(SECRET, "GET", path)}
-    async with session.get(f"{peer.url}{path}", headers=signed) as response:
+    async with rig.session.get(f"{peer.url}{path}", headers=signed) as response:
         assert response.status == 200 and await response.read() == image.layer
 
 
-async def test_a_blob_whose_s3_read_breaks_mid_way_is_finished_through_the_fleet(
-    regmirror_server: Start,
-    moto_s3: MotoS3,
-    proxy: CountingProxy,
-    upstream_registry: ServerProcess,
-    session: aiohttp.ClientSession,
-) -> None:
-    image = await image_of(session, upstream_registry, "fleet/s3-breaks", 2 * MiB)
-    fleet = Fleet(regmirror_server, moto_s3, proxy, 1)
-    await pull_manifest(session, fleet.hosts[0], image)
-    assert await pull_blob(session, fleet.hosts[0], image) == image.layer
+async def test_a_blob_whose_s3_read_breaks_mid_way_is_finished_through_the_fleet(rig: Rig) -> None:
+    image = await rig.image("fleet/s3-breaks", 2 * MiB)
+    fleet = rig.fleet(1)
+    await pull_manifest(rig.session, fleet.hosts[0], image)
+    assert await pull_blob(rig.session, fleet.hosts[0], image) == image.layer
     await fleet.until_gone(fleet.lease_key(image.layer_digest))  # written back to S3
-    async with serve(s3_front(session, moto_s3, cut_blobs_after=512 * 1024)) as store:
-        late = Fleet(
-            regmirror_server,
-            moto_s3,
-            proxy,
-            1,
-            extra={
-                "REGMIRROR_S3__ENDPOINT_URL": store,
-                "REGMIRROR_S3__BUCKET": fleet.bucket,
-            },
-        )
+    async with serve(s3_front(rig.session, rig.moto, cut_blobs_after=512 * 1024)) as store:
+        extra = {"REGMIRROR_S3__ENDPOINT_URL": store, "REGMIRROR_S3__BUCKET": fleet.bucket}
+        late = rig.fleet(1, extra=extra)
         (host,) = late.hosts
-        await pull_manifest(session, host, image)
-        assert await asyncio.wait_for(pull_blob(session, host, image), BOUND) == image.layer
-    assert proxy.blob_gets == 2  # the first host's, and one ranged GET for the rest
-    text = await metrics(session, host)
+        await pull_manifest(rig.session, host, image)
+        assert await asyncio.wait_for(pull_blob(rig.session, host, image), BOUND) == image.layer
+    assert rig.proxy.blob_gets == 2  # the first host's, and one ranged GET for the rest
+    text = await metrics(rig.session, host)
     received = 'regmirror_fleet_fill_bytes_total{source="%s"}'
     assert sample(text, received % "s3") >= 512 * 1024
     assert sample(text, received % "s3") + sample(text, received % "upstream") == len(image.layer)

@@ -13,7 +13,6 @@ import base64
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from regmirror.digest import Digest
 from regmirror.logs.access import target
 from regmirror.logs.throttle import Throttled
 from tests.support.api import data_dir, make_client  # noqa: F401
+from tests.support.http import session
 from tests.support.processes import HOST, ServerProcess, free_port, regmirror_server
 from tests.support.pullthrough import (
     BOUND,
@@ -40,7 +40,7 @@ from tests.support.s3_registry import regmirror_env
 from tests.support.token_server import ISSUER, SERVICE, TokenIssuer, repository
 from tests.support.upstream import push_blob, push_image, serve, upstream_registry
 
-__all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
+__all__ = ["moto_s3", "regmirror_server", "session", "upstream_registry"]
 
 ACCESS = re.compile(
     r'regmirror\.access: (?P<client>\S+) - (?P<user>\S+) "(?P<method>\S+) (?P<path>\S+) '
@@ -72,12 +72,6 @@ async def logged(server: ServerProcess, method: str, path: str, count: int = 1) 
 async def get(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, bytes]:
     async with session.get(url, **kwargs) as response:
         return response.status, await response.read()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as client:
-        yield client
 
 
 # -- tiers ---------------------------------------------------------------------------

@@ -10,90 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 
+from tests.support.http import session
+from tests.support.nginx import tier
 from tests.support.processes import (  # pytest fixtures among them
-    STOP_TIMEOUT,
     ServerProcess,
-    free_port,
-    poll_ready,
     regmirror_server,
 )
 from tests.support.upstream import CountingProxy, push_image, serve, upstream_registry
 
-__all__ = ["regmirror_server", "upstream_registry"]
+__all__ = ["regmirror_server", "session", "tier", "upstream_registry"]
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 BOUND = 30.0
 Start = Callable[..., ServerProcess]
 # Never answered from nginx's cache: every request reaches a replica (as CI's do).
 UNCACHED = {"Authorization": "Bearer not-checked-by-these-replicas"}
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
-
-
-@pytest.fixture
-def tier(tmp_path: Path) -> Iterator[Callable[[list[int]], str]]:
-    """``tier([port, port])``: nginx with the shipped tier config in front of these
-    backends (regmirror-1 and -2; the others dropped); its base URL."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(backends: list[int]) -> str:
-        port = free_port()
-        conf = (DEPLOY / "nginx" / "regmirror-tier.conf").read_text()
-        for number in range(1, 5):
-            if number <= len(backends):
-                address = f"127.0.0.1:{backends[number - 1]}"
-                conf = conf.replace(f"regmirror-{number}.internal:5000", address)
-            else:
-                conf = re.sub(rf"\n\s*server regmirror-{number}\.internal:5000[^;]*;", "", conf)
-        conf = conf.replace("listen 5000;", f"listen 127.0.0.1:{port};")
-        conf = conf.replace("listen [::]:5000;", "")
-        conf = conf.replace("/var/cache/nginx", str(tmp_path / "cache"))
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "tier.conf").write_text(conf)
-        (tmp_path / "nginx.conf").write_text(
-            f"daemon off;\nuser root;\npid {tmp_path}/nginx.pid;\n"
-            f"error_log {tmp_path}/error.log;\nevents {{}}\n"
-            f"http {{\n  access_log off;\n  client_body_temp_path {tmp_path}/body;\n"
-            f"  proxy_temp_path {tmp_path}/proxy;\n  include {tmp_path}/tier.conf;\n}}\n"
-        )
-        process = subprocess.Popen(
-            ["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-
-        def logs() -> str:
-            path = tmp_path / "error.log"
-            return path.read_text() if path.exists() else ""
-
-        poll_ready(f"{url}/healthz", process, logs, BOUND)
-        return url
-
-    yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-        yield session
 
 
 async def fills(session: aiohttp.ClientSession, replica: ServerProcess) -> float:

@@ -16,7 +16,7 @@ import json
 import shutil
 import tomllib
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,13 +26,14 @@ import pytest
 
 from tests.support.engines import SHIPPED_MIRROR, Podman, podman
 from tests.support.fake_upstream import Mode, fake_upstream
+from tests.support.http import session
 from tests.support.oci_layout import Image, build_image, write_image_layout
 from tests.support.processes import REPO_ROOT, ServerProcess, regmirror_server
 from tests.support.pullthrough import push_image_to, upstream_env, upstream_proxy
-from tests.support.skopeo import Skopeo
+from tests.support.skopeo import Skopeo, skopeo
 from tests.support.upstream import upstream_registry
 
-__all__ = ["podman", "regmirror_server", "upstream_registry"]
+__all__ = ["podman", "regmirror_server", "session", "skopeo", "upstream_registry"]
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None,
@@ -55,17 +56,6 @@ def shipped_registries_conf(mirror: str) -> str:
 @pytest.fixture(scope="module")
 def image() -> Image:
     return build_image(seed=77, layers=LAYERS)
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
@@ -199,13 +189,13 @@ async def test_podman_pulls_docker_hub_images_through_the_shipped_registries_con
     upstream_registry: ServerProcess,
     regmirror_server: StartServer,
     podman: Podman,
-    http: aiohttp.ClientSession,
+    session: aiohttp.ClientSession,
     image: Image,
 ) -> None:
     """registry:2 stands in for Docker Hub as regmirror's upstream; podman pulls
     ``docker.io/library/testimg:v1`` with only the shipped registries.conf (host:port
     changed) telling it about the mirror."""
-    await push_image_to(http, upstream_registry.url, "library/testimg", image, "v1")
+    await push_image_to(session, upstream_registry.url, "library/testimg", image, "v1")
     reference = "docker.io/library/testimg:v1"
     async with upstream_proxy(upstream_registry.url) as proxy:
         server = regmirror_server(env=upstream_env(proxy.url, ns="docker.io"))

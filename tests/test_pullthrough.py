@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,13 +31,15 @@ from regmirror.stored import StoredBlob
 from regmirror.upstream import Route, Upstream, UpstreamRouter
 from tests.support.oci_layout import build_image, build_index, read_layout
 from tests.support.processes import ServerProcess, regmirror_server, run_regmirror
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     Countdown,
     UpstreamProxy,
     error_code,
     eventually,
     fetch_hashed,
+    http,
+    proxy,
     push_image_to,
     push_index_to,
     put_manifest,
@@ -47,7 +48,7 @@ from tests.support.pullthrough import (
     upstream_proxy,
 )
 from tests.support.s3 import MotoS3, moto_s3
-from tests.support.skopeo import ACCEPT, Skopeo
+from tests.support.skopeo import ACCEPT, Skopeo, skopeo
 from tests.support.upstream import (
     BASIC_PASSWORD,
     BASIC_USER,
@@ -57,29 +58,12 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
+__all__ = ["http", "moto_s3", "proxy", "regmirror_server", "skopeo", "upstream_registry"]
 
 MiB = 1024 * 1024
 HERD = 100
 
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client with no connection limit, so a herd really is concurrent."""
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=BOUND * 2),
-        auto_decompress=False,
-    ) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
-    async with upstream_proxy(upstream_registry.url) as running:
-        yield running
 
 
 def mirror_of(start: Start, proxy: UpstreamProxy, **settings: object) -> ServerProcess:
@@ -257,13 +241,6 @@ async def test_an_upstream_down_before_the_body_is_a_503_and_a_later_retry_succe
 
 
 # -- 3. a real client through a token-authenticated upstream ----------------------------
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed (Debian package skopeo; tests/run.sh installs it)")
-    return Skopeo(tmp_path / "skopeo")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,19 +33,20 @@ from multidict import CIMultiDict
 from regmirror.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from tests.support.oci_layout import Blob, Image, build_image
 from tests.support.processes import ServerProcess, regmirror_server, run_regmirror
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     Countdown,
     UpstreamProxy,
     eventually,
     fetch_hashed,
+    http,
+    proxy,
     put_manifest,
     upstream_env,
-    upstream_proxy,
 )
 from tests.support.upstream import push_blob, upstream_registry
 
-__all__ = ["regmirror_server", "upstream_registry"]
+__all__ = ["http", "proxy", "regmirror_server", "upstream_registry"]
 
 Start = Callable[..., ServerProcess]
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -55,21 +56,6 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 EVERYTHING = (DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX)
 SINGLE = (DOCKER_MANIFEST, OCI_MANIFEST)
 HERD = 40
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=BOUND * 2),
-    ) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
-    async with upstream_proxy(upstream_registry.url) as running:
-        yield running
 
 
 @dataclass

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,20 +27,21 @@ from regmirror.errors import NameUnknown, UpstreamUnavailable
 from regmirror.upstream import Upstream
 from tests.support.oci_layout import build_image
 from tests.support.processes import ServerProcess, regmirror_server, run_regmirror
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     Countdown,
     UpstreamProxy,
     error_code,
     eventually,
+    http,
     push_image_to,
     put_manifest,
     upstream_env,
 )
-from tests.support.skopeo import Skopeo
+from tests.support.skopeo import Skopeo, skopeo
 from tests.support.upstream import serve, upstream_registry
 
-__all__ = ["regmirror_server", "upstream_registry"]
+__all__ = ["http", "regmirror_server", "skopeo", "upstream_registry"]
 
 Start = Callable[..., ServerProcess]
 HERD = 50
@@ -87,14 +87,6 @@ class PagingProxy(UpstreamProxy):
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=BOUND * 2)
-    ) as session:
-        yield session
-
-
-@pytest.fixture
 async def proxy(
     upstream_registry: ServerProcess, http: aiohttp.ClientSession
 ) -> AsyncIterator[PagingProxy]:
@@ -104,13 +96,6 @@ async def proxy(
         yield running
     finally:
         await running.stop()
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo not installed (Debian package skopeo; tests/run.sh installs it)")
-    return Skopeo(tmp_path / "skopeo")
 
 
 async def tag_upstream(

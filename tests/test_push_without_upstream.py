@@ -30,10 +30,10 @@ from tests.support.oci_layout import Image, build_image, write_image_layout
 from tests.support.processes import ServerProcess, regmirror_server
 from tests.support.pullthrough import error_code, put_manifest, upstream_env
 from tests.support.s3_registry import pull_layout
-from tests.support.skopeo import Skopeo
+from tests.support.skopeo import Skopeo, skopeo
 from tests.support.upstream import push_blob
 
-__all__ = ["regmirror_server"]
+__all__ = ["regmirror_server", "skopeo"]
 
 pytestmark = pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
 
@@ -48,11 +48,6 @@ PROBE_BOUND = 15.0
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
         yield session
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
 
 
 async def upstream_errors(http: aiohttp.ClientSession, server: ServerProcess, kind: str) -> float:

@@ -49,7 +49,9 @@ from tests.support.s3_registry import (
     start_upload,
     timed,
 )
-from tests.support.skopeo import ACCEPT, Skopeo
+from tests.support.skopeo import ACCEPT, Skopeo, skopeo
+
+__all__ = ["skopeo"]  # a pytest fixture
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None or not os.access("/usr/bin/docker-registry", os.X_OK),
@@ -63,11 +65,6 @@ MiB = 1024 * 1024
 DOWN_BOUND = 10.0
 HUNG_BOUND = 45.0  # a manifest by tag reads two links: up to 2 x ~12 s when S3 hangs
 TAG_DEADLINE = 20.0
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
 
 
 def push(skopeo: Skopeo, tmp_path: Path, image: Image, destination: str) -> None:

@@ -8,7 +8,7 @@ import json
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +16,7 @@ import pytest
 
 from regmirror.config import ConfigError, load
 from tests.support.certs import TestCA
+from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     HOST,
     ServerProcess,
@@ -30,16 +31,10 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["upstream_registry"]
+__all__ = ["session", "upstream_registry"]
 
 BOUND = 30.0
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def get(session: aiohttp.ClientSession, url: str, **kwargs: object) -> tuple[int, bytes]:

@@ -36,17 +36,21 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     distribution_registry,
     regmirror_server,
 )
-from tests.support.skopeo import ACCEPT, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, Skopeo
+from tests.support.skopeo import (
+    ACCEPT,
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    Skopeo,
+    skopeo,
+)
+
+__all__ = ["skopeo"]  # a pytest fixture
 
 pytestmark = pytest.mark.skipif(
     shutil.which("skopeo") is None,
     reason="skopeo not installed (Debian package skopeo; tests/run.sh installs it)",
 )
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
 
 
 @pytest.fixture

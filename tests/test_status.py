@@ -8,44 +8,30 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
-import pytest
 
 from regmirror import __version__
 from tests.support.processes import REPO_ROOT, ServerProcess, free_port, regmirror_server
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     UpstreamProxy,
     eventually,
     fetch_hashed,
+    http,
+    proxy,
     upstream_env,
-    upstream_proxy,
 )
 from tests.support.s3 import MotoS3, moto_s3
 from tests.support.s3_registry import regmirror_env
 from tests.support.upstream import push_blob, upstream_registry
 
-__all__ = ["moto_s3", "regmirror_server", "upstream_registry"]
+__all__ = ["http", "moto_s3", "proxy", "regmirror_server", "upstream_registry"]
 
 MiB = 1024 * 1024
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=BOUND * 2), auto_decompress=False
-    ) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
-    async with upstream_proxy(upstream_registry.url) as running:
-        yield running
 
 
 async def status(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str, str]:

@@ -40,6 +40,7 @@ from tests.support.auth import request_from
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
 from tests.support.s3 import moto_s3  # noqa: F401
 from tests.support.stalled import StalledPatch, rss_kib
+from tests.support.uploads import finish_from, open_session, refusals
 from tests.test_eviction import on_disk, s3_settings
 
 NAME = "lib/app"
@@ -54,12 +55,6 @@ SETTLE = 2.5  # seconds of quiet after a burst: the server then gives freed heap
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
         yield session
-
-
-async def open_session(http: aiohttp.ClientSession, server: ServerProcess) -> str:
-    async with http.post(f"{server.url}/v2/{NAME}/blobs/uploads/") as response:
-        assert response.status == 202, await response.text()
-        return response.headers["Location"]
 
 
 def session_bytes(server: ServerProcess) -> int:
@@ -102,21 +97,12 @@ async def test_stalled_uploads_keep_server_memory_bounded(regmirror_server, http
         assert status.status == 204  # the cut PATCHes left their sessions usable
 
 
-def refusals(metrics_text: str, reason: str) -> float:
-    for line in metrics_text.splitlines():
-        if line.startswith(f'regmirror_upload_refusals_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"no refusals metric for {reason}")
-
-
 async def test_stalled_chunked_patch_is_cut_after_idle_timeout_and_session_stays_usable(
     regmirror_server, http
 ):
     server = regmirror_server(env={"REGMIRROR_UPLOADS__IDLE_TIMEOUT": "1"})
     data = blob_bytes(300 * KiB, seed=2)
-    location = await open_session(http, server)
-    async with http.patch(f"{server.url}{location}", data=data[:1000]) as first:
-        assert first.status == 202
+    location = await open_session(http, server, holding=data[:1000])
     stalled = StalledPatch(HOST, server.port, location)
     try:
         started = time.monotonic()
@@ -135,18 +121,8 @@ async def test_stalled_chunked_patch_is_cut_after_idle_timeout_and_session_stays
     assert closed, "the server kept the stalled connection open"
     async with http.get(f"{server.url}{location}") as status_:
         assert status_.status == 204 and status_.headers["Range"] == "0-999"
-    async with http.patch(
-        f"{server.url}{location}",
-        data=data[1000:],
-        headers={"Content-Range": f"1000-{len(data) - 1}"},
-    ) as rest:
-        assert rest.status == 202, await rest.text()
-    async with http.put(f"{server.url}{location}?digest={sha256(data)}") as put:
-        assert put.status == 201, await put.text()
-    async with http.get(f"{server.url}/v2/{NAME}/blobs/{sha256(data)}") as blob:
-        assert await blob.read() == data
-    async with http.get(f"{server.url}/metrics") as metrics:
-        assert refusals(await metrics.text(), "idle_timeout") == 1
+    await finish_from(http, server, location, data, 1000)
+    assert await refusals(http, server, "idle_timeout") == 1
 
 
 async def test_a_trickling_body_is_not_idle(regmirror_server, http):
@@ -203,8 +179,7 @@ async def test_a_write_to_a_session_another_request_is_writing_is_refused_at_onc
     assert retry.status == 202
     async with http.put(f"{server.url}{location}?digest={sha256(data)}") as put:
         assert put.status == 201, await put.text()
-    async with http.get(f"{server.url}/metrics") as metrics:
-        assert refusals(await metrics.text(), "busy") >= 2
+    assert await refusals(http, server, "busy") >= 2
 
 
 # -- in process: size limit, session caps, disk budget ---------------------------------

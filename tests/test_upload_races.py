@@ -162,6 +162,33 @@ def make_stale(client, session) -> None:
         os.utime(session / name, (old, old))
 
 
+class SlowChunk:
+    """A PATCH whose body sends ``head``, then holds ``tail`` until :meth:`finish`: the
+    session stays mid-chunk for as long as a test needs."""
+
+    def __init__(self, client, location: str, head: bytes, tail: bytes):
+        self.resume = asyncio.Event()
+
+        async def body():
+            yield head
+            await self.resume.wait()
+            yield tail
+
+        self.patch = asyncio.create_task(client.patch(location, data=body()))
+
+    async def until_written(self, session, past: int = 0) -> None:
+        """Until the session's file holds more than ``past`` bytes (the server writes the
+        first batch; nothing to await but the file)."""
+        data, deadline = session / "data", time.monotonic() + 10
+        while not data.exists() or data.stat().st_size <= past:
+            assert time.monotonic() < deadline, "the first batch never reached the session"
+            await asyncio.sleep(0.01)
+
+    async def finish(self):
+        self.resume.set()
+        return await self.patch
+
+
 async def test_expiry_racing_a_commit_never_breaks_it(client, data_dir):
     for trial in range(TRIALS):
         data = blob_bytes(128 * 1024, seed=1000 + trial)
@@ -184,23 +211,12 @@ async def test_expiry_leaves_a_session_alone_while_a_chunk_streams_in(client, da
     location = await start_upload(client, NAME)
     session = data_dir / "uploads" / location.rsplit("/", 1)[1]
     first, second = blob_bytes(2 * 1024 * 1024, seed=1), blob_bytes(1000, seed=2)
-    resume = asyncio.Event()
-
-    async def slow_body():
-        yield first
-        await resume.wait()
-        yield second
-
-    patch = asyncio.create_task(client.patch(location, data=slow_body()))
-    deadline = time.monotonic() + 10
-    while not (session / "data").exists() or (session / "data").stat().st_size == 0:
-        assert time.monotonic() < deadline, "the first chunk never reached the session"
-        await asyncio.sleep(0.01)  # the server writes the first batch; nothing to await
+    chunk = SlowChunk(client, location, first, second)
+    await chunk.until_written(session)
     make_stale(client, session)  # idle for longer than the TTL, by its files' times
 
     expired = await client.app[UPLOADS].expire()
-    resume.set()
-    response = await patch
+    response = await chunk.finish()
 
     assert expired == 0
     assert response.status == 202, await response.text()
@@ -226,15 +242,25 @@ class HeldCommit:
         await self._commit(name, digest, data)
 
 
-async def test_requests_on_a_committing_session_are_unknown_at_once(client, data_dir, monkeypatch):
+async def committing(client, monkeypatch, data: bytes, *, stale_in=None):
+    """A session holding ``data`` whose closing PUT is held inside the store's commit
+    (after the freeze): (the hold, the session's location, the PUT's task). ``stale_in``:
+    the data directory, to make the session look expired first."""
     registry = client.app[REGISTRY]
     held = HeldCommit(registry)
     monkeypatch.setattr(registry, "commit_blob", held)
-    data = blob_bytes(100_000, seed=5)
     location = await start_upload(client, NAME)
     assert (await client.patch(location, data=data)).status == 202
+    if stale_in is not None:
+        make_stale(client, stale_in / "uploads" / location.rsplit("/", 1)[1])
     put = asyncio.create_task(client.put(f"{location}?digest={sha256(data)}"))
     await held.entered.wait()
+    return held, location, put
+
+
+async def test_requests_on_a_committing_session_are_unknown_at_once(client, data_dir, monkeypatch):
+    data = blob_bytes(100_000, seed=5)
+    held, location, put = await committing(client, monkeypatch, data)
 
     others = [
         client.patch(location, data=b"late"),
@@ -253,15 +279,8 @@ async def test_requests_on_a_committing_session_are_unknown_at_once(client, data
 
 
 async def test_expiry_leaves_a_committing_session_alone(client, data_dir, monkeypatch):
-    registry = client.app[REGISTRY]
-    held = HeldCommit(registry)
-    monkeypatch.setattr(registry, "commit_blob", held)
     data = blob_bytes(100_000, seed=6)
-    location = await start_upload(client, NAME)
-    assert (await client.patch(location, data=data)).status == 202
-    make_stale(client, data_dir / "uploads" / location.rsplit("/", 1)[1])
-    put = asyncio.create_task(client.put(f"{location}?digest={sha256(data)}"))
-    await held.entered.wait()
+    held, _, put = await committing(client, monkeypatch, data, stale_in=data_dir)
 
     expired = await client.app[UPLOADS].expire()
     held.release.set()
@@ -301,25 +320,15 @@ async def test_commit_in_one_process_refuses_a_chunk_streaming_in_another(make_c
     location = await start_upload(first, NAME)
     assert (await first.patch(location, data=base)).status == 202
     session = data_dir / "uploads" / location.rsplit("/", 1)[1]
-    resume = asyncio.Event()
-
-    async def slow_body():
-        yield head
-        await resume.wait()
-        yield tail
-
-    patch = asyncio.create_task(second.patch(location, data=slow_body()))
-    deadline = time.monotonic() + 10
-    while (session / "data").stat().st_size <= len(base):
-        assert time.monotonic() < deadline, "the first batch never reached the session"
-        await asyncio.sleep(0.01)  # the other app writes it; nothing to await here
+    chunk = SlowChunk(second, location, head, tail)
+    await chunk.until_written(session, past=len(base))
     # The digest of what the file holds right now: a commit that froze it mid-chunk
     # would verify and store it, then the rest of the chunk would land in the store.
     put = await asyncio.wait_for(first.put(f"{location}?digest={sha256(base + head)}"), 5)
-    resume.set()
+    patch = await chunk.finish()
 
     assert await outcome(put) == BUSY, "the commit did not refuse the session being appended"
-    assert (await patch).status == 202
+    assert patch.status == 202
     done = await first.put(f"{location}?digest={sha256(base + head + tail)}")
     assert done.status == 201, await done.text()
     assert_store_sound(data_dir)
@@ -332,25 +341,15 @@ async def test_expiry_in_one_process_leaves_a_session_another_is_appending_to(
     location = await start_upload(first, NAME)
     session = data_dir / "uploads" / location.rsplit("/", 1)[1]
     head, tail = blob_bytes(2 * 1024 * 1024, seed=30), blob_bytes(1000, seed=31)
-    resume = asyncio.Event()
-
-    async def slow_body():
-        yield head
-        await resume.wait()
-        yield tail
-
-    patch = asyncio.create_task(second.patch(location, data=slow_body()))
-    deadline = time.monotonic() + 10
-    while (session / "data").stat().st_size == 0:
-        assert time.monotonic() < deadline, "the first batch never reached the session"
-        await asyncio.sleep(0.01)  # the other app writes it; nothing to await here
+    chunk = SlowChunk(second, location, head, tail)
+    await chunk.until_written(session)
     make_stale(first, session)
 
     expired = await first.app[UPLOADS].expire()
-    resume.set()
+    patch = await chunk.finish()
 
     assert expired == 0
-    assert (await patch).status == 202
+    assert patch.status == 202
     put = await first.put(f"{location}?digest={sha256(head + tail)}")
     assert put.status == 201, await put.text()
 
@@ -359,15 +358,8 @@ async def test_expiry_in_one_process_leaves_a_session_another_is_committing(
     make_client, data_dir, monkeypatch
 ):
     first, second = await make_client(), await make_client()
-    registry = first.app[REGISTRY]
-    held = HeldCommit(registry)
-    monkeypatch.setattr(registry, "commit_blob", held)
     data = blob_bytes(100_000, seed=40)
-    location = await start_upload(first, NAME)
-    assert (await first.patch(location, data=data)).status == 202
-    make_stale(first, data_dir / "uploads" / location.rsplit("/", 1)[1])
-    put = asyncio.create_task(first.put(f"{location}?digest={sha256(data)}"))
-    await held.entered.wait()
+    held, _, put = await committing(first, monkeypatch, data, stale_in=data_dir)
 
     expired = await second.app[UPLOADS].expire()
     held.release.set()

@@ -21,6 +21,7 @@ from regmirror.errors import (
     UpstreamUnavailable,
 )
 from regmirror.upstream import Upstream, UpstreamRouter, basic_authorization, parse_challenge
+from tests.support.http import session
 from tests.support.processes import ServerProcess, free_port
 from tests.support.upstream import (
     BASIC_PASSWORD,
@@ -36,15 +37,9 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["basic_registry", "upstream_registry"]
+__all__ = ["basic_registry", "session", "upstream_registry"]
 
 BOUND = 30.0
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

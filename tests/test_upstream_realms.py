@@ -20,6 +20,7 @@ from yarl import URL
 from regmirror.config import UpstreamSettings
 from regmirror.errors import UpstreamDenied
 from regmirror.upstream import Upstream, basic_authorization
+from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -33,7 +34,7 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["upstream_registry"]
+__all__ = ["session", "upstream_registry"]
 
 USER, PASSWORD = "robot", "realm-test-password"
 CREDENTIALS = basic_authorization(USER, PASSWORD)
@@ -51,12 +52,6 @@ class ForeignRealm:
     @property
     def realm_host_port(self) -> str:
         return URL(self.realm_url).raw_authority
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

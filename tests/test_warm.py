@@ -9,7 +9,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -18,14 +18,15 @@ from aiohttp import web
 
 from tests.support.oci_layout import Image, build_image, build_index, read_layout
 from tests.support.processes import REPO_ROOT, ServerProcess, regmirror_server
-from tests.support.pullthrough import (
+from tests.support.pullthrough import (  # pytest fixtures among them
     BOUND,
     UpstreamProxy,
     fetch_hashed,
+    http,
+    proxy,
     push_image_to,
     push_index_to,
     upstream_env,
-    upstream_proxy,
 )
 from tests.support.skopeo import ACCEPT, Skopeo
 from tests.support.upstream import (
@@ -38,23 +39,9 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["basic_registry", "regmirror_server", "upstream_registry"]
+__all__ = ["basic_registry", "http", "proxy", "regmirror_server", "upstream_registry"]
 
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=BOUND * 2), auto_decompress=False
-    ) as session:
-        yield session
-
-
-@pytest.fixture
-async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
-    async with upstream_proxy(upstream_registry.url) as running:
-        yield running
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +23,7 @@ from regmirror import layout, workers
 from regmirror.config import ConfigError, load
 from regmirror.digest import Digest
 from regmirror.eviction import BlobCache
+from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -35,16 +36,10 @@ from tests.support.upstream import (
     upstream_registry,
 )
 
-__all__ = ["upstream_registry"]
+__all__ = ["session", "upstream_registry"]
 
 BOUND = 60.0
 Start = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def workers_of(server: ServerProcess) -> list[int]:

@@ -9,6 +9,7 @@ from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
+from regmirror.upload_pace import BodyPace
 from regmirror.uploads import Uploads
 
 REGISTRY = web.AppKey("registry", Registry)
@@ -19,7 +20,7 @@ WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
 # auth.trusted_proxies: whose X-Forwarded-For names the client (session caps per client).
 TRUSTED_PROXIES = web.AppKey[tuple[Network, ...]]("trusted_proxies")
-# uploads.idle_timeout: seconds a request body may send nothing before it is cut.
-UPLOAD_IDLE_TIMEOUT = web.AppKey("upload_idle_timeout", float)
+# uploads.idle_timeout and min_rate: how fast a request body must arrive.
+UPLOAD_PACE = web.AppKey("upload_pace", BodyPace)
 # server.accel_redirect, when set: the nginx location stored blobs are redirected to.
 ACCEL_REDIRECT = web.AppKey("accel_redirect", str)

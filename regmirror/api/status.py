@@ -46,9 +46,7 @@ async def status(request: web.Request) -> web.Response:
         "data_dir": str(cache.root),
         "cache": {
             "bytes": cache.total,
-            # The index holds one entry per blob on local disk (eviction.py has no
-            # public count; reading its length is all this needs).
-            "blobs": len(cache._entries),
+            "blobs": cache.blob_count,
             "index_loaded": cache.loaded,  # built in the background after start
             "unreferenced_blobs": len(cache.unreferenced()),
             "max_bytes": cache.max_bytes,
@@ -58,7 +56,7 @@ async def status(request: web.Request) -> web.Response:
             "disk_free_bytes": disk.f_bavail * disk.f_frsize,
             "disk_total_bytes": disk.f_blocks * disk.f_frsize,
         },
-        "fills": [_fill(fill) for fill in registry.fills._inflight.values()],
+        "fills": [_fill(fill) for fill in registry.fills.running()],
         "upstreams": [
             {
                 "url": str(upstream.url.with_user(None)),  # never credentials in a URL
@@ -74,12 +72,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _fill(fill: Fill) -> dict[str, Any]:
-    # Fill keeps its progress private (fill.py); these are the numbers its readers use.
-    return {
-        "digest": str(fill.digest),
-        "bytes": fill._written,
-        "size": fill._size,  # None until the source has said
-    }
+    return {"digest": str(fill.digest), "bytes": fill.written, "size": fill.size}
 
 
 def _mark(budget: int | None, fraction: float) -> int | None:

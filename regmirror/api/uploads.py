@@ -5,24 +5,24 @@ OCI distribution spec, "Pushing blobs": POST opens a session (or, with
 appends a chunk in order, PUT ``?digest=`` closes it, GET reports progress and
 DELETE cancels.
 
-A body is read in pieces of at most :data:`CHUNK` bytes, each written before the next is
-read; a body that sends nothing for ``uploads.idle_timeout`` seconds is cut with a 408
-(the session keeps what it held before that request, and stays usable). Refusals by the
+A body is read in pieces of at most 64 KiB, each written before the next is read; a body
+that sends nothing for ``uploads.idle_timeout`` seconds, or less than ``uploads.min_rate``
+bytes a second over a window, is cut with a 408 (:mod:`regmirror.upload_pace`; the
+session keeps what it held before that request, and stays usable). Refusals by the
 upload limits (too large, idle, busy, too many sessions) are counted by reason.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from aiohttp import HttpVersion11, StreamReader, web
+from aiohttp import HttpVersion11, web
 
 from regmirror.api import params
 from regmirror.api.envelope import error_response
-from regmirror.api.keys import METRICS, REGISTRY, TRUSTED_PROXIES, UPLOAD_IDLE_TIMEOUT, UPLOADS
+from regmirror.api.keys import METRICS, REGISTRY, TRUSTED_PROXIES, UPLOAD_PACE, UPLOADS
 from regmirror.auth.clients import client_address
 from regmirror.digest import Digest
 from regmirror.errors import (
@@ -35,9 +35,8 @@ from regmirror.errors import (
     UploadTooLarge,
 )
 from regmirror.names import check_name
+from regmirror.upload_pace import paced
 from regmirror.uploads import Upload, disk_full
-
-CHUNK = 64 * 1024  # the most of a body held in memory per upload, between socket and file
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -170,24 +169,8 @@ async def _append(request: web.Request, upload: Upload) -> int:
             raise SizeInvalid(
                 f"Content-Length {declared} does not match Content-Range {start}-{chunk_range[1]}"
             )
-    body = _pieces(request.content, request.app[UPLOAD_IDLE_TIMEOUT])
+    body = paced(request.content, request.app[UPLOAD_PACE])
     return await uploads.append(upload, body, start=start, length=length)
-
-
-async def _pieces(content: StreamReader, idle_timeout: float) -> AsyncIterator[bytes]:
-    """The body in pieces of at most CHUNK bytes; UploadIdle when none comes in time."""
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                piece = await content.read(CHUNK)
-        except TimeoutError:
-            raise UploadIdle(
-                f"no byte of the body arrived for {idle_timeout:g} s (uploads.idle_timeout); "
-                "the request was cut and the upload keeps what it held before it"
-            ) from None
-        if not piece:
-            return
-        yield piece
 
 
 def _client(request: web.Request) -> str:

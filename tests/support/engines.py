@@ -91,6 +91,35 @@ def _missing(*programs: str) -> str | None:
     return None
 
 
+def _run_client(
+    argv: list[str],
+    shown: list[str],
+    *,
+    env: dict[str, str],
+    check: bool,
+    timeout: float,
+    input: str | None,
+    context: Callable[[], str] = lambda: "",
+) -> subprocess.CompletedProcess[str]:
+    """Run an engine's client (``shown``: the command as the failure names it); with
+    ``check``, a non-zero exit fails the test with its output and ``context()``."""
+    result = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        input=input if input is not None else "",
+    )
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(shown)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
+            f"stderr:\n{result.stderr[-4000:]}{context()}"
+        )
+    return result
+
+
 @dataclass
 class _Namespace:
     """The files the private mount namespace binds over /etc/hosts and /etc/docker (and,
@@ -162,21 +191,15 @@ class Engine:
     def _run(
         self, argv: list[str], check: bool, timeout: float, input: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
+        return _run_client(
             argv,
-            check=False,
-            capture_output=True,
-            text=True,
+            argv,
             env=self.client_env,
+            check=check,
             timeout=timeout,
-            input=input if input is not None else "",
+            input=input,
+            context=lambda: f"\n--- {self.name} log ---\n{self.logs(60)}",
         )
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
-                f"stderr:\n{result.stderr[-4000:]}\n--- {self.name} log ---\n{self.logs(60)}"
-            )
-        return result
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -240,6 +263,18 @@ def _wait(engine: Engine, ready: Callable[[], bool]) -> None:
     raise EngineError(f"{engine.name} not ready after {READY_TIMEOUT:.0f}s\n{engine.logs()}")
 
 
+@contextlib.contextmanager
+def _serving(engine: Engine, ready: Callable[[], bool]) -> Iterator[None]:
+    """Until ``ready()``, then the caller's block; the engine is stopped after it and its
+    log's tail printed (pytest shows it with a failure)."""
+    try:
+        _wait(engine, ready)
+        yield
+    finally:
+        engine.stop()
+        print(f"--- {engine.name} log ({engine.log_path}) ---\n{engine.logs(80)}", file=sys.stderr)
+
+
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -300,12 +335,8 @@ def run_dockerd(
         client_env={**os.environ, "DOCKER_CONFIG": str(client_config)},
         socket=socket,
     )
-    try:
-        _wait(engine, lambda: engine.run("version", check=False, timeout=10).returncode == 0)
+    with _serving(engine, lambda: engine.run("version", check=False, timeout=10).returncode == 0):
         yield engine
-    finally:
-        engine.stop()
-        print(f"--- dockerd log ({log_path}) ---\n{engine.logs(80)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -339,12 +370,8 @@ def run_containerd(base: Path) -> Iterator[Containerd]:
         socket=socket,
         hosts_dir=hosts_dir,
     )
-    try:
-        _wait(engine, lambda: engine.ctr("version", check=False, timeout=10).returncode == 0)
+    with _serving(engine, lambda: engine.ctr("version", check=False, timeout=10).returncode == 0):
         yield engine
-    finally:
-        engine.stop()
-        print(f"--- containerd log ({log_path}) ---\n{engine.logs(80)}", file=sys.stderr)
 
 
 def _factory(
@@ -460,21 +487,9 @@ class Podman:
             "--tmpdir", str(self.base / "libpod-tmp"),
             *args,
         ]  # fmt: skip
-        result = subprocess.run(
-            self.namespace.argv(argv),
-            check=False,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=timeout,
-            input=input if input is not None else "",
+        return _run_client(
+            self.namespace.argv(argv), argv, env=self.env, check=check, timeout=timeout, input=input
         )
-        if check and result.returncode != 0:
-            pytest.fail(
-                f"{' '.join(argv)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
-                f"stderr:\n{result.stderr[-4000:]}"
-            )
-        return result
 
     def diff_ids(self, reference: str) -> list[str]:
         """The uncompressed layer digests of a stored image (what was pulled)."""

@@ -11,6 +11,10 @@ generated OCI images into an upstream, and clients that hash what they read.
 - :func:`fetch_hashed`: GET a URL, hashing the body as it streams (100 clients reading
   32 MiB each must not hold 3 GiB); a transfer error is recorded, not raised.
 - :func:`eventually`: poll a condition with a bounded deadline.
+- Fixtures (import them with the ones they use, ``upstream_registry`` from
+  :mod:`tests.support.upstream`): ``http``, a client with no connection limit (a herd
+  really is concurrent) that reads bodies as sent; ``proxy``, an :class:`UpstreamProxy`
+  in front of ``upstream_registry``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from aiohttp import web
 
 from regmirror.digest import Digest
 from tests.support.oci_layout import Blob, Image, MultiPlatformImage
-from tests.support.processes import HOST, free_port
+from tests.support.processes import HOST, ServerProcess, free_port
 from tests.support.upstream import HOLD_TIMEOUT, CountingProxy, push_blob
 
 BOUND = 60.0  # seconds: the longest any pull-through test waits for anything
@@ -89,6 +93,22 @@ async def upstream_proxy(target: str) -> AsyncIterator[UpstreamProxy]:
             yield proxy
         finally:
             await proxy.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=BOUND * 2),
+        auto_decompress=False,
+    ) as session:
+        yield session
+
+
+@pytest.fixture
+async def proxy(upstream_registry: ServerProcess) -> AsyncIterator[UpstreamProxy]:
+    async with upstream_proxy(upstream_registry.url) as running:
+        yield running
 
 
 def upstream_env(url: str, index: int = 0, /, **settings: object) -> dict[str, str]:

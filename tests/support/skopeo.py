@@ -1,9 +1,14 @@
-"""skopeo, the real client the tests push and pull with, isolated from the host."""
+"""skopeo, the real client the tests push and pull with, isolated from the host.
+
+The ``skopeo`` fixture (``from tests.support.skopeo import skopeo``): a :class:`Skopeo`
+with its own home under the test's ``tmp_path``; the test is skipped where skopeo is not
+installed."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -53,3 +58,10 @@ class Skopeo:
         return self.run(
             "copy", "--src-tls-verify=false", "--dest-tls-verify=false", *flags, source, destination
         )
+
+
+@pytest.fixture
+def skopeo(tmp_path: Path) -> Skopeo:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed (Debian package skopeo; tests/run.sh installs it)")
+    return Skopeo(tmp_path / "skopeo")

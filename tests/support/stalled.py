@@ -36,6 +36,21 @@ class StalledPatch:
             await self.writer.drain()
             sent += size
 
+    async def trickle(self, pieces: int, every: float, fill: bytes = b"x") -> int:
+        """After :meth:`send`: one more byte every ``every`` seconds, ``pieces`` times or
+        until the server closes the connection; how many it sent."""
+        assert self.writer is not None
+        for sent in range(pieces):
+            await asyncio.sleep(every)
+            if self.writer.is_closing():
+                return sent
+            try:
+                self.writer.write(b"1\r\n" + fill[:1] + b"\r\n")
+                await self.writer.drain()
+            except ConnectionError:
+                return sent
+        return pieces
+
     async def response(self, timeout: float) -> tuple[int, bytes]:
         """The status and the raw head and body the server sent before closing (or
         ``timeout``); (0, b"") when it sent nothing."""
