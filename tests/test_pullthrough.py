@@ -108,8 +108,7 @@ async def test_a_herd_of_blob_gets_makes_one_upstream_get(
 ) -> None:
     data = os.urandom(32 * MiB)
     digest = await push_blob(http, upstream_registry.url, "herd/blob", data)
-    # workers: until flight lands (a herd's upstream HEADs and manifest GETs host-wide)
-    server = regmirror_server(env={**upstream_env(proxy.url), "REGMIRROR_SERVER__WORKERS": "1"})
+    server = mirror_of(regmirror_server, proxy)
     proxy.hold_after = MiB  # the fill stays in flight until every client has joined it
     headers = Countdown(HERD)
     url = f"{server.url}/v2/herd/blob/blobs/{digest}"
@@ -140,8 +139,7 @@ async def test_a_herd_of_manifest_gets_makes_one_upstream_get(
 ) -> None:
     image = build_image(seed=101, layers=({"a": 10},))
     await push_image_to(http, upstream_registry.url, "herd/manifest", image, "v1")
-    # workers: until flight lands (a herd's upstream HEADs and manifest GETs host-wide)
-    server = regmirror_server(env={**upstream_env(proxy.url), "REGMIRROR_SERVER__WORKERS": "1"})
+    server = mirror_of(regmirror_server, proxy)
     proxy.manifest_gate = asyncio.Event()  # the first upstream request waits for the herd
     sent = Countdown(HERD)
     trace = aiohttp.TraceConfig()

@@ -230,8 +230,7 @@ async def test_a_herd_of_tag_lists_makes_one_upstream_request(
 ) -> None:
     tags = [f"h{i}" for i in range(5)]
     await tag_upstream(http, upstream_registry, "lt/herd", tags, seed=4)
-    # workers: until flight lands (a herd's tag-list requests host-wide)
-    server = regmirror_server(env={**upstream_env(proxy.url), "REGMIRROR_SERVER__WORKERS": "1"})
+    server = regmirror_server(env=upstream_env(proxy.url))
     proxy.page_size, proxy.tags_gate = 2, asyncio.Event()
     sent = Countdown(HERD)
     trace = aiohttp.TraceConfig()
