@@ -10,6 +10,10 @@
 #
 # --stop-timeout: SIGTERM drains in-flight requests for up to 30 s; docker's default
 # of 10 s would SIGKILL the drain half-way.
+#
+# It serves with one process per CPU the container may use (server.workers: 0): all
+# the host's cores unless --cpus (a CFS quota) or --cpuset-cpus limits it; e.g.
+# --cpus 2 for two, or -e REGMIRROR_SERVER__WORKERS=1 for a single process.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

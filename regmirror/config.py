@@ -222,9 +222,9 @@ class ServerSettings:
     # checks, and nginx sends the bytes. Only behind deploy/nginx/regmirror-accel.conf.
     accel_redirect: str | None = None
     # Serving processes on the one port, over the one data directory (regmirror.workers):
-    # 1, this process alone; 0, one per CPU this process may use. Opt-in: see README for
-    # what differs across workers.
-    workers: int = 1
+    # 0, one per CPU this process may use (within its cgroup's CPU quota); 1, this
+    # process alone. README ("Every core") says what differs across workers.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         for name in (

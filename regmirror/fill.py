@@ -631,7 +631,6 @@ class Fills:
         """Run ``fill`` in a task of its own: claimed (its partial file locked, or else
         another process's fill followed), or not (a replay), or, without a ``source``,
         only following another process's fill."""
-        self.observer.fill_started(fill.digest)
         task = asyncio.create_task(self._run(fill, source, claim), name=f"fill {fill.digest}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -670,6 +669,10 @@ class Fills:
             async with asyncio.timeout(self.timeout):
                 fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
                 if source is None or (claim and fd is None):
+                    # Another process's fill (a worker's): following its file is joining
+                    # a fill in flight, so the host's metrics count one fill, however
+                    # many workers the herd reached.
+                    self.observer.fill_coalesced(fill.digest)
                     fill.origin = Origin("fill", "another process")
                     result = await self._tail(fill)
                 elif (
@@ -678,10 +681,12 @@ class Fills:
                 ):
                     # Another process stored it between our look at the store and our
                     # claim (it renames before it unlocks): nothing to fetch.
+                    self.observer.fill_coalesced(fill.digest)
                     fill.origin = Origin("fill", "another process")
                     fill._set_size(size)
                     result = "other_process"
                 else:
+                    self.observer.fill_started(fill.digest)
                     _claimed.set(fd is not None)  # this task's context only
                     await self._copy(fill, source, fd)
                     if not fill.kept:

@@ -97,6 +97,9 @@ async def serve(
     log_limits.install()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # A worker starts with them blocked (regmirror.workers): one sent while it started
+    # is handled now, and it drains once it listens.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     limits = _limits(settings, ports=2 if probes is not None else 1, worker=worker)
     listeners: list[Listener] = []
     try:

@@ -7,9 +7,10 @@ the port with a socket of its own (``SO_REUSEPORT``): the kernel spreads new con
 evenly over them. Not one shared socket: there, whichever worker wakes first accepts a
 whole burst (asyncio accepts up to 100 at a time), and a herd of connections all land
 in one process. The supervisor runs no event loop and holds no application state;
-it makes two directories of its own, emptied at start and removed at the end: the
-metrics directory and the *run directory* (:class:`Worker`), where each worker
-publishes its state and worker 0 listens for the others.
+it makes a directory of its own for the run, removed at the end (or, after a kill -9,
+at the next start): the metrics directory, and in it the *run directory*
+(:class:`Worker`), where each worker publishes its state and worker 0 listens for the
+others.
 
 What is per process becomes correct across processes this way:
 
@@ -41,12 +42,13 @@ What is per process becomes correct across processes this way:
   another worker streams that worker's partial file, and a worker killed mid-fill has
   its lease taken over by the host's next fill at once (:mod:`regmirror.fleet.coordinator`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
-  supervisor's, emptied at start: ``/metrics`` from any worker sums every worker's
-  counters (dead ones' too), so each request is counted exactly once, and the live
-  workers' in-flight gauges (``livesum``);
+  supervisor's, new for each run (:mod:`regmirror.metrics_dir`): ``/metrics`` from
+  any worker sums every worker's counters (dead ones' too), so each request is counted
+  exactly once, and the live workers' in-flight gauges (``livesum``);
 - **the host's state**: each worker writes a snapshot of itself to the run directory
-  every half second (:mod:`regmirror.worker_state`): ``/-/status`` from any worker
-  shows every worker's, and ``/readyz`` fails when any worker's heartbeat is older
+  (``run/`` inside the metrics directory, so a killed supervisor's goes with it) every
+  half second (:mod:`regmirror.worker_state`): ``/-/status`` from any worker shows
+  every worker's, and ``/readyz`` fails when any worker's heartbeat is older
   than ``server.max_loop_lag`` (stalled or stopped), its fds are near its limit, or
   it is gone (the supervisor deletes a dead worker's snapshot when it reaps it);
 - **connections**: ``server.max_connections`` is the host's bound, each worker
@@ -62,17 +64,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from regmirror import cpus
+from regmirror.metrics_dir import MetricsDir
 
 log = logging.getLogger("regmirror")
 
@@ -80,6 +82,7 @@ REINDEX_SECONDS = 10.0  # how often the eviction owner rescans the data director
 STOP_MARGIN = 10.0  # seconds past the drain timeout before a worker is killed
 MAX_RESTARTS = 5  # unexpected worker deaths per minute before the supervisor gives up
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -95,17 +98,10 @@ class Worker:
     run_dir: Path
 
 
-def default_workers(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """One per CPU this process may use: its affinity, capped by a cgroup v2 CPU quota
-    (a container limited to 2 CPUs on a 64-core node gets 2 workers, not 64)."""
-    cpus = len(os.sched_getaffinity(0)) or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota == "max":
-        return cpus
-    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+def default_workers() -> int:
+    """One per CPU this process may use (:mod:`regmirror.cpus`: its affinity, capped by
+    its cgroups' CPU quota): a container limited to 2 CPUs on a 64-core node gets 2."""
+    return cpus.usable_cpus()
 
 
 def bind(host: str, port: int, *, listen: bool) -> socket.socket:
@@ -136,17 +132,18 @@ def use_multiprocess_metrics() -> None:
 def supervise(count: int, serve: Callable[[Worker], int], drain_timeout: float) -> int:
     """Fork ``count`` workers running ``serve(worker)`` (its return is the exit status);
     until SIGTERM/SIGINT, then drain them. The exit status: 0 when all ended cleanly."""
-    metrics_dir = tempfile.mkdtemp(prefix="regmirror-metrics-")
+    metrics = MetricsDir()
+    os.environ[METRICS_ENV] = metrics.path
     # Not under the data directory: a unix socket's path is at most 107 bytes.
-    run_dir = Path(tempfile.mkdtemp(prefix="regmirror-run-"))
-    os.environ[METRICS_ENV] = metrics_dir
+    run_dir = Path(metrics.path) / "run"
+    run_dir.mkdir(mode=0o700)
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     children: dict[int, int] = {}  # pid -> worker index
     deaths: deque[float] = deque(maxlen=MAX_RESTARTS)
     status = 0
@@ -158,7 +155,7 @@ def supervise(count: int, serve: Callable[[Worker], int], drain_timeout: float) 
             count,
             ", ".join(map(str, children)),
             run_dir,
-            metrics_dir,
+            metrics.path,
         )
         while children and not stopping:
             pid, code = _reap()
@@ -182,22 +179,27 @@ def supervise(count: int, serve: Callable[[Worker], int], drain_timeout: float) 
             _kill(pid, signal.SIGKILL)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        metrics.remove()
         os.environ.pop(METRICS_ENV, None)
     return status
 
 
 def _fork(worker: Worker, serve: Callable[[Worker], int]) -> int:
+    """A worker, born with SIGTERM and SIGINT blocked: one sent while it starts waits
+    until its event loop handles them (:func:`regmirror.server.serve` unblocks them),
+    rather than finding the supervisor's handler (swallowed: the worker would serve on)
+    or none (it would die undrained)."""
     index = worker.index
     parent = os.getpid()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return pid
     code = 1
     try:
         _die_with(parent)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the worker's loop sets its own
+        for signum in STOP_SIGNALS:  # the worker's loop sets its own; pending ones wait
             signal.signal(signum, signal.SIG_DFL)
         use_multiprocess_metrics()
         code = serve(worker)

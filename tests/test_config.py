@@ -331,6 +331,8 @@ def test_serve_flags_override_env_and_file_end_to_end(tmp_path, monkeypatch):
     path = write_config(tmp_path, f"listen: 127.0.0.1:5001\ndata_dir: {tmp_path / 'file'}\n")
     monkeypatch.setenv("REGMIRROR_LISTEN", "127.0.0.1:5002")
     monkeypatch.setenv("REGMIRROR_DATA_DIR", str(tmp_path / "env"))
+    # One process: run_server is replaced in this one (workers would be forks of pytest).
+    monkeypatch.setenv("REGMIRROR_SERVER__WORKERS", "1")
     served = {}
 
     def run_server(app, listen, **kwargs):
@@ -421,6 +423,8 @@ def test_serve_warns_beyond_loopback_only_without_auth(tmp_path, monkeypatch, ca
     monkeypatch.setattr("regmirror.cli.serve.run_server", lambda app, listen, **kwargs: None)
     for key in [k for k in os.environ if k.startswith("REGMIRROR_")]:
         monkeypatch.delenv(key)
+    # One process: run_server is replaced in this one (workers would be forks of pytest).
+    monkeypatch.setenv("REGMIRROR_SERVER__WORKERS", "1")
     if with_auth:
         (tmp_path / "htpasswd").write_text("")
         monkeypatch.setenv("REGMIRROR_AUTH__HTPASSWD", str(tmp_path / "htpasswd"))

@@ -287,6 +287,9 @@ async def test_fills_are_single_flight_across_processes_sharing_the_data_dir(
     assert setup.proxy.blob_gets == 1
     assert setup.stats.results == {"ok": 1}
     assert other_stats.results == {"other_process": 1}
+    # One fill for both (the workers of a host): the other's requests joined it.
+    assert (setup.stats.started, setup.stats.coalesced) == (1, 9)
+    assert (other_stats.started, other_stats.coalesced) == (0, 11)
 
 
 async def test_remove_stale_deletes_only_unowned_partial_files(setup: Setup) -> None:

@@ -359,7 +359,9 @@ async def test_a_stalled_owner_is_taken_over(rig: Rig) -> None:
 
 async def test_a_peer_sending_wrong_bytes_fails_that_fill_only(rig: Rig) -> None:
     image = await rig.image("fleet/corrupt", 1 * MiB)
-    fleet = rig.fleet(1)
+    # workers: until a peer that lied is remembered host-wide (each worker learns it on
+    # its own: the next pull may reach one that follows the liar again)
+    fleet = rig.fleet(1, {"REGMIRROR_SERVER__WORKERS": "1"})
     (host,) = fleet.hosts
     await pull_manifest(rig.session, host, image)
     asked: list[str | None] = []

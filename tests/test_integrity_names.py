@@ -54,10 +54,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def peak_rss(server: ServerProcess) -> int:
-    """The server process's peak resident set size so far (VmHWM), in bytes."""
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    """The serving processes' peak resident set sizes so far (VmHWM), in bytes, summed:
+    whichever worker served a request, its growth shows."""
+    total = 0
+    for pid in server.serving_pids():
+        status = Path(f"/proc/{pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        total += int(line.split()[1]) * 1024
+    return total
 
 
 async def status_of(http: aiohttp.ClientSession, method: str, url: str) -> tuple[int, str | None]:

@@ -108,7 +108,9 @@ async def test_a_fill_from_an_upstream_and_a_request_waiting_on_it(
 ) -> None:
     image = await push_image(session, upstream_registry.url, "library/tool", layer=b"u" * 400_000)
     async with upstream_proxy(upstream_registry.url) as proxy:
-        server = regmirror_server(env=upstream_env(proxy.url))
+        # One process: the second request joins the fill in process (tier upstream,
+        # waited); from another worker it follows the file (the next test).
+        server = regmirror_server(env={**upstream_env(proxy.url), "REGMIRROR_SERVER__WORKERS": "1"})
         path = f"/v2/library/tool/blobs/{image.layer_digest}"
         proxy.hold_after = 100_000  # the fill stops there until released
         first = asyncio.create_task(get(session, server.url + path))

@@ -166,6 +166,9 @@ def test_hosts_share_pushes_and_see_a_moved_tag_after_the_ttl(
 ) -> None:
     bucket = moto_s3.new_bucket("two-hosts")
     env = regmirror_env(moto_s3, bucket, tag_ttl="1")
+    # workers: until a tag read from S3 is shared by a host's workers (each trusts its
+    # own read for tag_ttl: one may still serve the old tag after another the new one)
+    env["REGMIRROR_SERVER__WORKERS"] = "1"
     host_a, host_b = regmirror_server(env=env), regmirror_server(env=env)
     assert host_a.data_dir != host_b.data_dir
     first, second = build_image(seed=23), build_image(seed=24, layers=({"x": 1000},))
@@ -259,8 +262,11 @@ def outage_hosts(
 
     B runs with ``tag_ttl: 0``, so every request of B asks S3 about its links first:
     during the outage everything B serves comes from its stale local copies."""
-    pusher = regmirror_server(env=regmirror_env(moto, bucket, tag_ttl="30"))
-    puller = regmirror_server(env=regmirror_env(moto, bucket, tag_ttl="0"))
+    # workers: until S3's health after an outage is shared by a host's workers (one
+    # may still answer 503 after another found S3 back)
+    one = {"REGMIRROR_SERVER__WORKERS": "1"}
+    pusher = regmirror_server(env={**regmirror_env(moto, bucket, tag_ttl="30"), **one})
+    puller = regmirror_server(env={**regmirror_env(moto, bucket, tag_ttl="0"), **one})
     pulled, unpulled = build_image(seed=25), build_image(seed=26, layers=({"y": 5000},))
     push(skopeo, tmp_path, pulled, f"docker://{pusher.host_port}/team/app:p")
     push(skopeo, tmp_path, unpulled, f"docker://{pusher.host_port}/team/app:q")

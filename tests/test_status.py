@@ -71,6 +71,7 @@ async def test_status_reports_what_the_traffic_did(
     digests = [await push_blob(http, upstream_registry.url, "st/app", data) for data in small]
     big_digest = await push_blob(http, upstream_registry.url, "st/app", big)
     env = {**upstream_env(proxy.url), "REGMIRROR_CACHE__MAX_BYTES": str(10 * MiB)}
+    env["REGMIRROR_SERVER__WORKERS"] = "1"  # workers: until hostview lands (/-/status host-wide)
     server = regmirror_server(env=env)
     blob_url = f"{server.url}/v2/st/app/blobs"
 

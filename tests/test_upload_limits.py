@@ -63,14 +63,14 @@ def session_bytes(server: ServerProcess) -> int:
 
 async def test_stalled_uploads_keep_server_memory_bounded(regmirror_server, http):
     server = regmirror_server()
-    pid = server.process.pid
+    pids = server.serving_pids()  # every worker: the stalled sessions spread over them
     warm = blob_bytes(STALLED_BYTES, seed=1)  # every code path once before measuring
     location = await open_session(http, server)
     async with http.put(f"{server.url}{location}?digest={sha256(warm)}", data=warm) as put:
         assert put.status == 201
     locations = await asyncio.gather(*(open_session(http, server) for _ in range(STALLED)))
     await asyncio.sleep(0.5)
-    before = rss_kib(pid) * KiB
+    before = sum(map(rss_kib, pids)) * KiB
 
     stalled = [StalledPatch(HOST, server.port, location) for location in locations]
     try:
@@ -80,12 +80,12 @@ async def test_stalled_uploads_keep_server_memory_bounded(regmirror_server, http
             await asyncio.sleep(0.1)  # the server writes the chunks; nothing to await
         streamed = session_bytes(server)
         await asyncio.sleep(SETTLE)
-        during = rss_kib(pid) * KiB
+        during = sum(map(rss_kib, pids)) * KiB
     finally:
         for patch in stalled:
             patch.close()
     await asyncio.sleep(SETTLE)
-    after = rss_kib(pid) * KiB
+    after = sum(map(rss_kib, pids)) * KiB
 
     print(
         f"RSS before {before / MiB:.1f} MiB, stalled {during / MiB:.1f}, closed {after / MiB:.1f}"

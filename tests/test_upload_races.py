@@ -78,7 +78,9 @@ class Remote:
 
 @pytest.fixture
 async def remote(regmirror_server) -> AsyncIterator[Remote]:
-    server = regmirror_server()
+    # workers: until racing requests on one upload session get one process's statuses
+    # across workers (README "What differs": a racing PATCH may get 416, not 404)
+    server = regmirror_server(config={"server": {"workers": 1}})
     connector = aiohttp.TCPConnector(limit=64)
     async with aiohttp.ClientSession(connector=connector) as session:
         yield Remote(server, session)

@@ -385,7 +385,7 @@ async def test_workers_die_with_a_killed_supervisor(
 
 def test_workers_setting_is_checked() -> None:
     assert load(environ={"REGMIRROR_SERVER__WORKERS": "3"}).server.workers == 3
-    assert load(environ={}).server.workers == 1  # opt-in
+    assert load(environ={}).server.workers == 0  # one per CPU (tests/test_workers_flip.py)
     assert load(environ={"REGMIRROR_SERVER__WORKERS": "0"}).server.workers == 0  # one per CPU
     for bad in ("-1", "1000", "two"):
         with pytest.raises(ConfigError, match="workers"):
@@ -427,18 +427,6 @@ async def test_a_worker_that_does_not_own_eviction_never_deletes(tmp_path: Path)
     assert await cache.make_room(len(data)) == 0
     assert path.exists()
     await cache.close()
-
-
-def test_one_worker_per_cpu_within_a_cgroup_quota(tmp_path: Path) -> None:
-    cpus = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
-    assert workers.default_workers(tmp_path / "absent") == cpus
-    cpu_max.write_text("max 100000\n")
-    assert workers.default_workers(cpu_max) == cpus
-    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: 2 workers, if there are 2
-    assert workers.default_workers(cpu_max) == min(cpus, 2)
-    cpu_max.write_text("50000 100000\n")
-    assert workers.default_workers(cpu_max) == 1
 
 
 async def test_upload_caps_hold_for_every_worker_together(tmp_path: Path) -> None:

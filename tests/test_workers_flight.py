@@ -331,7 +331,9 @@ async def test_one_process_takes_no_lock_files(
     """Serving alone (server.workers: 1), the in-memory coalescing is the whole
     single-flight: no lock file, no extra work on the upstream path."""
     image = await push_image(session, upstream_registry.url, "team/alone")
-    server = regmirror_server(config={"upstreams": [{"url": upstream_registry.url}]})
+    server = regmirror_server(
+        config={"upstreams": [{"url": upstream_registry.url}], "server": {"workers": 1}}
+    )
     url = f"{server.url}/v2/team/alone/manifests/latest"
     results = await asyncio.gather(*(fresh("GET", url, Accept=DOCKER_MANIFEST) for _ in range(8)))
     assert all(status == 200 and body == image.manifest for status, body, _ in results)

@@ -74,10 +74,20 @@ class ServerProcess:
     ssl_context: ssl.SSLContext | None = None  # what the readiness poll trusted (TLS)
     stopped: bool = False  # stop() was called: an exit is expected
 
-
     @property
     def port(self) -> int:
         return int(self.host_port.rpartition(":")[2])
+
+    def serving_pids(self) -> list[int]:
+        """The processes that serve requests: the workers ``regmirror serve`` forked
+        (``server.workers``), or the process itself when it serves alone. What a test
+        measures of "the server" (memory, open files, limits) is theirs."""
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:  # it exited
+            children = []
+        return [int(child) for child in children] or [pid]
 
     def logs(self, lines: int | None = LOG_TAIL_LINES) -> str:
         """The process's combined stdout/stderr (the last ``lines`` lines; all if None)."""
