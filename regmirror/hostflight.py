@@ -17,8 +17,12 @@ answer from the outcome: the same value, or the same error, without asking anyon
 Only the outcome of a flight that ended after the caller began is taken (on
 ``CLOCK_MONOTONIC``, one clock for every process of the host). That is the in-process
 semantics exactly: a caller that joins a flight gets its result; one that comes after
-it starts a new one. So an error (an upstream 404, 5xx, timeout) reaches every request
-that waited for it and nobody later: it is shared, never cached. A negative cache would
+it starts a new one. A caller may take a *value* from longer ago (``fresh``): one that
+stays true for a while, as a tag's digest does for its ``tag_ttl``, answers a caller
+that began after its flight ended but before the leader recorded it where the caller
+looked first (a tag's link is written once its manifest is stored, after the flight).
+So an error (an upstream 404, 5xx, timeout) reaches every
+request that waited for it and nobody later: it is shared, never cached. A negative cache would
 answer 404 for a tag pushed upstream a second later, and the upstream that failed is
 asked again by the next request (once for the host), as one process asks it. A flight
 whose leader died or was cancelled leaves no outcome: one of its waiters takes the lock
@@ -103,6 +107,7 @@ class HostFlights:
         decode: Callable[[Any], Awaitable[T | None]],
         wait: float,
         since: float | None = None,
+        fresh: float | None = None,
     ) -> T:
         """``work()`` done once for every process of the host asking at once.
 
@@ -110,13 +115,15 @@ class HostFlights:
         turns that value back into a result (reading what the work stored), or None when
         it cannot (then this caller does the work). ``since``: when the caller began (on
         ``time.monotonic()``), before it looked for what ``work`` stores: a flight that
-        ended since then answers it.
+        ended since then answers it. ``fresh`` (before ``since``): a value, never an
+        error, of a flight that ended since then answers it too (``decode`` says whether
+        it still holds).
         """
         began = time.monotonic() if since is None else since
         name = "\0".join(key)
         self._sweep_now_and_then()
         try:
-            turn = await self._turn(key, name, began, wait, decode)
+            turn = await self._turn(key, name, began, fresh, wait, decode)
         except OSError as exc:  # a full or read-only disk: no token to take, nobody waits
             self._broken.warning(
                 "flights",
@@ -146,6 +153,7 @@ class HostFlights:
         key: Sequence[str],
         name: str,
         began: float,
+        fresh: float | None,
         wait: float,
         decode: Callable[[Any], Awaitable[Any]],
     ) -> _Answer | int | None:
@@ -167,7 +175,7 @@ class HostFlights:
                         )
                         return None
                     current, record = await _settle(asyncio.to_thread(_look, fd, path))
-                outcome = _parse(record, name, began)
+                outcome = _parse(record, name, began, fresh)
                 if outcome is not None:
                     if "error" in outcome:
                         raise _error(outcome)
@@ -322,9 +330,13 @@ def _error_record(name: str, exc: RegistryError) -> bytes | None:
         return None
 
 
-def _parse(record: bytes, name: str, began: float) -> dict[str, Any] | None:
+def _parse(
+    record: bytes, name: str, began: float, fresh: float | None = None
+) -> dict[str, Any] | None:
     """The outcome ``record`` holds when it is of this key's flight that ended after
-    ``began``, with a value or an error; else None."""
+    ``began``, with a value or an error, or with a value and ended after ``fresh``;
+    else None."""
+    oldest = began if fresh is None else min(began, fresh)
     try:
         outcome = json.loads(record)
     except ValueError:
@@ -333,11 +345,13 @@ def _parse(record: bytes, name: str, began: float) -> dict[str, Any] | None:
         not isinstance(outcome, dict)
         or outcome.get("key") != name
         or not isinstance(outcome.get("ended"), float)
-        or outcome["ended"] < began
+        or outcome["ended"] < oldest
     ):
         return None
     if "error" in outcome:
         error = outcome["error"]
+        if outcome["ended"] < began:
+            return None  # shared with who waited for it, never cached
         if not isinstance(error, dict) or error.get("class") not in _ERRORS:
             return None
         return outcome

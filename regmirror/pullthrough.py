@@ -192,27 +192,35 @@ class PullThrough:
         asked = False
 
         async def confirm() -> tuple[Digest, float]:
-            """The digest, and how many seconds ago the upstream named it."""
+            """The digest, and when the upstream named it (on ``time.monotonic()``)."""
             nonlocal asked
             asked = True
             if self.fleet is not None:  # one revalidation per TTL for the fleet
                 key = fleet_tags.record_key(name, tag, wanted.key)
-                return await fleet_tags.revalidate(
+                digest, age = await fleet_tags.revalidate(
                     self.fleet, key, route.upstream.settings.tag_ttl, ask
                 )
-            return await ask(), 0.0
+                return digest, time.monotonic() - age
+            return await ask(), time.monotonic()
+
+        async def decode(value: object) -> tuple[Digest, float] | None:
+            confirmation = _decode_confirmation(value)
+            if confirmation is None or time.monotonic() - confirmation[1] >= ttl:
+                return None  # too old: this caller asks
+            return confirmation
 
         try:
-            # Another worker's answer, when it asked meanwhile: it records the link.
-            digest, age = await self._hostwide(
+            # Another worker's answer, when it asked meanwhile or within the TTL: it
+            # records the link, but only once the manifest is stored, after its flight.
+            digest, now = await self._hostwide(
                 route,
                 ("tag", name, tag, wanted.key),
                 confirm,
                 since=now,
+                fresh=now - ttl,
                 encode=lambda answer: [str(answer[0]), answer[1]],
-                decode=_decode_confirmation,
+                decode=decode,
             )
-            now -= age  # confirmed when whoever asked did
         except (UpstreamUnavailable, TooManyRequests) as exc:
             stale = known[0] if known is not None else await self._last_known(name, tag, wanted)
             if stale is None:
@@ -633,6 +641,7 @@ class PullThrough:
         work: Callable[[], Awaitable[T]],
         *,
         since: float,
+        fresh: float | None = None,
         encode: Callable[[T], Any],
         decode: Callable[[Any], Awaitable[T | None]],
     ) -> T:
@@ -642,7 +651,7 @@ class PullThrough:
             return await work()
         wait = FLIGHT_WAIT_REQUESTS * route.upstream.stall_timeout
         return await self._flights.run(
-            key, work, encode=encode, decode=decode, wait=wait, since=since
+            key, work, encode=encode, decode=decode, wait=wait, since=since, fresh=fresh
         )
 
     async def _once(self, key: tuple[str, ...], work: Callable[[], Awaitable[T]]) -> T:
@@ -693,15 +702,16 @@ async def read_manifest(driver: Driver, digest: Digest) -> bytes:
     return raw
 
 
-async def _decode_confirmation(value: object) -> tuple[Digest, float] | None:
-    """A tag's confirmation as another worker's flight recorded it (digest, age)."""
+def _decode_confirmation(value: object) -> tuple[Digest, float] | None:
+    """A tag's confirmation as another worker's flight recorded it: its digest, and
+    when the upstream named it (``CLOCK_MONOTONIC``, one clock for the host)."""
     if not isinstance(value, list) or len(value) != 2:
         return None
-    text, age = value
-    if not isinstance(text, str) or not isinstance(age, int | float):
+    text, when = value
+    if not isinstance(text, str) or not isinstance(when, int | float):
         return None
     try:
-        return Digest.parse(text), float(age)
+        return Digest.parse(text), float(when)
     except DigestInvalid:
         return None
 

@@ -139,9 +139,7 @@ async def test_a_herd_of_manifest_gets_makes_one_upstream_get(
 ) -> None:
     image = build_image(seed=101, layers=({"a": 10},))
     await push_image_to(http, upstream_registry.url, "herd/manifest", image, "v1")
-    # workers: until flight's host-wide manifest HEAD holds in the full suite (2 HEADs
-    # there with the per-core default; passes alone)
-    server = regmirror_server(env={**upstream_env(proxy.url), "REGMIRROR_SERVER__WORKERS": "1"})
+    server = regmirror_server(env=upstream_env(proxy.url))
     proxy.manifest_gate = asyncio.Event()  # the first upstream request waits for the herd
     sent = Countdown(HERD)
     trace = aiohttp.TraceConfig()

@@ -217,11 +217,7 @@ async def test_a_herd_of_two_kinds_of_client_makes_one_upstream_resolution_per_k
     repo = "neg/herd"
     await push_multi_platform(http, upstream_registry.url, repo, "v1", kind="docker", seed=17)
     wanted = await upstream_answers(http, upstream_registry, repo, "v1")
-    # workers: until flight's host-wide manifest HEAD holds in the full suite (3 HEADs
-    # there with the per-core default; passes alone)
-    server = regmirror_server(
-        env={**upstream_env(proxy.url, tag_ttl=300), "REGMIRROR_SERVER__WORKERS": "1"}
-    )
+    server = regmirror_server(env=upstream_env(proxy.url, tag_ttl=300))
     proxy.manifest_gate = asyncio.Event()  # upstream requests wait until the herd is in
     sent = Countdown(2 * HERD)
     trace = aiohttp.TraceConfig()
