@@ -14,6 +14,9 @@ With several worker processes on one data directory (``server.workers``) local d
 written by all of them: a link kept in memory is then checked against its file on every
 read (one ``stat``: a link is replaced by a rename, so a new inode says it changed, and a
 missing file that it was deleted), so what one worker changes the others see at once.
+With S3 too, a read cached for the TTL is kept only while the local copy is the one it
+made or found (one ``stat``): a worker that read a moved tag from S3 rewrote that copy,
+so the others ask S3 again rather than serve the old digest after it served the new.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class LinkStore:
         # key -> the link file's (inode, mtime, size) when its digest was read
         self._seen: Cache[str, tuple[int, int, int]] | None = None
         self._dir = primary if shared_dir and isinstance(primary, FilesystemDriver) else None
+        # key -> the local copy's identity when a read from S3 was cached (workers)
+        self._copies: Cache[str, tuple[int, int, int] | None] | None = None
         if self.local is None and self._dir is not None:
             self._cache = LRUCache(CACHE_ENTRIES)
             self._seen = LRUCache(CACHE_ENTRIES)
@@ -55,6 +60,8 @@ class LinkStore:
             self._cache = LRUCache(CACHE_ENTRIES)
         else:
             self._cache = TTLCache(CACHE_ENTRIES, ttl) if ttl > 0 else None
+            if shared_dir and self._cache is not None:
+                self._copies = LRUCache(CACHE_ENTRIES)
 
     async def read(self, key: str) -> Digest:
         """The digest a link holds; PathNotFound when there is no such link."""
@@ -66,7 +73,10 @@ class LinkStore:
                 if cached is not None:
                     return cached
         elif self._cache is not None and (cached := self._cache.get(key)) is not None:
-            return cached
+            if self._copies is None:
+                return cached
+            if key in self._copies and self._copies[key] == self._copy_id(key):
+                return cached  # no other worker has rewritten the copy since
         try:
             digest = _parse(key, await self.primary.get(key, limit=MAX_LINK_BYTES))
         except TooLarge as exc:
@@ -79,7 +89,30 @@ class LinkStore:
             self._seen[key] = seen  # as stat'ed before the read: a change since reads again
         if self.local is not None:
             await self._copy_locally(key, digest)
+        if self._copies is not None:
+            await self._remember_copy(key, digest)
         return digest
+
+    def _copy_id(self, key: str) -> tuple[int, int, int] | None:
+        """The local copy's identity now; None when there is none."""
+        assert self.local is not None
+        try:
+            st = os.stat(self.local.path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    async def _remember_copy(self, key: str, digest: Digest) -> None:
+        """Keep ``digest`` (just read from S3) cached while the local copy stays the one
+        holding it: stat'ed first, then read, so another worker's rewrite in between is
+        seen (not cached: the next read asks S3), and one after it changes the identity."""
+        assert self._copies is not None and self._cache is not None
+        seen = self._copy_id(key)
+        if await self._local_copy(key) == digest:
+            self._copies[key] = seen
+        else:
+            self._cache.pop(key, None)
+            self._copies.pop(key, None)
 
     def _file_id(self, key: str) -> tuple[int, int, int]:
         """The link file's identity now (a stat of a hot dentry: microseconds, no thread)."""
@@ -105,6 +138,8 @@ class LinkStore:
             self._cache[key] = digest
         if self._seen is not None:
             self._seen.pop(key, None)  # the next read stat()s the file written
+        if self._copies is not None:
+            self._copies.pop(key, None)  # the next read asks S3 once
         if self.local is not None:
             await self.local.put(key, str(digest).encode())
 

@@ -166,9 +166,6 @@ def test_hosts_share_pushes_and_see_a_moved_tag_after_the_ttl(
 ) -> None:
     bucket = moto_s3.new_bucket("two-hosts")
     env = regmirror_env(moto_s3, bucket, tag_ttl="1")
-    # workers: until a tag read from S3 is shared by a host's workers (each trusts its
-    # own read for tag_ttl: one may still serve the old tag after another the new one)
-    env["REGMIRROR_SERVER__WORKERS"] = "1"
     host_a, host_b = regmirror_server(env=env), regmirror_server(env=env)
     assert host_a.data_dir != host_b.data_dir
     first, second = build_image(seed=23), build_image(seed=24, layers=({"x": 1000},))
