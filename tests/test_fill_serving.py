@@ -161,8 +161,9 @@ async def test_a_fill_bigger_than_the_budget_streams_through_and_is_never_writte
         env={
             **upstream_env(proxy.url),
             "REGMIRROR_CACHE__MAX_BYTES": str(budget),
-            # workers: until hostview lands (a streamed-through fill's waiters in other
-            # workers are cut, and each worker's budget counts its own fills)
+            # workers: 1 because both waiters must share one fill: a fill one worker
+            # streams through (no room) is not followed by another worker's waiters,
+            # who are cut and retry (README, "What differs from one process").
             "REGMIRROR_SERVER__WORKERS": "1",
         }
     )

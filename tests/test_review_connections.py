@@ -57,7 +57,9 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_its_connection(
     regmirror_server: Start,
 ) -> None:
     server = regmirror_server(
-        # workers: until hostview lands (max_connections host-wide)
+        # workers: 1 because the bound under test is one listener's: a worker's share of
+        # max_connections is at least min(max_connections, 64), so with 2 workers each
+        # holds 3 and /v2/ would reach the other at once (server.worker_share).
         config={"server": {"max_connections": 3, "send_timeout": SEND_TIMEOUT, "workers": 1}}
     )
     data = blob_bytes(48 * 1024 * 1024, seed=3)
