@@ -245,7 +245,7 @@ class Uploads:
                 )
             if length is not None:
                 self.check_size(offset + length, holds=offset)
-            state = await self._hash(upload, offset)
+            state = await self._hash(upload, handle, offset)
             before = state.hasher.copy()  # a rollback resumes from it, no rehash of the file
             received = 0
             try:
@@ -429,14 +429,13 @@ class Uploads:
             lock = self._locks[upload_id] = asyncio.Lock()
         return lock
 
-    async def _hash(self, upload: Upload, offset: int) -> _Hash:
+    async def _hash(self, upload: Upload, handle: BinaryIO, offset: int) -> _Hash:
+        """The running hash of the ``offset`` bytes the session's file (open as ``handle``,
+        under its file lock) holds; rebuilt from the file when this process's is stale."""
         state = self._hashes.get(upload.id)
         if state is None or state.offset != offset:
             state = _Hash()
-            try:
-                state.hasher = await asyncio.to_thread(_hash_file, upload.data, "sha256")
-            except FileNotFoundError as exc:  # committed or cancelled by another worker
-                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+            state.hasher = await asyncio.to_thread(_hash_fd, handle.fileno(), "sha256")
             state.offset = offset
             self._hashes[upload.id] = state
         return state
@@ -466,7 +465,9 @@ def _open_for_append(data: Path) -> BinaryIO:
     waiting (BlockingIOError when held), so a busy session is refused at once. Unbuffered: a
     failed write leaves nothing in a buffer to land after the rollback.
     """
-    fd = os.open(data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
+    # Readable too: the running hash is rebuilt from this very file (_hash_fd), not from
+    # whatever the path names by then.
+    fd = os.open(data, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -503,6 +504,8 @@ def _freeze_locked(directory: Path, frozen: Path) -> int:
     fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: being appended to
+        if not _at(fd, directory / "data"):
+            raise FileNotFoundError(errno.ENOENT, "session cancelled", str(directory))
         os.rename(directory, frozen)
     except BaseException:
         os.close(fd)
@@ -625,14 +628,6 @@ def _write(handle: BinaryIO, state: _Hash, data: bytes) -> None:
         view = view[written or 0 :]
     state.hasher.update(data)
     state.offset += len(data)
-
-
-def _hash_file(path: Path, algorithm: str) -> hashlib._Hash:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(BATCH):
-            hasher.update(chunk)
-    return hasher
 
 
 def _hash_fd(fd: int, algorithm: str) -> hashlib._Hash:

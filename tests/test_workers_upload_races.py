@@ -15,7 +15,10 @@ import asyncio
 import os
 import threading
 
+from regmirror import gc
 from regmirror.api.keys import REGISTRY
+from regmirror.config import Settings
+from regmirror.uploads import GONE_SUFFIX
 from tests.support.api import (  # noqa: F401  (fixtures)
     blob_bytes,
     client,
@@ -120,3 +123,20 @@ async def test_requests_in_another_process_on_a_committing_session_are_unknown(
     assert (await put).status == 201
     assert await (await second.get(f"/v2/{NAME}/blobs/{sha256(data)}")).read() == data
     assert_store_sound(data_dir)
+
+
+def test_gc_removes_a_cancel_that_never_finished(data_dir):
+    # A cancel renames the session to <uuid>.gone-<random> before deleting it; a process
+    # killed in between leaves it, and with no server running it is garbage whatever its age.
+    uploads = data_dir / "uploads"
+    gone = uploads / ("e" * 32 + GONE_SUFFIX + "0" * 32)
+    gone.mkdir(parents=True)
+    (gone / "data").write_bytes(b"g" * 700)
+    live = uploads / ("f" * 32)
+    live.mkdir()
+    (live / "data").write_bytes(b"l" * 10)
+
+    report = gc.collect(Settings(data_dir=str(data_dir)))
+
+    assert [(r.path, r.bytes) for r in report.removed] == [(str(gone.relative_to(data_dir)), 700)]
+    assert not gone.exists() and live.exists()
