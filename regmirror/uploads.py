@@ -503,7 +503,12 @@ def _freeze_locked(directory: Path, frozen: Path) -> int:
     """
     fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: being appended to
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not _at(fd, directory / "data"):  # another process froze it first
+                raise FileNotFoundError(errno.ENOENT, "session frozen", str(directory)) from None
+            raise  # being appended to (or about to be frozen)
         if not _at(fd, directory / "data"):
             raise FileNotFoundError(errno.ENOENT, "session cancelled", str(directory))
         os.rename(directory, frozen)
