@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol
 
 from regmirror import layout
 from regmirror.digest import Digest
@@ -67,6 +67,7 @@ from regmirror.errors import FillFailed
 from regmirror.eviction import BlobCache, Reservation
 from regmirror.logs import served
 from regmirror.logs.served import Tier
+from regmirror.settle import settle
 from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
 
@@ -83,7 +84,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CHUNK = 256 * 1024
 MIN_SPAN = 2 * 1024 * 1024  # see Fill.parts
@@ -667,7 +667,7 @@ class Fills:
         cause: BaseException | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                fd = await _settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
+                fd = await settle(asyncio.to_thread(_claim, fill.partial)) if claim else None
                 if source is None or (claim and fd is None):
                     # Another process's fill (a worker's): following its file is joining
                     # a fill in flight, so the host's metrics count one fill, however
@@ -677,7 +677,7 @@ class Fills:
                     result = await self._tail(fill)
                 elif (
                     fd is not None
-                    and (size := await _settle(_stored_meanwhile(fill, fd))) is not None
+                    and (size := await settle(_stored_meanwhile(fill, fd))) is not None
                 ):
                     # Another process stored it between our look at the store and our
                     # claim (it renames before it unlocks): nothing to fetch.
@@ -736,7 +736,7 @@ class Fills:
                 self._streaming_through(fill, reason)
             else:
                 reservation = self.cache.reserve(size) if self.cache is not None else None
-                await _settle(loop.run_in_executor(self._writer, _set_size_xattr, fd, size))
+                await settle(loop.run_in_executor(self._writer, _set_size_xattr, fd, size))
             fill._set_size(size)
             log.info(
                 "fill %s started from %s: %d bytes%s",
@@ -759,13 +759,13 @@ class Fills:
                     if fill.kept:
                         assert fd is not None
                         if not await self._write(fd, chunk, written, hasher, size):
-                            await _settle(
+                            await settle(
                                 loop.run_in_executor(self._writer, os.ftruncate, fd, written)
                             )
                             self._streaming_through(fill, "disk_full")
                     if not fill.kept:
                         await fill._pass(chunk, self.idle_timeout or STALL)
-                        await _settle(loop.run_in_executor(self._writer, hasher.update, chunk))
+                        await settle(loop.run_in_executor(self._writer, hasher.update, chunk))
                     written += len(chunk)
                     fill._advance(written)
             finally:
@@ -799,9 +799,9 @@ class Fills:
         file they have open, and the blob streams through."""
         loop = asyncio.get_running_loop()
         try:
-            await _settle(loop.run_in_executor(self._writer, os.fsync, fd))
+            await settle(loop.run_in_executor(self._writer, os.fsync, fd))
             # Renamed while still locked: another process sees the lock free only after.
-            await _settle(self.local.move_in(layout.blob_data(fill.digest), fill.partial))
+            await settle(self.local.move_in(layout.blob_data(fill.digest), fill.partial))
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -819,7 +819,7 @@ class Fills:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await _settle(
+                await settle(
                     loop.run_in_executor(self._writer, _write_at, fd, chunk, offset, hasher)
                 )
                 return True
@@ -925,17 +925,6 @@ def _log_failed(
             )
         },
     )
-
-
-async def _settle(work: Awaitable[T]) -> T:
-    """Await ``work``; if cancelled meanwhile, let it finish first (it may be a thread
-    using a file descriptor the caller is about to close), then stay cancelled."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
 
 
 def _claim(path: Path) -> int | None:

@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 from regmirror import errors
 from regmirror.errors import RegistryError
 from regmirror.logs.throttle import Throttled
+from regmirror.settle import settle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,7 +167,7 @@ class HostFlights:
                             wait,
                         )
                         return None
-                    current, record = await _settle(asyncio.to_thread(_look, fd, path))
+                    current, record = await settle(asyncio.to_thread(_look, fd, path))
                 outcome = _parse(record, name, began)
                 if outcome is not None:
                     if "error" in outcome:
@@ -188,7 +189,7 @@ class HostFlights:
         if record is None:
             return
         try:
-            await _settle(asyncio.to_thread(_write, fd, record))
+            await settle(asyncio.to_thread(_write, fd, record))
         except OSError as exc:
             self._broken.warning(
                 "publish", "%s: recording a flight failed: %s", self.directory, exc
@@ -354,17 +355,6 @@ def _error(outcome: dict[str, Any]) -> RegistryError:
     return _ERRORS[error["class"]](
         str(error.get("message", "")), error.get("detail"), headers=headers
     )
-
-
-async def _settle(work: Awaitable[T]) -> T:
-    """Await ``work`` (a thread using a file descriptor); if cancelled meanwhile, let it
-    finish first (the caller closes the descriptor next), then stay cancelled."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
 
 
 async def _enter_settled(path: Path) -> tuple[int, bool, bytes]:
