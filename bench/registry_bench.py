@@ -808,8 +808,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--regmirror-workers",
         type=int,
-        default=1,
-        help="regmirror's server.workers (1: one process, 0: one per CPU)",
+        default=0,
+        help="regmirror's server.workers (0, as its default: one per CPU; 1: one process)",
     )
     p.add_argument("--no-nginx", action="store_true", help="leave out the nginx static column")
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")

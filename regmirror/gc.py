@@ -11,7 +11,8 @@ full disk that kept a server from starting, or a cache that should shrink now.
 What goes, in order:
 
 1. upload sessions idle for longer than ``uploads.ttl``, and sessions frozen by a commit
-   that never ended (``<uuid>.commit``: the client was never answered 201);
+   that never ended (``<uuid>.commit``: the client was never answered 201) or cancels
+   that never ended (``<uuid>.gone-*``);
 2. partial files: fills (``fills/*.partial``) and the filesystem driver's temp files;
 3. blobs no repository link (pushed or pull-through) references: those unused for
    ``cache.unreferenced_grace`` seconds, or all of them with ``unreferenced``;
@@ -37,7 +38,7 @@ from regmirror.digest import Digest
 from regmirror.eviction import LOW_WATERMARK, BlobCache
 from regmirror.fill import PARTIAL_SUFFIX
 from regmirror.storage.filesystem import TEMP_PREFIX
-from regmirror.uploads import FROZEN_SUFFIX
+from regmirror.uploads import FROZEN_SUFFIX, GONE_SUFFIX
 
 SESSION = "upload session"
 PARTIAL = "partial file"
@@ -99,6 +100,8 @@ def _sessions(data_dir: Path, ttl: float, dry_run: bool) -> list[Removal]:
         path = Path(entry.path)
         if entry.name.endswith(FROZEN_SUFFIX):
             reason = "a commit that never finished"
+        elif GONE_SUFFIX in entry.name:
+            reason = "a cancel that never finished"
         elif _last_used(path) < cutoff:
             reason = f"idle for more than uploads.ttl ({ttl:g}s)"
         else:

@@ -13,6 +13,11 @@ so from that instant no request can reach it (each gets BLOB_UPLOAD_UNKNOWN) and
 bytes can no longer change; only then are they verified and handed to the store. A
 blob therefore enters the store only as the bytes that were verified (issue 7).
 
+A session leaves its name only by one atomic rename, whoever takes it: a freeze to
+``<uuid>.commit``, a cancel to ``<uuid>.gone-<random>`` (and only then deleted). A process
+that opened a session's directory therefore never deletes files from under another
+process that renamed it since (a delete walking the directory by descriptor would).
+
 Bodies stream to the session's file chunk by chunk as they arrive (the caller hands
 bounded chunks), hashed on the way, so memory per upload in flight is one chunk whatever
 the blob's size (issue 9). One request writes a session at a time: another PATCH or PUT
@@ -61,6 +66,8 @@ _UUID = re.compile(r"^[0-9a-f]{32}$")
 BATCH = 1024 * 1024
 # A frozen session (being committed) is renamed to ``<uuid>`` + this suffix.
 FROZEN_SUFFIX = ".commit"
+# A cancelled session is renamed to ``<uuid>`` + this + a random tail, then deleted.
+GONE_SUFFIX = ".gone-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -238,7 +245,7 @@ class Uploads:
                 )
             if length is not None:
                 self.check_size(offset + length, holds=offset)
-            state = await self._hash(upload, offset)
+            state = await self._hash(upload, handle, offset)
             before = state.hasher.copy()  # a rollback resumes from it, no rehash of the file
             received = 0
             try:
@@ -265,6 +272,11 @@ class Uploads:
                 if isinstance(exc, UploadRefused):
                     exc.headers.setdefault("Range", _range_headers(offset)["Range"])
                 raise
+            if not await asyncio.to_thread(_still_at, handle, upload.data):
+                # Cancelled or expired by another process while the chunk streamed in: the
+                # session is gone, and so are its bytes from this process's budget.
+                self._hashes.pop(upload.id, None)
+                self._closed(upload.id)
         finally:
             handle.close()  # and with it the file lock
         return offset + received
@@ -300,7 +312,7 @@ class Uploads:
                 if digest.algorithm == "sha256" and state is not None:
                     actual = state.hasher.hexdigest()
                 else:
-                    hasher = await asyncio.to_thread(_hash_file, frozen, digest.algorithm)
+                    hasher = await asyncio.to_thread(_hash_fd, locked, digest.algorithm)
                     actual = hasher.hexdigest()
             except BaseException:
                 await asyncio.to_thread(_thaw, frozen.parent, upload.directory)
@@ -314,7 +326,7 @@ class Uploads:
                 )
             try:
                 with disk_full("commit this upload"):
-                    await asyncio.to_thread(_fsync, frozen)
+                    await asyncio.to_thread(os.fsync, locked)
                     yield frozen
             except BaseException:
                 await asyncio.to_thread(_thaw, frozen.parent, upload.directory)
@@ -326,7 +338,13 @@ class Uploads:
             self._committing.discard(upload.id)
 
     async def cancel(self, upload: Upload) -> None:
-        """Drop the session; BLOB_UPLOAD_UNKNOWN when it is gone or being committed."""
+        """Drop the session; BLOB_UPLOAD_UNKNOWN when it is gone or being committed.
+
+        The session is renamed away first, in one step: a freeze in another process either
+        took it before (this cancel is then BLOB_UPLOAD_UNKNOWN) or finds it gone. A chunk
+        another process is appending meanwhile lands in the removed file, as if it came
+        just before the cancel.
+        """
         self._check_not_committing(upload.id)
         async with self._lock(upload):
             self._check_not_committing(upload.id)
@@ -411,14 +429,13 @@ class Uploads:
             lock = self._locks[upload_id] = asyncio.Lock()
         return lock
 
-    async def _hash(self, upload: Upload, offset: int) -> _Hash:
+    async def _hash(self, upload: Upload, handle: BinaryIO, offset: int) -> _Hash:
+        """The running hash of the ``offset`` bytes the session's file (open as ``handle``,
+        under its file lock) holds; rebuilt from the file when this process's is stale."""
         state = self._hashes.get(upload.id)
         if state is None or state.offset != offset:
             state = _Hash()
-            try:
-                state.hasher = await asyncio.to_thread(_hash_file, upload.data, "sha256")
-            except FileNotFoundError as exc:  # committed or cancelled by another worker
-                raise BlobUploadUnknown(f"upload {upload.id} is unknown or expired") from exc
+            state.hasher = await asyncio.to_thread(_hash_fd, handle.fileno(), "sha256")
             state.offset = offset
             self._hashes[upload.id] = state
         return state
@@ -448,15 +465,34 @@ def _open_for_append(data: Path) -> BinaryIO:
     waiting (BlockingIOError when held), so a busy session is refused at once. Unbuffered: a
     failed write leaves nothing in a buffer to land after the rollback.
     """
-    fd = os.open(data, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
+    # Readable too: the running hash is rebuilt from this very file (_hash_fd), not from
+    # whatever the path names by then.
+    fd = os.open(data, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)  # never re-creates it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: in use elsewhere
-        if not os.path.samestat(os.fstat(fd), os.stat(data)):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not _at(fd, data):  # a freeze holds it and has already moved it
+                raise FileNotFoundError(errno.ENOENT, "session frozen", str(data)) from None
+            raise  # in use elsewhere: being appended to (or about to be frozen)
+        if not _at(fd, data):
             raise FileNotFoundError(errno.ENOENT, "session frozen or cancelled", str(data))
     except BaseException:
         os.close(fd)
         raise
     return open(fd, "ab", buffering=0)
+
+
+def _at(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _still_at(handle: BinaryIO, path: Path) -> bool:
+    return _at(handle.fileno(), path)
 
 
 def _freeze_locked(directory: Path, frozen: Path) -> int:
@@ -467,7 +503,14 @@ def _freeze_locked(directory: Path, frozen: Path) -> int:
     """
     fd = os.open(directory / "data", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: being appended to
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not _at(fd, directory / "data"):  # another process froze it first
+                raise FileNotFoundError(errno.ENOENT, "session frozen", str(directory)) from None
+            raise  # being appended to (or about to be frozen)
+        if not _at(fd, directory / "data"):
+            raise FileNotFoundError(errno.ENOENT, "session cancelled", str(directory))
         os.rename(directory, frozen)
     except BaseException:
         os.close(fd)
@@ -547,21 +590,29 @@ def _remove_if_stale(directory: Path, cutoff: float) -> bool:
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        shutil.rmtree(directory, ignore_errors=True)
+            if not _at(fd, directory / "data"):
+                return False  # frozen, cancelled or thawed since: judged again next time
+        return _remove(directory)
     except BlockingIOError:
         return False  # in use by another process
     finally:
         if fd is not None:
             os.close(fd)
-    return True
 
 
 def _remove(directory: Path) -> bool:
-    """Delete a session directory; False when there was none."""
+    """Delete a session directory; False when there was none.
+
+    Renamed to a name no request looks up, then deleted: should another process rename
+    the session (freeze it) first, this one finds it gone rather than deleting its files
+    through a descriptor on the directory opened before.
+    """
+    gone = directory.with_name(f"{directory.name}{GONE_SUFFIX}{uuid.uuid4().hex}")
     try:
-        shutil.rmtree(directory)
+        os.rename(directory, gone)
     except FileNotFoundError:
         return False
+    shutil.rmtree(gone, ignore_errors=True)  # an expiry elsewhere may delete it too
     return True
 
 
@@ -584,14 +635,11 @@ def _write(handle: BinaryIO, state: _Hash, data: bytes) -> None:
     state.offset += len(data)
 
 
-def _hash_file(path: Path, algorithm: str) -> hashlib._Hash:
-    hasher = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(BATCH):
-            hasher.update(chunk)
+def _hash_fd(fd: int, algorithm: str) -> hashlib._Hash:
+    """Hash the file open as ``fd`` from its start (by offset: the descriptor's position
+    is left alone), whatever name it has by now."""
+    hasher, offset = hashlib.new(algorithm), 0
+    while chunk := os.pread(fd, BATCH, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
     return hasher
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())

@@ -336,7 +336,7 @@ async def test_a_rolled_back_chunk_resumes_the_running_hash_without_reading_the_
     location = await start_upload(client, NAME)
     assert (await client.patch(location, data=pieces(data[: 200 * KiB]))).status == 202
     rehashed = []
-    monkeypatch.setattr(uploads_module, "_hash_file", lambda *args: rehashed.append(args))
+    monkeypatch.setattr(uploads_module, "_hash_fd", lambda *args: rehashed.append(args))
 
     short = await client.patch(
         location,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from regmirror.app import create_app
 from regmirror.cli import main, serve
@@ -16,10 +17,10 @@ from regmirror.config import Settings
 DELAY = float(os.environ.get("SLOW_WORKER_START", "1"))
 
 
-def slow_create_app(settings: Settings, *, worker: int | None = None) -> object:
-    if worker is not None:
+def slow_create_app(settings: Settings, **kwargs: Any) -> object:
+    if kwargs.get("worker") is not None:
         time.sleep(DELAY)
-    return create_app(settings, worker=worker)
+    return create_app(settings, **kwargs)
 
 
 if __name__ == "__main__":
