@@ -1,7 +1,8 @@
 """Blob upload sessions, staged on local disk so that a restart loses none.
 
 A session is a directory ``<data_dir>/uploads/<uuid>/`` holding ``data`` (the
-bytes so far) and ``info.json`` (the repository and start time). The sha256 state
+bytes so far) and ``info.json`` (the repository and start time), and while a chunk
+is appended ``holding`` (what it held before). The sha256 state
 of each session is kept in memory while the process lives; after a restart, or
 when a chunk landed in another process, it is rebuilt from ``data``.
 
@@ -57,6 +58,7 @@ from regmirror.errors import (
     UploadRefused,
     UploadTooLarge,
 )
+from regmirror.numbers import ascii_int
 from regmirror.upload_caps import SessionCaps
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,12 @@ class Upload:
     @property
     def data(self) -> Path:
         return self.directory / "data"
+
+    @property
+    def holding(self) -> Path:
+        """Written while a chunk is appended: what the session held before it, for a
+        request in another process refused meanwhile (its Range, see Uploads._busy)."""
+        return self.directory / "holding"
 
 
 class _Hash:
@@ -237,6 +245,8 @@ class Uploads:
             raise await self._busy(upload) from None
         try:
             offset = self._writing[upload.id] = os.fstat(handle.fileno()).st_size
+            with contextlib.suppress(OSError):  # only a refused request's Range reads it
+                await asyncio.to_thread(upload.holding.write_text, str(offset))
             if start is not None and start != offset:
                 raise RangeInvalid(
                     f"chunk starts at {start} but the upload holds {offset} bytes",
@@ -278,6 +288,8 @@ class Uploads:
                 self._hashes.pop(upload.id, None)
                 self._closed(upload.id)
         finally:
+            with contextlib.suppress(OSError):  # frozen or cancelled meanwhile: moved with it
+                upload.holding.unlink()
             handle.close()  # and with it the file lock
         return offset + received
 
@@ -285,11 +297,8 @@ class Uploads:
         """The error for a write to a session another request is writing to; its Range is
         what the session holds without the chunk being written."""
         size = self._writing.get(upload.id)
-        if size is None:
-            try:
-                size = (await asyncio.to_thread(os.stat, upload.data)).st_size
-            except FileNotFoundError:
-                size = 0
+        if size is None:  # another process writes it: what it noted before the chunk
+            size = await asyncio.to_thread(_held_before_chunk, upload)
         return UploadBusy(
             f"upload {upload.id} is being written by another request; retry once it ends "
             "(GET the session for the offset it holds)",
@@ -455,6 +464,20 @@ def disk_full(what: str) -> Iterator[None]:
         if exc.errno not in _DISK_FULL:
             raise
         raise InsufficientStorage(f"the registry's disk is full: could not {what}") from exc
+
+
+def _held_before_chunk(upload: Upload) -> int:
+    """What a session held before the chunk another process is appending: its note, or
+    (none yet, or unreadable) the file's size."""
+    try:
+        size = os.stat(upload.data).st_size
+    except FileNotFoundError:
+        return 0
+    try:
+        noted = ascii_int(upload.holding.read_text(encoding="ascii", errors="replace").strip())
+    except OSError:
+        return size
+    return noted if noted is not None and noted <= size else size
 
 
 def _open_for_append(data: Path) -> BinaryIO:

@@ -140,3 +140,36 @@ def test_gc_removes_a_cancel_that_never_finished(data_dir):
 
     assert [(r.path, r.bytes) for r in report.removed] == [(str(gone.relative_to(data_dir)), 700)]
     assert not gone.exists() and live.exists()
+
+
+async def test_a_write_refused_in_another_process_is_told_what_the_session_holds(
+    make_client, data_dir
+):
+    # One process answers a write to a busy session with Range: what the session held
+    # before the chunk being written. Another process read the file's size instead, which
+    # counts the chunk still streaming in (seen with 2 workers: '0-1126399' for '0-0').
+    first, second = await make_client(), await make_client()
+    held_before = blob_bytes(1000, seed=52)
+    location = await start_upload(first, NAME)
+    assert (await first.patch(location, data=held_before)).status == 202
+    session = data_dir / "uploads" / location.rstrip("/").rsplit("/", 1)[-1] / "data"
+    go = asyncio.Event()
+
+    async def stalling():
+        yield b"s" * 5000
+        await go.wait()
+        yield b"t" * 10
+
+    writing = asyncio.create_task(first.patch(location, data=stalling()))
+    for _ in range(1000):
+        if session.stat().st_size > len(held_before):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the chunk never reached the session")
+
+    refused = await second.patch(location, data=b"late")
+    assert refused.status == 416, await refused.text()
+    assert refused.headers["Range"] == f"0-{len(held_before) - 1}"
+    go.set()
+    assert (await asyncio.wait_for(writing, 10)).status == 202
