@@ -81,6 +81,8 @@ def create_app(
         handler_args={"read_bufsize": READ_BUFSIZE},
     )
     app[access_log.ENABLED] = settings.log.access
+    if access is not None:
+        app[auth.ACCESS_POLICY] = access
     app[METRICS] = metrics
     local = FilesystemDriver(data_dir)
     shared = None

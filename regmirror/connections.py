@@ -25,6 +25,10 @@ call), which lets it
 
 A request is "in progress" from the moment aiohttp hands it to the application until
 the task handling it is done (the response written, a file response's sendfile too).
+
+With a fast path (:mod:`regmirror.lean`), a connection's request that arrives whole and
+that the fast path answers from memory is answered here, without aiohttp: only while
+aiohttp has nothing of the connection's in progress, so responses keep their order.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ssl import SSLContext
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from regmirror.lean.wire import Head, RequestReader
 from regmirror.log_limits import RateLimit
 
 log = logging.getLogger("regmirror")
@@ -56,6 +61,8 @@ FD_RESERVE_MIN = 64
 CUT_GRACE = 1.0  # seconds aiohttp gets to finish handlers the drain has cut
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The fast path: a request's whole response, or None for aiohttp to answer it.
+FastPath = Callable[[Head, str | None], bytes | None]
 
 
 @dataclass(frozen=True)
@@ -125,9 +132,11 @@ class Listener:
         ssl_context: SSLContext | None = None,
         name: str = "registry",
         reuse_port: bool = False,
+        fast: FastPath | None = None,
     ):
         """``reuse_port``: one of several processes listening on the port
-        (:mod:`regmirror.workers`); the kernel spreads new connections over them."""
+        (:mod:`regmirror.workers`); the kernel spreads new connections over them.
+        ``fast``: what is answered without aiohttp (:mod:`regmirror.lean`)."""
         assert runner.server is not None, "runner.setup() first"
         self.runner = runner
         self.host, self.port = host, port
@@ -135,6 +144,7 @@ class Listener:
         self.ssl_context = ssl_context
         self.name = name
         self.reuse_port = reuse_port
+        self.fast = fast
         self._server: asyncio.base_events.Server | None = None
         self._open: dict[RequestHandler, _Connection] = {}
         self._idle: OrderedDict[_Connection, None] = OrderedDict()  # longest idle first
@@ -294,6 +304,11 @@ class _Connection(asyncio.Protocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._acked: int | None = None  # what the client had acknowledged at the last look
         self._draining = False
+        # The fast path's reader of this connection's requests; None: aiohttp reads them
+        # all (no fast path, or one of the connection's chunks was not one whole request).
+        self._reader = RequestReader() if listener.fast is not None else None
+        self._peer: str | None = None
+        self._pending = 0  # whole requests handed to aiohttp and not yet answered
 
     # -- asyncio.Protocol, forwarded to aiohttp ------------------------------------------
 
@@ -304,15 +319,40 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         self.admitted = True
+        if self._reader is not None:
+            peer = transport.get_extra_info("peername")
+            self._peer = str(peer[0]) if isinstance(peer, (list, tuple)) else None
         self.handler.connection_made(transport)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
+        if self._reader is not None and self._answered(data):
+            return
         if not self.busy and self._header_deadline is None:
             self._arm_header_timer()  # the first byte of the next request
         self.handler.data_received(data)
+
+    def _answered(self, data: bytes) -> bool:
+        """Whether the fast path answered ``data`` (one whole request); else it is
+        aiohttp's, and counted when it is one whole request (aiohttp answers it, and the
+        connection is the fast path's again), or the reader is dropped."""
+        assert self._reader is not None and self.listener.fast is not None
+        head = self._reader.read(data)
+        if head is None:
+            self._reader = None
+            return False
+        if not self.busy and not self._pending and not self._draining:
+            response = self.listener.fast(head, self._peer)
+            if response is not None:
+                assert self.transport is not None
+                self._header_deadline = None
+                self.transport.write(response)
+                keep_alive(self.handler, self._loop.time())
+                return True
+        self._pending += 1
+        return False
 
     def eof_received(self) -> None:
         if self.admitted:
@@ -343,6 +383,8 @@ class _Connection(asyncio.Protocol):
         self._watch_send()
 
     def _request_done(self, task: asyncio.Task[object]) -> None:
+        if self._pending:
+            self._pending -= 1
         if self._task is task:
             self._send_deadline = None
             self._acked = None
@@ -438,6 +480,14 @@ class _Connection(asyncio.Protocol):
             self.handler.force_close()
         elif self.transport is not None:
             self.transport.abort()
+
+
+def keep_alive(handler: RequestHandler, now: float) -> None:
+    """A request was answered without aiohttp: its keep-alive timer, which closes a
+    connection idle for ``keepalive_timeout``, counts from ``now``, as after one of its
+    own (it reschedules itself when it fires before this time). aiohttp keeps no public
+    hook for this; tests/test_lean_keepalive.py fails if the attribute goes away."""
+    handler._next_keepalive_close_time = now + handler.keepalive_timeout
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

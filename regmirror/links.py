@@ -21,6 +21,7 @@ so the others ask S3 again rather than serve the old digest after it served the 
 
 from __future__ import annotations
 
+import functools
 import os
 
 from cachetools import Cache, LRUCache, TTLCache
@@ -51,6 +52,8 @@ class LinkStore:
         # key -> the link file's (inode, mtime, size) when its digest was read
         self._seen: Cache[str, tuple[int, int, int]] | None = None
         self._dir = primary if shared_dir and isinstance(primary, FilesystemDriver) else None
+        # The files stat'ed on every read, by key (their paths cost more to build than the stat).
+        self._path_of = functools.lru_cache(maxsize=CACHE_ENTRIES)(_file_path)
         # key -> the local copy's identity when a read from S3 was cached (workers)
         self._copies: Cache[str, tuple[int, int, int] | None] | None = None
         if self.local is None and self._dir is not None:
@@ -63,20 +66,34 @@ class LinkStore:
             if shared_dir and self._cache is not None:
                 self._copies = LRUCache(CACHE_ENTRIES)
 
+    def peek(self, key: str) -> Digest | None:
+        """The digest :meth:`read` answers, when it is known without waiting on storage
+        (memory, and one ``stat`` where other processes share the directory); None when
+        only ``read`` can tell (not read yet, changed, deleted or absent). The fast
+        path's lookup (:mod:`regmirror.lean`), and ``read``'s own first step."""
+        if self._dir is not None:
+            assert self._cache is not None and self._seen is not None
+            try:
+                seen = self._file_id(key)
+            except PathNotFound:
+                return None
+            return self._cache.get(key) if self._seen.get(key) == seen else None
+        if self._cache is None:
+            return None
+        cached = self._cache.get(key)
+        if cached is None or self._copies is None:
+            return cached
+        if key in self._copies and self._copies[key] == self._copy_id(key):
+            return cached  # no other worker has rewritten the copy since
+        return None
+
     async def read(self, key: str) -> Digest:
         """The digest a link holds; PathNotFound when there is no such link."""
-        seen = None
-        if self._dir is not None:
-            seen = self._file_id(key)  # raises PathNotFound: deleted, maybe by another worker
-            if self._cache is not None and self._seen is not None and self._seen.get(key) == seen:
-                cached = self._cache.get(key)
-                if cached is not None:
-                    return cached
-        elif self._cache is not None and (cached := self._cache.get(key)) is not None:
-            if self._copies is None:
-                return cached
-            if key in self._copies and self._copies[key] == self._copy_id(key):
-                return cached  # no other worker has rewritten the copy since
+        cached = self.peek(key)
+        if cached is not None:
+            return cached
+        # Stat'ed before the read: a change after it is seen by the next peek.
+        seen = self._file_id(key) if self._dir is not None else None  # PathNotFound: deleted
         try:
             digest = _parse(key, await self.primary.get(key, limit=MAX_LINK_BYTES))
         except TooLarge as exc:
@@ -97,7 +114,7 @@ class LinkStore:
         """The local copy's identity now; None when there is none."""
         assert self.local is not None
         try:
-            st = os.stat(self.local.path(key))
+            st = os.stat(self._path_of(self.local, key))
         except (FileNotFoundError, NotADirectoryError):
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
@@ -118,7 +135,7 @@ class LinkStore:
         """The link file's identity now (a stat of a hot dentry: microseconds, no thread)."""
         assert self._dir is not None
         try:
-            st = os.stat(self._dir.path(key))
+            st = os.stat(self._path_of(self._dir, key))
         except (FileNotFoundError, NotADirectoryError) as exc:
             if self._cache is not None:
                 self._cache.pop(key, None)
@@ -188,6 +205,10 @@ class LinkStore:
         except (PathNotFound, TooLarge):
             pass
         await self.local.put(key, str(digest).encode())
+
+
+def _file_path(driver: FilesystemDriver, key: str) -> str:
+    return os.fspath(driver.path(key))
 
 
 def _parse(key: str, content: bytes) -> Digest:

@@ -53,7 +53,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-
+        self.fast_path = Counter(
+            "regmirror_http_fast_path_requests_total",
+            "Of regmirror_http_requests_total, those answered from memory without aiohttp "
+            "(server.fast_path: manifests held here).",
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "regmirror_auth_failures_total",
             "Refused logins and permissions, by scheme (basic, bearer) and reason "

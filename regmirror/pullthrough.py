@@ -278,6 +278,15 @@ class PullThrough:
         served.mark("local")
         return cached
 
+    def held_manifest_now(self, route: Route, digest: Digest) -> Manifest | None:
+        """:meth:`held_manifest`'s answer when it is in memory; None otherwise."""
+        if self.links.peek(layout.revision_link(cache_name(route), digest)) is None:
+            return None
+        manifest = self.manifests.get(digest)
+        if manifest is not None:
+            self.cache.touched(digest)
+        return manifest
+
     async def _by_digest(
         self,
         route: Route,

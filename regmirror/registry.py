@@ -302,6 +302,32 @@ class Registry:
             log.warning("shared store down; %s:%s goes to the upstream", name, reference)
         return await self.pullthrough.manifest(route, reference, accept)
 
+    def manifest_now(
+        self, name: str, reference: str | Digest, *, ns: str | None = None
+    ) -> Manifest | None:
+        """What :meth:`manifest` answers, when memory (and a ``stat`` per link where
+        workers share the directory) tells it without waiting on storage or an upstream:
+        a pushed manifest, or one pulled through asked for by digest. None when only
+        ``manifest`` can tell (it may answer the same). The fast path's
+        (:mod:`regmirror.lean`); a tag an upstream serves is always ``manifest``'s, which
+        revalidates it."""
+        route = self.route(name, ns)
+        if route is None:
+            digest = (
+                reference
+                if isinstance(reference, Digest)
+                else self.links.peek(layout.tag_current_link(name, reference))
+            )
+            if digest is None or self.links.peek(layout.revision_link(name, digest)) is None:
+                return None
+            manifest = self._manifests.get(digest)
+            if manifest is not None:
+                self.cache.touched(digest)
+            return manifest
+        if isinstance(reference, Digest):
+            return self.pullthrough.held_manifest_now(route, reference)
+        return None
+
     async def pushed_manifest(self, name: str, reference: str | Digest) -> Manifest:
         digest = await self.resolve(name, reference)
         if not await self.links.exists(layout.revision_link(name, digest)):

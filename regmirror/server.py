@@ -33,6 +33,7 @@ from regmirror.connections import (
     quiet_accept_errors,
     raise_fd_limit,
 )
+from regmirror.lean.manifests import ManifestAnswers
 from regmirror.logs.access import runner_options
 from regmirror.tls import ServerTLS
 from regmirror.workers import Worker
@@ -113,6 +114,7 @@ async def serve(
                 limits=limits,
                 ssl_context=ssl_context,
                 reuse_port=reuse_port,
+                fast=ManifestAnswers.of(app).answer if settings.fast_path else None,
             )
         )
         await listeners[0].start()

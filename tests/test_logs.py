@@ -353,11 +353,9 @@ async def test_a_presigned_redirect_that_fails_reaches_neither_log_nor_client(
 
 
 def test_the_logged_target_keeps_the_api_parameters_and_hides_other_values() -> None:
-    from yarl import URL
-
-    url = URL("/v2/a/blobs/uploads/?mount=sha256:ab&from=b/c&_state=SECRET&flag", encoded=True)
-    assert target(url) == "/v2/a/blobs/uploads/?mount=sha256:ab&from=b/c&_state=…&…"
-    assert target(URL("/v2/a/tags/list?n=5&last=x", encoded=True)) == "/v2/a/tags/list?n=5&last=x"
+    query = "mount=sha256:ab&from=b/c&_state=SECRET&flag"
+    assert target("/v2/a/blobs/uploads/", query) == "/v2/a/blobs/uploads/?mount=sha256:ab&from=b/c&_state=…&…"
+    assert target("/v2/a/tags/list", "n=5&last=x") == "/v2/a/tags/list?n=5&last=x"
 
 
 def test_a_repeated_error_is_logged_once_a_period_then_with_the_count(

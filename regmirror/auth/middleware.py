@@ -122,6 +122,10 @@ class AccessPolicy:
         return await handler(request)
 
 
+# The application's policy, when access control is configured (the fast path asks it).
+ACCESS_POLICY = web.AppKey("access_policy", AccessPolicy)
+
+
 def build(settings: AuthSettings, on_failure: OnFailure | None = None) -> AccessPolicy | None:
     """The policy ``settings`` describe; None when there is no ``auth`` (open, local use)."""
     if not settings.enabled:

@@ -23,7 +23,6 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from yarl import URL
 
 from regmirror.api.envelope import ENDED
 from regmirror.auth.clients import Network, client_address
@@ -46,12 +45,7 @@ def middlewares(enabled: bool, trusted_proxies: Sequence[Network]) -> list[Any]:
     """The access middleware for ``create_app`` to put first, or none when off."""
     if not enabled:
         return []
-
-    @functools.lru_cache(maxsize=4096)
-    def client(peer: str | None, forwarded: tuple[str, ...]) -> str:
-        """As logged; every request asks, for the same few peers and proxy chains."""
-        address = client_address(peer, forwarded, trusted_proxies)
-        return str(address) if address else "-"
+    client = client_namer(trusted_proxies)
 
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -64,6 +58,18 @@ def middlewares(enabled: bool, trusted_proxies: Sequence[Network]) -> list[Any]:
         return await handler(request)
 
     return [access]
+
+
+def client_namer(trusted_proxies: Sequence[Network]) -> Callable[[str | None, tuple[str, ...]], str]:
+    """The client as logged, from the peer and its ``X-Forwarded-For`` values."""
+
+    @functools.lru_cache(maxsize=4096)
+    def client(peer: str | None, forwarded: tuple[str, ...]) -> str:
+        """Every request asks, for the same few peers and proxy chains."""
+        address = client_address(peer, forwarded, trusted_proxies)
+        return str(address) if address else "-"
+
+    return client
 
 
 def runner_options(app: web.Application) -> dict[str, Any]:
@@ -82,31 +88,57 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         served = request.get(SERVED) or Served(client=request.remote or "-")
-        fields: dict[str, Any] = {
-            "event": "access",
-            "client": served.client,
-            "user": served.user,
-            "method": request.method,
-            "path": target(request.rel_url),
-            "protocol": f"HTTP/{request.version.major}.{request.version.minor}",
-            "status": response.status,
-            "bytes": body_bytes(request, response, served),
-            "duration": round(time, 6),
-            "tier": served.tier,
-            "fill_wait": served.waited,
-        }
-        ended = request.get(ENDED)
-        if ended is not None:
-            fields["ended"] = ended  # aborted: a body cut short; client_disconnect
-        line = (
-            f"{fields['client']} - {_quoted(served.user or '-')} "
-            f'"{request.method} {_quoted(fields["path"])} {fields["protocol"]}" '
-            f"{response.status} {fields['bytes']} {time:.3f} "
-            f"tier={served.tier or '-'} waited={'yes' if served.waited else 'no'}"
+        url = request.rel_url
+        write_line(
+            self.logger,
+            served,
+            request.method,
+            target(url.raw_path, url.raw_query_string),
+            f"HTTP/{request.version.major}.{request.version.minor}",
+            response.status,
+            body_bytes(request, response, served),
+            time,
+            request.get(ENDED),
         )
-        if ended is not None:
-            line += f" ended={ended}"
-        self.logger.info(line, extra={"fields": fields})
+
+
+def write_line(
+    logger: logging.Logger,
+    served: Served,
+    method: str,
+    path: str,
+    protocol: str,
+    status: int,
+    nbytes: int,
+    seconds: float,
+    ended: str | None = None,
+) -> None:
+    """One request's line (and its structured fields), however it was answered: through
+    aiohttp, or by the fast path (:mod:`regmirror.lean`). ``path``: :func:`target`'s."""
+    fields: dict[str, Any] = {
+        "event": "access",
+        "client": served.client,
+        "user": served.user,
+        "method": method,
+        "path": path,
+        "protocol": protocol,
+        "status": status,
+        "bytes": nbytes,
+        "duration": round(seconds, 6),
+        "tier": served.tier,
+        "fill_wait": served.waited,
+    }
+    if ended is not None:
+        fields["ended"] = ended  # aborted: a body cut short; client_disconnect
+    line = (
+        f"{served.client} - {_quoted(served.user or '-')} "
+        f'"{method} {_quoted(path)} {protocol}" '
+        f"{status} {nbytes} {seconds:.3f} "
+        f"tier={served.tier or '-'} waited={'yes' if served.waited else 'no'}"
+    )
+    if ended is not None:
+        line += f" ended={ended}"
+    logger.info(line, extra={"fields": fields})
 
 
 def body_bytes(request: web.BaseRequest, response: web.StreamResponse, served: Served) -> int:
@@ -121,12 +153,12 @@ def body_bytes(request: web.BaseRequest, response: web.StreamResponse, served: S
     return response.content_length or 0
 
 
-def target(url: URL) -> str:
+def target(raw_path: str, raw_query: str) -> str:
     """The path as sent, and the query with only the API's own values."""
-    text = url.raw_path
-    if url.raw_query_string:
+    text = raw_path
+    if raw_query:
         pairs = []
-        for part in url.raw_query_string.split("&"):
+        for part in raw_query.split("&"):
             key, sep, _ = part.partition("=")
             if unquote_plus(key) in KNOWN_PARAMETERS:
                 pairs.append(part)

@@ -1,0 +1,119 @@
+"""Requests read whole from one chunk of a connection's bytes, and responses written the
+way aiohttp writes them.
+
+The parser is httptools' (llhttp, the parser aiohttp's own is built on), one per
+connection: it follows the connection's messages as long as every chunk holds exactly
+one complete request without a body. Any other chunk ends it (:meth:`RequestReader.read`
+answers None, and the connection is aiohttp's alone from then on).
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+import httptools
+from aiohttp.http import SERVER_SOFTWARE
+
+from regmirror.api.envelope import API_VERSION
+
+# The header lines aiohttp adds after a handler's, besides Content-Length and Date.
+TRAILING_HEADERS = (
+    f"Server: {SERVER_SOFTWARE}\r\n"
+    + "".join(f"{name}: {value}\r\n" for name, value in API_VERSION.items())
+    + "\r\n"
+).encode()
+
+
+class Head:
+    """A request line and its headers (names lower-cased; each header's values in order)."""
+
+    __slots__ = ("headers", "method", "path", "query")
+
+    def __init__(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, list[bytes]]):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+
+    def header(self, name: bytes) -> bytes | None:
+        """The header's one value; None when it is absent or repeated."""
+        values = self.headers.get(name)
+        return values[0] if values is not None and len(values) == 1 else None
+
+
+class RequestReader:
+    """The requests of one connection, as long as each chunk read holds one whole."""
+
+    __slots__ = ("_begun", "_body", "_complete", "_headers", "_parser", "_url")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: dict[bytes, list[bytes]] = {}
+        self._begun = self._complete = 0
+        self._body = False
+
+    def read(self, data: bytes) -> Head | None:
+        """The one complete HTTP/1.1 keep-alive request without a body that ``data``
+        holds; None when it holds anything else (part of one, more than one, a body, an
+        upgrade, bytes that are not HTTP): then this reader is spent."""
+        self._url = b""
+        self._headers = {}
+        self._begun = self._complete = 0
+        self._body = False
+        parser = self._parser
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError:  # and HttpParserUpgrade
+            return None
+        headers = self._headers
+        length = headers.get(b"content-length")
+        if (
+            self._begun != 1
+            or self._complete != 1
+            or self._body
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+            or b"transfer-encoding" in headers
+            or b"upgrade" in headers
+            or b"expect" in headers
+            or (length is not None and length != [b"0"])
+        ):
+            return None
+        path, _, query = self._url.partition(b"?")
+        return Head(parser.get_method(), path, query, headers)
+
+    # -- httptools' callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.setdefault(name.lower(), []).append(value)
+
+    def on_body(self, body: bytes) -> None:
+        self._body = True
+
+    def on_message_complete(self) -> None:
+        self._complete += 1
+
+
+class Clock:
+    """The ``Date`` header line, formatted once a second as aiohttp does."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def date_line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return self._line
