@@ -45,7 +45,7 @@ class Head:
 class RequestReader:
     """The requests of one connection, as long as each chunk read holds one whole."""
 
-    __slots__ = ("_begun", "_body", "_complete", "_headers", "_parser", "_url")
+    __slots__ = ("_begun", "_body", "_complete", "_headers", "_kept", "_method", "_parser", "_url")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -53,6 +53,8 @@ class RequestReader:
         self._headers: dict[bytes, list[bytes]] = {}
         self._begun = self._complete = 0
         self._body = False
+        self._kept = False  # an HTTP/1.1 request that keeps the connection open
+        self._method = b""
 
     def read(self, data: bytes) -> Head | None:
         """The one complete HTTP/1.1 keep-alive request without a body that ``data``
@@ -61,7 +63,7 @@ class RequestReader:
         self._url = b""
         self._headers = {}
         self._begun = self._complete = 0
-        self._body = False
+        self._body = self._kept = False
         parser = self._parser
         try:
             parser.feed_data(data)
@@ -73,8 +75,7 @@ class RequestReader:
             self._begun != 1
             or self._complete != 1
             or self._body
-            or parser.get_http_version() != "1.1"
-            or not parser.should_keep_alive()
+            or not self._kept
             or b"transfer-encoding" in headers
             or b"upgrade" in headers
             or b"expect" in headers
@@ -82,7 +83,7 @@ class RequestReader:
         ):
             return None
         path, _, query = self._url.partition(b"?")
-        return Head(parser.get_method(), path, query, headers)
+        return Head(self._method, path, query, headers)
 
     # -- httptools' callbacks --------------------------------------------------------
 
@@ -94,6 +95,12 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.setdefault(name.lower(), []).append(value)
+
+    def on_headers_complete(self) -> None:
+        # Asked now: once the message is complete the parser is reset for the next one.
+        parser = self._parser
+        self._kept = parser.get_http_version() == "1.1" and parser.should_keep_alive()
+        self._method = parser.get_method()
 
     def on_body(self, body: bytes) -> None:
         self._body = True

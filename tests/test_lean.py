@@ -1,0 +1,224 @@
+"""The fast path (regmirror.lean): manifests held in memory answered below aiohttp.
+
+Real server processes (two workers each, the default). Every answer is checked against
+aiohttp's own for the same request (a server with ``server.fast_path: false`` over the
+same content), byte for byte but the ``Date``; ``regmirror_http_fast_path_requests_total``
+says which requests the fast path took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from tests.support.fake_upstream import fake_upstream
+from tests.support.http import session  # noqa: F401
+from tests.support.oci_layout import Image, build_image
+from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
+from tests.support.pullthrough import push_image_to, upstream_env
+
+Start = Callable[..., ServerProcess]
+REPO = "lean/app"
+WARM = 24  # fresh connections: each worker (the kernel picks one per connection) reads the links
+FAST = "regmirror_http_fast_path_requests_total"
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels`` (from /metrics: every worker's)."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if re.match(rf"{name}[{{ ]", line) and all(label in line for label in wanted)
+    )
+
+
+async def read_response(reader: asyncio.StreamReader, method: bytes = b"GET") -> bytes:
+    """One whole response: its head, and the body its Content-Length says."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
+    if method == b"HEAD" or length is None:
+        return head
+    return head + await asyncio.wait_for(reader.readexactly(int(length[1])), 10)
+
+
+async def exchange(server: ServerProcess, request: bytes) -> bytes:
+    """``request`` sent whole on a fresh connection; the response, Date blanked."""
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        writer.write(request)
+        response = await read_response(reader, request.split(b" ", 1)[0])
+    finally:
+        writer.close()
+    return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", response)
+
+
+def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", f"Host: {HOST}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+async def pair(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> tuple[ServerProcess, ServerProcess, Image]:
+    """A server with the fast path and one without, holding the same image."""
+    image = build_image(seed=41)
+    fast = regmirror_server()
+    slow = regmirror_server(config={"server": {"fast_path": False}})
+    for server in (fast, slow):
+        await push_image_to(session, server.url, REPO, image, "v1")
+    for _ in range(WARM):
+        await exchange(fast, get(f"/v2/{REPO}/manifests/v1"))
+    return fast, slow, image
+
+
+async def test_answers_are_aiohttps_byte_for_byte_and_counted(
+    pair: tuple[ServerProcess, ServerProcess, Image],
+) -> None:
+    fast, slow, image = pair
+    digest = image.manifest.digest
+    etag = f'"{digest}"'
+    taken = [
+        get(f"/v2/{REPO}/manifests/v1"),
+        get(f"/v2/{REPO}/manifests/v1", method="HEAD"),
+        get(f"/v2/{REPO}/manifests/{digest}"),
+        get(f"/v2/{REPO}/manifests/v1", f"If-None-Match: {etag}"),
+        get(f"/v2/{REPO}/manifests/v1", 'If-None-Match: "sha256:other"'),
+        get(f"/v2/{REPO}/manifests/v1", "Accept: application/vnd.oci.image.manifest.v1+json"),
+        get(f"/v2/{REPO}/manifests/v1?ns=docker.io"),
+    ]
+    left = [  # aiohttp's: errors, and what the fast path does not read
+        get(f"/v2/{REPO}/manifests/nope"),
+        get(f"/v2/{REPO}/manifests/{'sha256:' + '0' * 64}"),
+        get("/v2/Bad_Name/manifests/v1"),
+        get(f"/v2/{REPO}/manifests/bad%20tag"),
+        get(f"/v2/{REPO}/manifests/v1?n=1"),
+        get(f"/v2/{REPO}/manifests/v1", "Connection: close"),
+        get(f"/v2/{REPO}/manifests/v1", version="1.0"),
+        get(f"/v2/{REPO}/manifests/v1", method="DELETE"),
+        get("/v2/"),
+        f"GET /v2/{REPO}/manifests/v1 HTTP/1.1\r\n\r\n".encode(),  # no Host: 400
+    ]
+    before = metric(fast, FAST)
+    counted = metric(
+        fast, "regmirror_http_requests_total", route="/v2/{name}/manifests/{reference}"
+    )
+    for request in taken + left:
+        assert await exchange(fast, request) == await exchange(slow, request), request
+    assert metric(fast, FAST) - before == len(taken)
+    after = metric(fast, "regmirror_http_requests_total", route="/v2/{name}/manifests/{reference}")
+    assert (
+        after - counted == len(taken) + 8
+    )  # and aiohttp's on that route (all but the one without Host)
+
+
+async def test_a_request_waits_for_the_response_aiohttp_still_owes(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    """A manifest asked for on a connection while aiohttp still waits on an upstream
+    for the request before it is answered after that one: responses keep their order."""
+    async with fake_upstream("hang") as upstream:
+        server = regmirror_server(env=upstream_env(upstream.url, prefix="hub"))
+        image = build_image(seed=42)
+        await push_image_to(session, server.url, REPO, image, "v1")
+        for _ in range(WARM):
+            await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+        before = metric(server, FAST)
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        try:
+            writer.write(get("/v2/hub/library/app/manifests/latest"))
+            await asyncio.sleep(0.5)  # aiohttp waits on the upstream
+            writer.write(get(f"/v2/{REPO}/manifests/v1"))
+            await asyncio.sleep(0.5)
+            await upstream.stop()  # its answer: 503
+            first = await read_response(reader)
+            second = await read_response(reader)
+        finally:
+            writer.close()
+    assert not first.startswith(b"HTTP/1.1 200 "), first
+    assert second.startswith(b"HTTP/1.1 200 OK") and second.endswith(image.manifest.data)
+    assert metric(server, FAST) == before  # aiohttp answered it, after the first
+
+
+async def test_a_connection_answered_by_the_fast_path_is_kept_alive_while_used(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    """aiohttp's keep-alive timer, which sees none of the fast path's requests, must
+    not close a connection they keep busy; an idle one still closes."""
+    image = build_image(seed=43)
+    server = regmirror_server(config={"server": {"keepalive_timeout": 1.0}})
+    await push_image_to(session, server.url, REPO, image, "v1")
+    for _ in range(WARM):
+        await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+    before = metric(server, FAST)
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        for _ in range(10):  # 3 s: three keep-alive timeouts
+            writer.write(get(f"/v2/{REPO}/manifests/v1"))
+            assert (await read_response(reader)).endswith(image.manifest.data)
+            await asyncio.sleep(0.3)
+        assert metric(server, FAST) - before == 10
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # idle: closed
+    finally:
+        writer.close()
+
+
+async def test_a_request_split_over_reads_is_aiohttps_and_so_is_the_rest(
+    pair: tuple[ServerProcess, ServerProcess, Image],
+) -> None:
+    fast, _, image = pair
+    before = metric(fast, FAST)
+    reader, writer = await asyncio.open_connection(HOST, fast.port)
+    try:
+        request = get(f"/v2/{REPO}/manifests/v1")
+        writer.write(request[:20])
+        await asyncio.sleep(0.2)
+        writer.write(request[20:])
+        for _ in range(3):
+            assert (await read_response(reader)).endswith(image.manifest.data)
+            writer.write(request)
+        assert (await read_response(reader)).endswith(image.manifest.data)
+        # Two requests in one write (pipelined): both answered, in order.
+        writer.write(get(f"/v2/{REPO}/manifests/v1", method="HEAD") + request)
+        assert b"Content-Length: " in await read_response(reader, b"HEAD")
+        assert (await read_response(reader)).endswith(image.manifest.data)
+    finally:
+        writer.close()
+    assert metric(fast, FAST) == before
+
+
+async def test_a_tag_moved_or_deleted_through_one_worker_is_seen_by_every_other(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    server = regmirror_server()
+    first, second = build_image(seed=44), build_image(seed=45)
+    await push_image_to(session, server.url, REPO, first, "v1")
+    for _ in range(WARM):
+        assert (await exchange(server, get(f"/v2/{REPO}/manifests/v1"))).endswith(
+            first.manifest.data
+        )
+    await push_image_to(session, server.url, REPO, second, "v1")
+    for _ in range(WARM):
+        assert (await exchange(server, get(f"/v2/{REPO}/manifests/v1"))).endswith(
+            second.manifest.data
+        )
+    async with session.delete(
+        f"{server.url}/v2/{REPO}/manifests/{second.manifest.digest}"
+    ) as response:
+        assert response.status == 202
+    for _ in range(WARM):
+        assert (await exchange(server, get(f"/v2/{REPO}/manifests/v1"))).startswith(
+            b"HTTP/1.1 404 "
+        )
