@@ -12,7 +12,9 @@ protocol wraps aiohttp's per-connection handler (:class:`_Connection`, forwardin
 call), which lets it
 
 - close a connection whose request headers are not complete ``header_timeout``
-  seconds after it opened, or after the first byte of its next request;
+  seconds after it opened, or after the first byte of its next request, and one idle
+  for ``keepalive_timeout`` seconds after its last response (aiohttp's own keep-alive
+  timer cannot see the requests the fast path answers);
 - close a connection whose client acknowledges none of what was sent to it for
   ``send_timeout`` seconds while a response waits to go (a client that stopped reading:
   its zero TCP window would otherwise hold the connection, and at the bound everyone
@@ -49,6 +51,7 @@ from ssl import SSLContext
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from regmirror.lean.blobs import BlobBody
 from regmirror.lean.wire import Head, RequestReader
 from regmirror.log_limits import RateLimit
 
@@ -59,10 +62,14 @@ LIMIT_LOG_PERIOD = 10.0
 FD_RESERVE_FRACTION = 8  # 1/8 of the fd limit stays for files, upstreams and S3
 FD_RESERVE_MIN = 64
 CUT_GRACE = 1.0  # seconds aiohttp gets to finish handlers the drain has cut
+# aiohttp's own keep-alive timeout: longer than any connection lives, since the listener
+# closes idle connections itself (server.keepalive_timeout).
+AIOHTTP_KEEPALIVE = 365 * 86400.0
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-# The fast path: a request's whole response, or None for aiohttp to answer it.
-FastPath = Callable[[Head, str | None], bytes | None]
+# The fast path: (request, client address, plain TCP) -> the whole response, or a stored
+# blob's to send, or None for aiohttp to answer it (regmirror.lean.path.FastPath).
+FastPath = Callable[[Head, str | None, bool], bytes | BlobBody | None]
 
 
 @dataclass(frozen=True)
@@ -302,12 +309,16 @@ class _Connection(asyncio.Protocol):
         # When to look at the client's progress next; None: no request in progress.
         self._send_deadline: float | None = None
         self._send_timer: asyncio.TimerHandle | None = None
+        # When an idle keep-alive connection is closed; None: not idle.
+        self._idle_deadline: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._acked: int | None = None  # what the client had acknowledged at the last look
         self._draining = False
         # The fast path's reader of this connection's requests; None: aiohttp reads them
         # all (no fast path, or one of the connection's chunks was not one whole request).
         self._reader = RequestReader() if listener.fast is not None else None
         self._peer: str | None = None
+        self._plain = False  # TCP without TLS: a blob's body may go by sendfile
         self._pending = 0  # whole requests handed to aiohttp and not yet answered
 
     # -- asyncio.Protocol, forwarded to aiohttp ------------------------------------------
@@ -322,12 +333,14 @@ class _Connection(asyncio.Protocol):
         if self._reader is not None:
             peer = transport.get_extra_info("peername")
             self._peer = str(peer[0]) if isinstance(peer, (list, tuple)) else None
+            self._plain = transport.get_extra_info("sslcontext") is None
         self.handler.connection_made(transport)
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
+        self._idle_deadline = None
         if self._reader is not None and self._answered(data):
             return
         if not self.busy and self._header_deadline is None:
@@ -344,15 +357,40 @@ class _Connection(asyncio.Protocol):
             self._reader = None
             return False
         if not self.busy and not self._pending and not self._draining:
-            response = self.listener.fast(head, self._peer)
+            response = self.listener.fast(head, self._peer, self._plain)
             if response is not None:
                 assert self.transport is not None
                 self._header_deadline = None
-                self.transport.write(response)
-                keep_alive(self.handler, self._loop.time())
+                if isinstance(response, bytes):
+                    self.transport.write(response)
+                    self._answered_here()
+                else:
+                    self._send(response)
                 return True
         self._pending += 1
         return False
+
+    def _send(self, body: BlobBody) -> None:
+        """A stored blob's response; the rest of a body the socket did not take at once
+        is a request in progress, and nothing more is read from the client until it is
+        sent (so that no response can come between)."""
+        assert self.transport is not None
+        task = body.send(self.transport)
+        if task is None:
+            self._answered_here()
+            return
+        self.transport.pause_reading()
+        self.request_started(task)
+        task.add_done_callback(self._sent)
+
+    def _answered_here(self) -> None:
+        """A response of the fast path's is written: idle again, the most recently used."""
+        self.listener._set_busy(self, False)
+        self._arm_idle_timer()
+
+    def _sent(self, task: asyncio.Task[object]) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def eof_received(self) -> None:
         if self.admitted:
@@ -393,6 +431,8 @@ class _Connection(asyncio.Protocol):
             self.listener._set_busy(self, False)
             if self._draining:
                 self.close()
+            else:
+                self._arm_idle_timer()
 
     def _arm_header_timer(self) -> None:
         self._header_deadline = deadline = self._loop.time() + self.listener.limits.header_timeout
@@ -410,6 +450,28 @@ class _Connection(asyncio.Protocol):
         self._header_deadline = None
         self._header_timeout()
 
+    def _arm_idle_timer(self) -> None:
+        """A response is over: the next request may take ``keepalive_timeout`` to come."""
+        self._idle_deadline = deadline = self._loop.time() + self.listener.limits.keepalive_timeout
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(deadline, self._idle_tick)
+
+    def _idle_tick(self) -> None:
+        self._idle_timer = None
+        deadline = self._idle_deadline
+        if deadline is None:
+            return  # a byte came since: the header timer watches it
+        if self._loop.time() < deadline:  # moved by a later response
+            self._idle_timer = self._loop.call_at(deadline, self._idle_tick)
+            return
+        self._idle_deadline = None
+        if not self.busy:
+            log.debug(
+                "closing a keep-alive connection idle for %g s",
+                self.listener.limits.keepalive_timeout,
+            )
+            self.close()
+
     def _watch_send(self) -> None:
         """Look every ``send_timeout`` seconds while a request is in progress (nothing is
         asked of the kernel before the first look: most requests are done by then)."""
@@ -419,11 +481,11 @@ class _Connection(asyncio.Protocol):
             self._send_timer = self._loop.call_at(deadline, self._check_send)
 
     def _cancel_timers(self) -> None:
-        self._header_deadline = self._send_deadline = None
-        for timer in (self._header_timer, self._send_timer):
+        self._header_deadline = self._send_deadline = self._idle_deadline = None
+        for timer in (self._header_timer, self._send_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._send_timer = None
+        self._header_timer = self._send_timer = self._idle_timer = None
         self._acked = None
 
     def _check_send(self) -> None:
@@ -480,14 +542,6 @@ class _Connection(asyncio.Protocol):
             self.handler.force_close()
         elif self.transport is not None:
             self.transport.abort()
-
-
-def keep_alive(handler: RequestHandler, now: float) -> None:
-    """A request was answered without aiohttp: its keep-alive timer, which closes a
-    connection idle for ``keepalive_timeout``, counts from ``now``, as after one of its
-    own (it reschedules itself when it fires before this time). aiohttp keeps no public
-    hook for this; tests/test_lean_keepalive.py fails if the attribute goes away."""
-    handler._next_keepalive_close_time = now + handler.keepalive_timeout
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -257,6 +257,15 @@ class BlobCache:
         self._stamps.add(task)
         task.add_done_callback(self._stamps.discard)
 
+    def hold_now(self, digest: Digest) -> Hold | None:
+        """:meth:`hold`'s, when no deletion of ``digest`` is under way; else None (a hold
+        would wait for it)."""
+        if digest in self._deleting:
+            return None
+        self._holds[digest] = self._holds.get(digest, 0) + 1
+        self.touched(digest)
+        return Hold(self, digest)
+
     async def hold(self, digest: Digest) -> Hold:
         """Keep ``digest`` from eviction until the hold is released; waits for a deletion
         of it already under way, so that a lookup after this sees the truth."""

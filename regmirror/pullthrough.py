@@ -504,6 +504,12 @@ class PullThrough:
         except PathNotFound:
             return None
 
+    def held_blob_now(self, route: Route, digest: Digest) -> StoredBlob | None:
+        """:meth:`held_blob`'s answer when it is known without waiting; None otherwise."""
+        if self.links.peek(layout.layer_link(cache_name(route), digest)) is None:
+            return None
+        return self.stored.peek(digest)
+
     async def confirmed(self, route: Route, digest: Digest) -> bool:
         """Whether the upstream has confirmed blob ``digest`` for ``route`` (a link here)."""
         return await self.links.exists(layout.layer_link(cache_name(route), digest))

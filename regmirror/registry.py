@@ -174,6 +174,20 @@ class Registry:
 
         return await self.fills.fetch(digest, from_shared, origin=Origin("s3", shared.name))
 
+    def blob_now(self, name: str, digest: Digest, *, ns: str | None = None) -> StoredBlob | None:
+        """The blob :meth:`blob` finds on local disk, when memory (and a ``stat`` per link
+        where workers share the directory) tells it without waiting; None when only
+        ``blob`` can tell. The fast path's (:mod:`regmirror.lean`)."""
+        route = self.route(name, ns)
+        if route is not None and (held := self.pullthrough.held_blob_now(route, digest)):
+            return held
+        links = self.links
+        if links.peek(layout.layer_link(name, digest)) or links.peek(
+            layout.revision_link(name, digest)
+        ):
+            return self.stored.peek(digest)
+        return None
+
     async def _probe(self, name: str, route: Route, digest: Digest) -> StoredBlob | RemoteBlob:
         """A HEAD of a blob ``name`` has not linked, as docker, podman and skopeo send for
         every layer before pushing it. The upstream is asked only when this name has

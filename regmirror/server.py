@@ -26,6 +26,7 @@ from regmirror.api.keys import SHUTDOWN, WORKER_STATE
 from regmirror.app import create_probe_app
 from regmirror.config import ServerSettings
 from regmirror.connections import (
+    AIOHTTP_KEEPALIVE,
     CUT_GRACE,
     Limits,
     Listener,
@@ -33,7 +34,7 @@ from regmirror.connections import (
     quiet_accept_errors,
     raise_fd_limit,
 )
-from regmirror.lean.manifests import ManifestAnswers
+from regmirror.lean.path import FastPath
 from regmirror.logs.access import runner_options
 from regmirror.tls import ServerTLS
 from regmirror.workers import Worker
@@ -114,7 +115,7 @@ async def serve(
                 limits=limits,
                 ssl_context=ssl_context,
                 reuse_port=reuse_port,
-                fast=ManifestAnswers.of(app).answer if settings.fast_path else None,
+                fast=FastPath.of(app) if settings.fast_path else None,
             )
         )
         await listeners[0].start()
@@ -151,7 +152,7 @@ async def serve(
 async def _runner(app: web.Application, limits: Limits) -> web.AppRunner:
     runner = web.AppRunner(
         app,
-        keepalive_timeout=limits.keepalive_timeout,
+        keepalive_timeout=AIOHTTP_KEEPALIVE,  # the listener closes idle connections
         shutdown_timeout=CUT_GRACE,  # the listener's drain does the waiting
         **runner_options(app),  # the access log, on the registry port only
     )

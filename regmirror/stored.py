@@ -70,6 +70,10 @@ class StoredFiles:
         self.local = local
         self._known: LRUCache[Digest, StoredBlob] = LRUCache(entries)
 
+    def peek(self, digest: Digest) -> StoredBlob | None:
+        """The blob when it is remembered (:meth:`find` would answer it without a stat)."""
+        return self._known.get(digest)
+
     async def find(self, digest: Digest) -> StoredBlob:
         """The blob on local disk; PathNotFound when it is not there."""
         known = self._known.get(digest)

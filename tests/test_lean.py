@@ -9,7 +9,9 @@ says which requests the fast path took.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import urllib.request
 from collections.abc import Callable
 
@@ -20,7 +22,7 @@ from tests.support.fake_upstream import fake_upstream
 from tests.support.http import session  # noqa: F401
 from tests.support.oci_layout import Image, build_image
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
-from tests.support.pullthrough import push_image_to, upstream_env
+from tests.support.pullthrough import push_image_to, stored_files, upstream_env
 
 Start = Callable[..., ServerProcess]
 REPO = "lean/app"
@@ -78,6 +80,7 @@ async def pair(
         await push_image_to(session, server.url, REPO, image, "v1")
     for _ in range(WARM):
         await exchange(fast, get(f"/v2/{REPO}/manifests/v1"))
+        await exchange(fast, get(f"/v2/{REPO}/blobs/{image.layers[0].digest}", method="HEAD"))
     return fast, slow, image
 
 
@@ -87,7 +90,16 @@ async def test_answers_are_aiohttps_byte_for_byte_and_counted(
     fast, slow, image = pair
     digest = image.manifest.digest
     etag = f'"{digest}"'
-    taken = [
+    layer = image.layers[0].digest
+    blob = f"/v2/{REPO}/blobs/{layer}"
+    blobs = [
+        get(blob),
+        get(blob, method="HEAD"),
+        get(blob, f'If-None-Match: "x", W/"{layer}"'),
+        get(blob, "If-None-Match: *"),
+        get(blob, 'If-None-Match: "sha256:other"'),
+    ]
+    manifests = [
         get(f"/v2/{REPO}/manifests/v1"),
         get(f"/v2/{REPO}/manifests/v1", method="HEAD"),
         get(f"/v2/{REPO}/manifests/{digest}"),
@@ -105,6 +117,10 @@ async def test_answers_are_aiohttps_byte_for_byte_and_counted(
         get(f"/v2/{REPO}/manifests/v1", "Connection: close"),
         get(f"/v2/{REPO}/manifests/v1", version="1.0"),
         get(f"/v2/{REPO}/manifests/v1", method="DELETE"),
+        get(blob, "Range: bytes=0-99"),
+        get(blob, "Range: bytes=0-99", 'If-Range: "sha256:other"'),
+        get(f"/v2/{REPO}/blobs/{'sha256:' + '1' * 64}"),
+        get(f"/v2/other/blobs/{layer}"),  # not linked there
         get("/v2/"),
         f"GET /v2/{REPO}/manifests/v1 HTTP/1.1\r\n\r\n".encode(),  # no Host: 400
     ]
@@ -112,12 +128,12 @@ async def test_answers_are_aiohttps_byte_for_byte_and_counted(
     counted = metric(
         fast, "regmirror_http_requests_total", route="/v2/{name}/manifests/{reference}"
     )
-    for request in taken + left:
+    for request in blobs + manifests + left:
         assert await exchange(fast, request) == await exchange(slow, request), request
-    assert metric(fast, FAST) - before == len(taken)
+    assert metric(fast, FAST) - before == len(blobs) + len(manifests)
     after = metric(fast, "regmirror_http_requests_total", route="/v2/{name}/manifests/{reference}")
     assert (
-        after - counted == len(taken) + 8
+        after - counted == len(manifests) + 8
     )  # and aiohttp's on that route (all but the one without Host)
 
 
@@ -222,3 +238,61 @@ async def test_a_tag_moved_or_deleted_through_one_worker_is_seen_by_every_other(
         assert (await exchange(server, get(f"/v2/{REPO}/manifests/v1"))).startswith(
             b"HTTP/1.1 404 "
         )
+
+
+async def test_a_blob_the_socket_cannot_take_at_once_is_sent_whole_then_the_next_answer(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    """A body larger than the kernel buffers (a client reading slowly) goes on from a
+    task; the next request on the connection is answered after it."""
+    image = build_image(seed=46, layers=[{"size": 24 * 1024 * 1024, "seed": 6}])
+    server = regmirror_server()
+    await push_image_to(session, server.url, REPO, image, "v1")
+    layer = image.layers[0]
+    path = f"/v2/{REPO}/blobs/{layer.digest}"
+    for _ in range(WARM):
+        await exchange(server, get(path, method="HEAD"))
+        await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+    before = metric(server, FAST)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before connect: the window
+    client.connect((HOST, server.port))
+    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    try:
+        writer.write(get(path))
+        await asyncio.sleep(0.5)  # the body waits on the client
+        writer.write(get(f"/v2/{REPO}/manifests/v1"))
+        blob = await read_response(reader)
+        manifest = await read_response(reader)
+    finally:
+        writer.close()
+    assert blob.endswith(layer.data) and len(blob) < len(layer.data) + 1024
+    assert manifest.startswith(b"HTTP/1.1 200 OK") and manifest.endswith(image.manifest.data)
+    assert metric(server, FAST) - before == 2
+
+
+async def test_a_blob_file_shortened_in_place_is_cut_never_ended_clean(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    image = build_image(seed=47)
+    server = regmirror_server()
+    await push_image_to(session, server.url, REPO, image, "v1")
+    layer = image.layers[0]
+    path = f"/v2/{REPO}/blobs/{layer.digest}"
+    for _ in range(WARM):
+        assert (await exchange(server, get(path))).endswith(layer.data)
+    before = metric(server, FAST)
+    [stored] = stored_files(server.data_dir, layer.digest)
+    os.truncate(stored, len(layer.data) // 2)  # the same inode, shorter
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        writer.write(get(path))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        body = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+    finally:
+        writer.close()
+    assert f"Content-Length: {len(layer.data)}".encode() in head
+    assert len(body) == len(layer.data) // 2
+    assert metric(server, FAST) - before == 1

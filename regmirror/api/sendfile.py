@@ -126,10 +126,14 @@ def wanted_span(
 
 def not_modified(request: web.BaseRequest, blob: StoredBlob) -> bool:
     """Whether ``If-None-Match`` names this blob's ETag (or ``*``)."""
-    header = request.headers.get("If-None-Match")
-    if header is None:
+    return names_etag(request.headers.get("If-None-Match"), blob)
+
+
+def names_etag(if_none_match: str | None, blob: StoredBlob) -> bool:
+    """Whether an ``If-None-Match`` value names ``blob``'s ETag (or ``*``)."""
+    if if_none_match is None:
         return False
-    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
     return "*" in tags or blob.headers["ETag"] in tags
 
 

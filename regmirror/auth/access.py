@@ -25,9 +25,7 @@ REPOSITORY_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 # Routes anyone may reach: probes and metrics (bind them elsewhere with metrics_listen).
 # The fleet's peer endpoint checks its own credential (fleet.secret), not auth's.
-OPEN_ROUTES = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/-/status", "/-/fleet/blobs/{digest}"}
-)
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/-/status", "/-/fleet/blobs/{digest}"})
 CATALOG = "/v2/_catalog"
 _UPLOAD_SESSION = "/v2/{name}/blobs/uploads/{uuid}"
 _BY_METHOD = {

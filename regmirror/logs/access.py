@@ -60,7 +60,9 @@ def middlewares(enabled: bool, trusted_proxies: Sequence[Network]) -> list[Any]:
     return [access]
 
 
-def client_namer(trusted_proxies: Sequence[Network]) -> Callable[[str | None, tuple[str, ...]], str]:
+def client_namer(
+    trusted_proxies: Sequence[Network],
+) -> Callable[[str | None, tuple[str, ...]], str]:
     """The client as logged, from the peer and its ``X-Forwarded-For`` values."""
 
     @functools.lru_cache(maxsize=4096)
