@@ -320,6 +320,7 @@ class _Connection(asyncio.Protocol):
         self._peer: str | None = None
         self._plain = False  # TCP without TLS: a blob's body may go by sendfile
         self._pending = 0  # whole requests handed to aiohttp and not yet answered
+        self._sending = False  # the fast path sends a blob's body from a task
 
     # -- asyncio.Protocol, forwarded to aiohttp ------------------------------------------
 
@@ -380,6 +381,7 @@ class _Connection(asyncio.Protocol):
             self._answered_here()
             return
         self.transport.pause_reading()
+        self._sending = True
         self.request_started(task)
         task.add_done_callback(self._sent)
 
@@ -389,6 +391,7 @@ class _Connection(asyncio.Protocol):
         self._arm_idle_timer()
 
     def _sent(self, task: asyncio.Task[object]) -> None:
+        self._sending = False
         if self.transport is not None:
             self.transport.resume_reading()
 
@@ -525,10 +528,11 @@ class _Connection(asyncio.Protocol):
     def finish_after_request(self) -> None:
         """Drain: an idle connection closes now, a busy one after its response."""
         self._draining = True
-        if self.busy:
-            self.handler.close()  # no keep-alive after this response
-        else:
+        if not self.busy:
             self.close()
+        elif not self._sending:  # aiohttp's request: no keep-alive after its response
+            self.handler.close()
+        # else the fast path's body: closed once sent (_request_done)
 
     def cut(self) -> None:
         """Drain timed out: end the request in flight and the connection."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -296,3 +297,35 @@ async def test_a_blob_file_shortened_in_place_is_cut_never_ended_clean(
     assert f"Content-Length: {len(layer.data)}".encode() in head
     assert len(body) == len(layer.data) // 2
     assert metric(server, FAST) - before == 1
+
+
+async def test_a_drain_lets_a_blob_body_in_flight_finish(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    image = build_image(seed=48, layers=[{"size": 24 * 1024 * 1024, "seed": 7}])
+    server = regmirror_server(config={"server": {"drain_timeout": 20}})
+    await push_image_to(session, server.url, REPO, image, "v1")
+    layer = image.layers[0]
+    path = f"/v2/{REPO}/blobs/{layer.digest}"
+    for _ in range(WARM):
+        await exchange(server, get(path, method="HEAD"))
+    before = metric(server, FAST)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    client.connect((HOST, server.port))
+    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    try:
+        writer.write(get(path))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        first = await asyncio.wait_for(reader.readexactly(1024 * 1024), 10)
+        assert metric(server, FAST) - before == 1  # the fast path sends it
+        server.stopped = True  # by this test, on purpose
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)  # draining: the body goes on
+        rest = await asyncio.wait_for(reader.read(), 20)  # to the end: then closed
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert first + rest == layer.data
+    assert server.process.wait(20) == 0
