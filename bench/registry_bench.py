@@ -419,6 +419,8 @@ class Run:
     loadavg_after: tuple[float, float, float]
     server_log_tracebacks: int = 0
     figures: dict[str, float] = field(default_factory=dict)
+    # regmirror: the share of the step's requests its fast path answered (server.fast_path)
+    fast_share: float | None = None
 
 
 def steps_for(images: dict[str, Image], args: argparse.Namespace) -> list[Step]:
@@ -534,6 +536,19 @@ def figures(run: Run, step: Step) -> dict[str, float]:
     return out
 
 
+async def fast_answers(session: aiohttp.ClientSession, server: Server) -> float | None:
+    """regmirror's ``regmirror_http_fast_path_requests_total`` (every worker's); None for
+    the other servers."""
+    if server.name != REGMIRROR:
+        return None
+    async with session.get(server.base + "/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("regmirror_http_fast_path_requests_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
 async def measure(
     session: aiohttp.ClientSession, server: Server, step: Step, rnd: int, args: argparse.Namespace
 ) -> Run:
@@ -545,10 +560,14 @@ async def measure(
     log_offset = server.log_path.stat().st_size
     # utime + stime of the server and its workers (/proc/<pid>/stat), before and after
     tree = process_tree(server.proc.pid)
+    fast_before = await fast_answers(session, server)
     cpu_before = cpu_seconds(tree)
     result = await run_wrk(url, step, args)
     cpu = cpu_seconds(tree) - cpu_before
     run = Run(step.key, server.name, rnd, result, cpu, load_before, os.getloadavg())
+    if fast_before is not None:
+        answered = (await fast_answers(session, server) or 0.0) - fast_before
+        run.fast_share = answered / max(1, int(result["requests"]))
     run.server_log_tracebacks = count_tracebacks(server.log_path, log_offset)
     if server.proc.poll() is not None:
         raise BenchError(f"{server.name} died during {step.label}:\n{tail(server.log_path)}")
@@ -727,6 +746,11 @@ async def bench(args: argparse.Namespace, work: Path, servers: list[Server]) -> 
                             f"{f['req_per_s']:>9,.1f} req/s {f['MB_per_s']:>9,.1f} MB/s "
                             f"p99 {f['p99_ms']:>8.2f} ms  cpu {f['server_cpu_s']:5.1f} s  "
                             f"load {run.loadavg_before[0]:.2f}->{run.loadavg_after[0]:.2f}"
+                            + (
+                                f"  fast path {run.fast_share:.0%}"
+                                if run.fast_share is not None
+                                else ""
+                            )
                             + (
                                 f"  server log: {run.server_log_tracebacks} tracebacks"
                                 if run.server_log_tracebacks
