@@ -17,6 +17,9 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from regmirror.api.envelope import API_VERSION
 
+# aiohttp refuses a request line or header longer than this (400): such a request is
+# left to it.
+MAX_HEAD = 8190
 # The header lines aiohttp adds after a handler's, besides Content-Length and Date.
 TRAILING_HEADERS = (
     f"Server: {SERVER_SOFTWARE}\r\n"
@@ -60,6 +63,8 @@ class RequestReader:
         """The one complete HTTP/1.1 keep-alive request without a body that ``data``
         holds; None when it holds anything else (part of one, more than one, a body, an
         upgrade, bytes that are not HTTP): then this reader is spent."""
+        if len(data) > MAX_HEAD:
+            return None
         self._url = b""
         self._headers = {}
         self._begun = self._complete = 0
