@@ -39,11 +39,6 @@ class Head:
         self.query = query
         self.headers = headers
 
-    def header(self, name: bytes) -> bytes | None:
-        """The header's one value; None when it is absent or repeated."""
-        values = self.headers.get(name)
-        return values[0] if values is not None and len(values) == 1 else None
-
 
 class RequestReader:
     """The requests of one connection, as long as each chunk read holds one whole."""
