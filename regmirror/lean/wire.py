@@ -67,7 +67,7 @@ class RequestReader:
         parser = self._parser
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError:  # and HttpParserUpgrade
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return None
         headers = self._headers
         length = headers.get(b"content-length")
