@@ -320,7 +320,8 @@ class _Connection(asyncio.Protocol):
         self._peer: str | None = None
         self._plain = False  # TCP without TLS: a blob's body may go by sendfile
         self._pending = 0  # whole requests handed to aiohttp and not yet answered
-        self._sending = False  # the fast path sends a blob's body from a task
+        self._sending = False  # the fast path sends a response from a task
+        self._flushed: asyncio.Future[None] | None = None  # set once its write is taken
 
     # -- asyncio.Protocol, forwarded to aiohttp ------------------------------------------
 
@@ -363,23 +364,40 @@ class _Connection(asyncio.Protocol):
                 assert self.transport is not None
                 self._header_deadline = None
                 if isinstance(response, bytes):
-                    self.transport.write(response)
-                    self._answered_here()
+                    self._write(response)
                 else:
                     self._send(response)
                 return True
         self._pending += 1
         return False
 
+    def _write(self, response: bytes) -> None:
+        """A whole response; one the transport holds above its high-water mark (a large
+        manifest, a client slow to read) is a request in progress until it falls below
+        again, as aiohttp's handler waits in ``drain()``: ``send_timeout`` cuts a client
+        that takes none of it (an idle connection's close would wait on it forever)."""
+        assert self.transport is not None
+        self.transport.write(response)
+        if not self.handler.writing_paused:
+            self._answered_here()
+            return
+        self._flushed = flushed = self._loop.create_future()
+        self._in_progress(self._loop.create_task(_wait(flushed)))
+
     def _send(self, body: BlobBody) -> None:
         """A stored blob's response; the rest of a body the socket did not take at once
-        is a request in progress, and nothing more is read from the client until it is
-        sent (so that no response can come between)."""
+        is a request in progress."""
         assert self.transport is not None
         task = body.send(self.transport)
         if task is None:
             self._answered_here()
             return
+        self._in_progress(task)
+
+    def _in_progress(self, task: asyncio.Task[None]) -> None:
+        """The fast path's response goes on in ``task``: nothing more is read from the
+        client until it is sent (so that no response can come between)."""
+        assert self.transport is not None
         self.transport.pause_reading()
         self._sending = True
         self.request_started(task)
@@ -401,6 +419,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._flush_over()
         self.listener._forget(self)
         if self.admitted:
             self.handler.connection_lost(exc)
@@ -412,6 +431,14 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.admitted:
             self.handler.resume_writing()
+        self._flush_over()
+
+    def _flush_over(self) -> None:
+        """The fast path's response written (below the high-water mark), or lost."""
+        if self._flushed is not None:
+            if not self._flushed.done():
+                self._flushed.set_result(None)
+            self._flushed = None
 
     # -- requests ------------------------------------------------------------------------
 
@@ -546,6 +573,10 @@ class _Connection(asyncio.Protocol):
             self.handler.force_close()
         elif self.transport is not None:
             self.transport.abort()
+
+
+async def _wait(future: asyncio.Future[None]) -> None:
+    await future
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
