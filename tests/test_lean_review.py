@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -77,3 +78,50 @@ async def test_a_large_manifest_its_client_does_not_read_is_cut_after_send_timeo
     assert metric(server, FAST) - before == (1 if fast_path else 0)
     assert got.startswith(b"HTTP/1.1 200 OK")
     assert len(got) < len(big.data)  # cut, not kept waiting for the client
+
+
+@pytest.mark.parametrize("read_mib", [1, 8])  # before, and after, the sending task sent some
+async def test_a_client_gone_mid_blob_is_a_disconnect_not_a_short_file(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+    read_mib: int,
+) -> None:
+    """asyncio's sendfile says a peer that went away with a plain ConnectionError
+    ("Connection closed by peer"), as aiohttp's path knows (api.envelope): the fast path
+    called it an abort, warned that the file on disk held fewer bytes than its size,
+    forgot the blob, and logged only the bytes sent before its task began."""
+    image = build_image(seed=62, layers=[{"size": 24 * 1024 * 1024, "seed": 8}])
+    server = regmirror_server()
+    await push_image_to(session, server.url, REPO, image, "v1")
+    layer = image.layers[0]
+    path = f"/v2/{REPO}/blobs/{layer.digest}"
+    for _ in range(WARM):
+        await exchange(server, get(path, method="HEAD"))
+    before = metric(server, FAST)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    client.connect((HOST, server.port))
+    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    try:
+        writer.write(get(path))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        await asyncio.wait_for(reader.readexactly(read_mib * 1024 * 1024), 10)
+        assert metric(server, FAST) - before == 1
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    finally:
+        writer.close()
+    line = await access_line(server, f"GET {path} ")
+    assert "bytes on disk" not in server.logs(None)
+    assert line.endswith(" ended=client_disconnect"), line
+    sent = int(line.split('" 200 ', 1)[1].split(" ", 1)[0])
+    assert read_mib * 1024 * 1024 <= sent < len(layer.data)  # what went out, its task's too
+
+
+async def access_line(server: ServerProcess, request: str) -> str:
+    """The access line of ``request`` ("GET /path "), once written."""
+    for _ in range(100):
+        lines = [line for line in server.logs(None).splitlines() if f'"{request}' in line]
+        if lines:
+            return lines[-1]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no access line for {request}")

@@ -81,9 +81,11 @@ class BlobBody:
                 why = "aborted"
                 transport.abort()
         except (OSError, RuntimeError) as exc:  # asyncio: "Transport is closing"
+            sent = max(sent, self.file.tell())  # asyncio leaves it after what went out
             why = _why(exc)
             transport.abort()
         except asyncio.CancelledError:
+            sent = max(sent, self.file.tell())
             why = "aborted"  # a drain cut it
             transport.abort()
             raise
@@ -116,9 +118,9 @@ def _sendfile_now(transport: asyncio.Transport, file: BinaryIO, count: int) -> t
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(
-        exc, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, RuntimeError)
-    ):
+    # asyncio's sendfile says a peer gone mid-body with a plain ConnectionError too
+    # ("Connection closed by peer", "socket is not connected"), as api.envelope knows.
+    if isinstance(exc, (ConnectionError, RuntimeError)):
         return "client_disconnect"
     log.warning("sending a blob failed: %s; connection cut", exc)
     return "aborted"
