@@ -74,10 +74,10 @@ async def test_a_large_manifest_its_client_does_not_read_is_cut_after_send_timeo
     for _ in range(WARM):
         assert (await exchange(server, get(f"/v2/{REPO}/manifests/big"))).endswith(big.data)
     before = metric(server, FAST)
-    got = await unread_for(server, get(f"/v2/{REPO}/manifests/big"), 4.0)
+    got = await unread_for(server, get(f"/v2/{REPO}/manifests/big"), 6.0)
     assert metric(server, FAST) - before == (1 if fast_path else 0)
     assert got.startswith(b"HTTP/1.1 200 OK")
-    assert len(got) < len(big.data)  # cut, not kept waiting for the client
+    assert len(got) < len(big.data), len(got)  # cut, not kept waiting for the client
 
 
 @pytest.mark.parametrize("read_mib", [1, 8])  # before, and after, the sending task sent some
