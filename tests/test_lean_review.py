@@ -21,7 +21,7 @@ import pytest
 from tests.support.http import session  # noqa: F401
 from tests.support.oci_layout import Blob, build_image
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
-from tests.support.pullthrough import push_image_to, put_manifest
+from tests.support.pullthrough import push_image_to, put_manifest, stored_files
 from tests.test_lean import FAST, REPO, WARM, exchange, get, metric
 
 Start = Callable[..., ServerProcess]
@@ -125,3 +125,29 @@ async def access_line(server: ServerProcess, request: str) -> str:
             return lines[-1]
         await asyncio.sleep(0.05)
     raise AssertionError(f"no access line for {request}")
+
+
+async def test_a_blob_file_that_cannot_be_opened_is_aiohttps_error_not_a_dropped_connection(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    """An OSError other than "not found" (here EISDIR; EMFILE, EIO, ELOOP alike) escaped
+    the fast path out of ``data_received``: asyncio dropped the connection with a
+    "Fatal error" traceback, where aiohttp's path answers its error envelope."""
+    image = build_image(seed=63)
+    fast = regmirror_server()
+    slow = regmirror_server(config={"server": {"fast_path": False}})
+    layer = image.layers[0]
+    path = f"/v2/{REPO}/blobs/{layer.digest}"
+    answers = []
+    for server in (fast, slow):
+        await push_image_to(session, server.url, REPO, image, "v1")
+        for _ in range(WARM):
+            assert (await exchange(server, get(path))).startswith(b"HTTP/1.1 200")
+        [stored] = stored_files(server.data_dir, layer.digest)
+        stored.unlink()
+        stored.mkdir()  # behind the process's back: open() fails, and not with ENOENT
+        answers.append(await exchange(server, get(path)))
+    assert answers[0] == answers[1]
+    assert answers[0].startswith(b"HTTP/1.1 5"), answers[0]
+    assert "Fatal error" not in fast.logs(None)

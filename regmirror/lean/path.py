@@ -64,15 +64,21 @@ class FastPath:
         if asked is None:
             return None
         answer: tuple[bytes | BlobBody, int, int] | None
-        if asked.kind == "manifests":
-            answer = self.manifests.answer(asked, head)
-        elif self.blobs is not None:
-            ended = functools.partial(self._ended, asked, head, peer, started)
-            answer = self.blobs.answer(asked, head, plain, ended)
-            if answer is not None:
-                self.metrics.cache_request(hit=True)
-        else:
+        try:
+            if asked.kind == "manifests":
+                answer = self.manifests.answer(asked, head)
+            elif self.blobs is not None:
+                ended = functools.partial(self._ended, asked, head, peer, started)
+                answer = self.blobs.answer(asked, head, plain, ended)
+            else:
+                return None
+        except OSError:
+            # Storage failing otherwise than "not there" (EMFILE, EIO, EISDIR...): aiohttp's
+            # path meets it too and answers its error; raised here, it would end the
+            # connection from data_received.
             return None
+        if answer is not None and asked.kind == "blobs":
+            self.metrics.cache_request(hit=True)
         if answer is None:
             return None
         response, status, nbytes = answer
