@@ -18,6 +18,7 @@ drain waits for it, a client that stops reading is cut).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -45,11 +46,21 @@ Ended = Callable[[int, str | None], None]
 class BlobBody:
     """A stored blob's response: its head, then its file by sendfile."""
 
-    def __init__(self, head: bytes, file: BinaryIO, blob: StoredBlob, ended: Ended):
+    def __init__(
+        self,
+        head: bytes,
+        file: BinaryIO,
+        blob: StoredBlob,
+        ended: Ended,
+        on_short: Callable[[], None],
+    ):
+        """``on_short()``: the file held fewer bytes than its size (the size remembered
+        is stale); not a body cut for another reason (a client gone, slow, a drain)."""
         self.head = head
         self.file = file
         self.blob = blob
         self.ended = ended
+        self.on_short = on_short
 
     def send(self, transport: asyncio.Transport) -> asyncio.Task[None] | None:
         """Write the head and what the socket takes of the body now; a task sending the
@@ -68,6 +79,7 @@ class BlobBody:
             return None
         if eof:
             transport.abort()
+            self._short(sent)
             self._end(sent, "aborted")
             return None
         return asyncio.get_running_loop().create_task(self._rest(transport, sent))
@@ -80,24 +92,27 @@ class BlobBody:
             if sent < self.blob.size:
                 why = "aborted"
                 transport.abort()
+                self._short(sent)
         except (OSError, RuntimeError) as exc:  # asyncio: "Transport is closing"
             sent = max(sent, self.file.tell())  # asyncio leaves it after what went out
             why = _why(exc)
             transport.abort()
         except asyncio.CancelledError:
             sent = max(sent, self.file.tell())
-            why = "aborted"  # a drain cut it
+            why = "aborted"  # cut: a drain's deadline, or send_timeout
             transport.abort()
             raise
         finally:
             self._end(sent, why)
 
+    def _short(self, sent: int) -> None:
+        log.warning(
+            "%s: %d of %d bytes on disk; connection cut", self.blob.path, sent, self.blob.size
+        )
+        self.on_short()
+
     def _end(self, sent: int, why: str | None) -> None:
         self.file.close()
-        if why == "aborted" and sent < self.blob.size:
-            log.warning(
-                "%s: %d of %d bytes on disk; connection cut", self.blob.path, sent, self.blob.size
-            )
         self.ended(sent, why)
 
 
@@ -190,17 +205,21 @@ class Blobs:
             hold.release()
             return response_head, 200, 0
         return (
-            BlobBody(response_head, file, found, self._ending(hold, digest, found, ended)),
+            BlobBody(
+                response_head,
+                file,
+                found,
+                self._ending(hold, ended),
+                functools.partial(registry.stored.forget, digest),  # the size is stale
+            ),
             200,
             found.size,
         )
 
-    def _ending(self, hold: Hold, digest: Digest, found: StoredBlob, ended: Ended) -> Ended:
+    def _ending(self, hold: Hold, ended: Ended) -> Ended:
         def end(sent: int, why: str | None) -> None:
             hold.release()
             self.on_sent(sent)
-            if why == "aborted" and sent < found.size:
-                self.registry.stored.forget(digest)  # the size remembered is stale
             ended(sent, why)
 
         return end
