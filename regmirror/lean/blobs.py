@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from cachetools import LRUCache
 
-from regmirror.api.blobs import _open_stored
+from regmirror.api.blobs import _current
 from regmirror.api.sendfile import names_etag
 from regmirror.digest import Digest
 from regmirror.eviction import Hold
@@ -189,14 +189,12 @@ class Blobs:
             if match is not None and names_etag(text(match[0]), found):
                 hold.release()
                 return self._head(found).not_modified + self._end_of_head(), 304, 0
-            try:
-                file = _open_stored(found.path) if body else None
-                st = os.fstat(file.fileno()) if file is not None else os.stat(found.path)
+            try:  # the handler's own look (the file closed should fstat fail)
+                found, file = _current(registry.stored, found, digest, body=body)
             except FileNotFoundError:
                 registry.stored.forget(digest)  # aiohttp looks for it anew
                 hold.release()
                 return None
-            found = registry.stored.current(digest, found, st.st_ino, st.st_size)
         except BaseException:
             hold.release()
             raise
