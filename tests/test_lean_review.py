@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import re
 import socket
 import struct
 import time
+import urllib.request
 from collections.abc import Callable
 
 import aiohttp
@@ -180,3 +183,123 @@ async def test_a_blob_body_cut_at_send_timeout_is_not_called_a_short_file(
     assert line.endswith(" ended=aborted"), line
     assert "server.send_timeout" in server.logs(None)
     assert "bytes on disk" not in server.logs(None)
+
+
+# -- a seeded differential fuzz: what held up --------------------------------------------
+
+FUZZ_REQUESTS = 240
+FUZZ_SEED = 7
+COUNTED = re.compile(
+    r"regmirror_(http_requests_total|bytes_served_total|cache_requests_total"
+    r"|http_request_duration_seconds_count)"
+)
+ACCESS = re.compile(r"regmirror\.access: (.*) \d+\.\d+ (tier=.*)$")
+
+
+def access_lines(server: ServerProcess) -> list[str]:
+    """The access lines so far, their duration left out (but this test's /metrics reads)."""
+    return [
+        f"{m[1]} {m[2]}"
+        for line in server.logs(None).splitlines()
+        if (m := ACCESS.search(line)) and '"GET /metrics ' not in line
+    ]
+
+
+def counted(server: ServerProcess) -> dict[str, float]:
+    """The request, byte and cache counters, summed over the workers (but /metrics')."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if COUNTED.match(line) and 'route="/metrics"' not in line:
+            key, value = line.rsplit(" ", 1)
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def fuzzed(manifest: str, layer: str) -> list[bytes]:
+    """Requests with odd but valid (and some invalid) lines and headers, from one seed."""
+    rng = random.Random(FUZZ_SEED)
+    paths = [
+        f"/v2/{REPO}/manifests/v1",
+        f"/v2/{REPO}/manifests/{manifest}",
+        f"/v2/{REPO}/blobs/{layer}",
+        f"/v2/{REPO}/manifests/v1?",
+        f"/v2/{REPO}/manifests/v1?ns=docker.io",
+        f"/v2/{REPO}/blobs/{layer}?ns=a=b",
+        f"/v2/{REPO}/manifests/v1?ns=a;b",
+        f"/v2/{REPO}/manifests/v1#frag",
+        f"/v2/{REPO}//manifests/v1",
+        f"/v2/{REPO}/manifests/{manifest.upper()}",
+        f"/v2/{REPO}/blobs/{layer}/",
+        f"/v2/./{REPO}/manifests/v1",
+        f"//v2/{REPO}/manifests/v1",
+        f"/v2/{REPO}/manifests/v1?ns=docker.io&ns=quay.io",
+        f"/v2/{REPO}/manifests/v1?ns=a+b",
+        f"/v2/{REPO}/manifests/v1?ns=a|b",
+    ]
+    hosts = [f"Host: {HOST}", f"host: {HOST}", f"HOST: {HOST}", "Host:", f"Host:\t{HOST}"]
+    extras = [
+        [f'If-None-Match: "{manifest}"'],
+        [f'If-None-Match: W/"{layer}"'],
+        ["If-None-Match: *"],
+        ["If-None-Match: x", f'If-None-Match: "{layer}"'],
+        [f'If-None-Match: "{manifest}"', "If-None-Match: x"],
+        ["If-None-Match:"],
+        ["Accept: application/vnd.oci.image.index.v1+json", "Accept: */*"],
+        ["X-Forwarded-For: 1.2.3.4", "X-Forwarded-For: 5.6.7.8"],
+        ["Content-Length: 0"],
+        ["Content-Length: 00"],
+        ["Connection: keep-alive"],
+        ["Connection: close, keep-alive"],
+        ["Range: bytes=0-"],
+        ["If-Range: x"],
+        ["X-Weird: a\x01b"],
+        ["X-Weird : a"],
+        ["X-Weird: a\r\n b"],
+        ["X-W\xe9ird: \xe9"],
+        ["Transfer-Encoding: identity"],
+        ["Expect: 100-continue"],
+    ]
+    requests = []
+    for _ in range(FUZZ_REQUESTS):
+        method = rng.choice(["GET", "HEAD", "GET", "HEAD", "get", "OPTIONS"])
+        version = rng.choice(["HTTP/1.1"] * 8 + ["HTTP/1.0", "HTTP/2.0"])
+        lines = [rng.choice(hosts)]
+        for _ in range(rng.randrange(3)):
+            lines += rng.choice(extras)
+        rng.shuffle(lines)
+        start = f"{method} {rng.choice(paths[:3] * 4 + paths)} {version}"
+        requests.append(("\r\n".join([start, *lines]) + "\r\n\r\n").encode("latin-1"))
+    return requests
+
+
+async def test_fuzzed_requests_get_aiohttps_bytes_access_lines_and_counts(
+    regmirror_server: Start,  # noqa: F811
+    session: aiohttp.ClientSession,  # noqa: F811
+) -> None:
+    image = build_image(seed=65)
+    fast = regmirror_server()
+    slow = regmirror_server(config={"server": {"fast_path": False}})
+    layer = image.layers[0].digest
+    for server in (fast, slow):
+        await push_image_to(session, server.url, REPO, image, "v1")
+        for _ in range(WARM):
+            await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+            await exchange(server, get(f"/v2/{REPO}/blobs/{layer}", method="HEAD"))
+    before = metric(fast, FAST)
+    counts = counted(fast), counted(slow)
+    for request in fuzzed(str(image.manifest.digest), str(layer)):
+        seen = len(access_lines(fast)), len(access_lines(slow))
+        assert await exchange(fast, request) == await exchange(slow, request), request
+        for _ in range(40):  # each line is written once its response is over
+            lines = access_lines(fast)[seen[0] :], access_lines(slow)[seen[1] :]
+            if lines[0] == lines[1]:
+                break
+            await asyncio.sleep(0.05)
+        assert lines[0] == lines[1], request
+    assert metric(fast, FAST) - before > FUZZ_REQUESTS // 4  # the fast path answered many
+    after = counted(fast), counted(slow)
+    for key in set(after[0]) | set(after[1]):
+        grew = [a.get(key, 0.0) - b.get(key, 0.0) for a, b in zip(after, counts, strict=True)]
+        assert grew[0] == grew[1], key
