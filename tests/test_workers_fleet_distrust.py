@@ -5,14 +5,20 @@ follows the liar once more (another client cut mid-blob).
 
 Real processes: moto, registry:2 behind a counting proxy, ``regmirror serve`` with two
 workers; the liar is a peer endpoint in the test answering the right length of zeros.
+Below it, :class:`~regmirror.fleet.distrust.Distrust` as two workers see its directory.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import aiohttp
 from aiohttp import web
 
+from regmirror.digest import Digest
 from regmirror.fleet import credential
+from regmirror.fleet.distrust import Distrust
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -75,3 +81,23 @@ async def test_a_peer_that_lied_to_one_worker_is_not_followed_by_another(
     assert proxy.blob_gets == 1
     text = await metrics(session, host)
     assert sample(text, 'regmirror_fleet_leases_total{result="taken_over"}') == 1
+
+
+# -- the host's memory, two workers' views of one directory ---------------------------------
+
+
+def test_what_one_worker_distrusts_the_other_reads_and_the_memory_is_bounded(
+    tmp_path: Path,
+) -> None:
+    first, second = (Distrust(tmp_path / "distrust", remembered=3) for _ in range(2))
+    digests = [Digest.of(bytes([i])) for i in range(5)]
+    assert second.get(digests[0]) is None
+    first.add(digests[0], "liar-0")
+    assert second.get(digests[0]) == "liar-0"
+    for i, digest in enumerate(digests[1:], 1):
+        time.sleep(0.01)  # the oldest is pruned first: distinct mtimes
+        second.add(digest, f"liar-{i}")
+    assert [first.get(d) for d in digests] == [None, None, "liar-2", "liar-3", "liar-4"]
+    alone = Distrust()  # one process: in memory, as bounded
+    alone.add(digests[0], "liar-0")
+    assert alone.get(digests[0]) == "liar-0" and alone.get(digests[1]) is None

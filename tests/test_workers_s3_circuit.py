@@ -9,6 +9,10 @@ once: no 503 where, per worker, it would have refused reads until its own trial 
 
 Requests are aimed at a worker on connections found to be its own (``/proc``), opened
 before S3 goes down so that nothing in between depends on how fast they are found.
+
+Below them, :class:`~regmirror.storage.circuit.HostCircuit` as two workers see its one
+file: who logs, the one trial for the host, a trial whose worker died, a clock set back,
+a run directory gone.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.mmap_dict import MmapedDict
 
-from regmirror.storage.counted import READ_DEADLINE
+from regmirror.storage import circuit
+from regmirror.storage.circuit import HostCircuit, Turn
+from regmirror.storage.counted import READ_DEADLINE, CountedDriver
+from regmirror.storage.driver import StorageUnavailable
+from regmirror.storage.filesystem import FilesystemDriver
 from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
@@ -208,3 +217,112 @@ async def test_once_one_worker_sees_s3_back_no_worker_refuses_s3_reads(rig: Rig)
     # up to OUTAGE_BACKOFF after it failed: the first of these requests falls within it
     # unless the machine is very slow (then this test cannot tell the two apart).
     print(f"recovered: {len(after)} reads in {time.monotonic() - started:.2f}s")
+
+
+# -- the host's circuit, two workers' views of one file -------------------------------------
+
+
+class Clock:
+    """Wall-clock nanoseconds, moved on by the test."""
+
+    def __init__(self) -> None:
+        self.now = time.time_ns()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1e9)
+
+
+def two_views(tmp_path: Path, clock: Clock) -> tuple[HostCircuit, HostCircuit]:
+    path = tmp_path / circuit.FILE
+    return tuple(  # type: ignore[return-value]
+        HostCircuit(path, backoff=2.0, longest=5.0, clock=clock) for _ in range(2)
+    )
+
+
+def test_one_workers_failure_opens_the_host_circuit_and_one_trial_is_made(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    first, second = two_views(tmp_path, clock)
+    assert (first.admit(1.0), second.admit(1.0)) == (Turn.ASK, Turn.ASK)
+    assert first.failed() is True  # S3 went down: this worker logs it
+    assert second.down and second.admit(1.0) is Turn.REFUSE
+    assert second.failed() is False  # already known down: not logged again
+
+    clock.advance(2.5)  # the backoff has passed: one trial for the host
+    assert second.admit(1.0) is Turn.TRIAL
+    assert first.admit(1.0) is Turn.REFUSE and second.admit(1.0) is Turn.REFUSE
+    second.end_trial()
+    assert second.failed() is False  # the trial failed: another backoff
+    clock.advance(1.5)
+    assert first.admit(1.0) is Turn.REFUSE
+
+    clock.advance(1.0)
+    assert first.admit(1.0) is Turn.TRIAL
+    recovery = first.answered()  # S3 is back: closed for both
+    assert recovery is not None and recovery.failures == 3
+    assert not second.down and second.admit(1.0) is Turn.ASK
+    assert second.answered() is None  # nothing to close, nothing logged
+
+
+def test_a_trial_whose_worker_died_is_followed_by_another_after_its_deadline(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    first, second = two_views(tmp_path, clock)
+    first.failed()
+    clock.advance(2.5)
+    assert first.admit(5.0) is Turn.TRIAL  # and its worker dies: no outcome recorded
+    clock.advance(4.0)
+    assert second.admit(1.0) is Turn.REFUSE
+    clock.advance(1.5)
+    assert second.admit(1.0) is Turn.TRIAL
+
+
+def test_a_clock_set_back_does_not_keep_the_circuit_open(tmp_path: Path) -> None:
+    clock = Clock()
+    first, second = two_views(tmp_path, clock)
+    first.failed()
+    clock.advance(-3600.0)  # the window now ends an hour ahead: beyond any set here
+    assert second.admit(1.0) is Turn.TRIAL
+
+
+def test_without_its_run_directory_the_circuit_lets_reads_ask(tmp_path: Path) -> None:
+    gone = HostCircuit(tmp_path / "run" / circuit.FILE, backoff=2.0, longest=5.0)
+    assert gone.failed() is False
+    assert gone.admit(1.0) is Turn.ASK and not gone.down
+    assert gone.answered() is None
+
+
+async def test_workers_counted_drivers_share_the_host_circuit(tmp_path: Path) -> None:
+    """What each worker's CountedDriver does with the host's circuit: the second does
+    not ask a store the first found down, and asks again once the first saw it back."""
+    calls: list[str] = []
+    state = {"up": False}
+
+    class Store(FilesystemDriver):
+        async def stat(self, key: str) -> int:
+            calls.append(key)
+            if not state["up"]:
+                raise StorageUnavailable("down")
+            return 1
+
+    path = tmp_path / circuit.FILE
+    (tmp_path / "store").mkdir()
+    store = Store(tmp_path / "store")
+    first, second = (
+        CountedDriver(store, lambda _: None, circuit=HostCircuit(path, backoff=2.0, longest=5.0))
+        for _ in range(2)
+    )
+    with pytest.raises(StorageUnavailable):
+        await first.stat("a")
+    with pytest.raises(StorageUnavailable, match="not asked"):
+        await second.stat("b")
+    assert calls == ["a"]
+    state["up"] = True
+    await first.check()  # readiness: always asked, and it answers
+    assert await second.stat("c") == 1
+    assert calls == ["a", "c"]
