@@ -9,7 +9,7 @@ follow the same peer once more (a second client cut mid-blob). The host's memory
 directory in the supervisor's run directory, one small file per blob holding the
 instance (written then renamed: a reader sees the whole of it or nothing), read when a
 fill meets another host's lease; at most :data:`REMEMBERED` files, the oldest removed
-first. One process alone keeps it in memory, as many.
+first. One process alone keeps it in memory (an LRU cache as large).
 """
 
 from __future__ import annotations
