@@ -221,7 +221,7 @@ class HostCircuit:
             return False
 
     def answered(self) -> Recovery | None:
-        if not self.down:  # the common case: one stat
+        if not self.down:  # the common case: one access()
             return None
         try:
             with self._locked(create=False) as fd:
