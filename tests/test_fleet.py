@@ -27,9 +27,7 @@ from tests.support.fleet import (
     BOUND,
     PEER_TIMEOUT,
     SECRET,
-    Fleet,
     Rig,
-    image_of,
     manifest_requests,
     metric,
     metrics,
@@ -52,8 +50,6 @@ from tests.support.s3_registry import PREFIX
 from tests.support.upstream import DOCKER_MANIFEST, serve, upstream_registry
 
 __all__ = ["moto_s3", "proxy", "regmirror_server", "rig", "session", "upstream_registry"]
-# Still imported from here by test modules written before tests/support/fleet.py had them.
-__all__ += ["Fleet", "image_of"]
 
 MiB = 1024 * 1024
 

@@ -36,7 +36,6 @@ from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
 from tests.support.fleet import (
     Rig,
-    Start,
     manifest_requests,
     metrics,
     proxy,
@@ -48,7 +47,6 @@ from tests.support.fleet_workers import (
     BOUND,
     WORKERS,
     MiB,
-    connect,
     fresh,
     get_at,
     held_fill,
@@ -70,8 +68,6 @@ from tests.support.upstream import DOCKER_MANIFEST, serve, upstream_registry
 from tests.test_workers import requests_by_worker
 
 __all__ = ["fresh", "moto_s3", "proxy", "regmirror_server", "rig", "session", "upstream_registry"]
-# Still imported from here by test modules written before tests/support/fleet_workers.py.
-__all__ += ["Start", "connect"]
 
 
 # -- the configuration ---------------------------------------------------------------
