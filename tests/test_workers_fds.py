@@ -11,7 +11,10 @@ the other worker "not running".
 
 Real ``regmirror serve`` processes with two workers; one is held to a low
 RLIMIT_NOFILE (``prlimit`` once it runs: at startup it would size its connection
-bound to it) and filled with idle connections."""
+bound to it) and filled with idle connections. Below them, the state file itself
+(:mod:`regmirror.state_file`, imported in the tests that use it: this file also runs
+on the code before it): read whole while rewritten in place, and written and
+read by a process with no descriptor to spare."""
 
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,6 +46,7 @@ Answer = tuple[float, int, dict[str, Any]]  # seconds since a start, status, bod
 HEADROOM = 100  # descriptors a worker may open over what it holds idle
 PROMPT = 2.0  # seconds within which /readyz must tell
 BOUND = 20.0  # seconds any one phase may take at most
+SOURCE = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 STATUS = b"GET /-/status HTTP/1.1\r\nHost: registry\r\n\r\n"
 
 
@@ -243,3 +250,146 @@ async def test_a_worker_answering_readyz_with_its_last_descriptor_tells_its_own_
                 assert "file descriptors" in body["checks"]["workers"], body
     body = await ready_again(server.url)
     assert body["checks"]["workers"] == "ok" and body["checks"]["fds"] == "ok", body
+
+
+# -- the state file ---------------------------------------------------------------------
+
+
+def test_a_record_caught_mid_write_is_not_taken() -> None:
+    from regmirror import state_file
+
+    first = state_file.encode({"pid": 1, "fills": ["a" * 100]})
+    second = state_file.encode({"pid": 2, "fills": []})
+    assert state_file.decode(first) == {"pid": 1, "fills": ["a" * 100]}
+    # Rewritten shorter in place, before the truncate: the stale tail is ignored.
+    assert state_file.decode(second + first[len(second) :]) == {"pid": 2, "fills": []}
+    # Torn: the new record's start over the old one's rest, or cut short.
+    assert state_file.decode(second[:20] + first[20:]) is None
+    assert state_file.decode(first[:-1]) is None
+    assert state_file.decode(first[:3]) is None
+    assert state_file.decode(b"") is None
+    assert state_file.decode(b'{"pid": 1}') is None  # the old format: no header
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from regmirror.state_file import Writer
+writer = Writer(Path(sys.argv[1]))
+n = 0
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    n += 1
+    size = (n * 7919) % 400  # 40 B to 40 KiB: records of one page and of ten
+    writer.write({"n": n, "fills": ["f" * 90] * size, "size": size})
+    time.sleep(0.001)  # 500 times a worker's pace
+print(n)
+"""
+
+
+def test_records_rewritten_in_place_are_always_read_whole(tmp_path: Path) -> None:
+    """A writer rewriting records of 1 to 10 pages every millisecond; every read of the
+    other process is one whole record, and records come in order. A raw read catches
+    some mid-write (counted: what the checksum is for)."""
+    from regmirror import state_file, worker_state
+    from regmirror.state_file import Reader, Writer
+
+    path = tmp_path / worker_state.name_of(1)
+    Writer(path).write({"n": 0, "fills": [], "size": 0})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), "2.0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=SOURCE,
+    )
+    reader = Reader(tmp_path)
+    reads = torn = last = 0
+    raw = os.open(path, os.O_RDONLY)
+    try:
+        while writer.poll() is None and reads < 200_000:
+            state = reader.read(path.name)
+            assert state is not None
+            assert len(state["fills"]) == state["size"] and state["n"] >= last, state["n"]
+            last = state["n"]
+            reads += 1
+            torn += state_file.decode(os.pread(raw, 64 * 1024, 0)) is None
+    finally:
+        os.close(raw)
+        reader.close()
+        out, _ = writer.communicate(timeout=BOUND)
+    assert writer.returncode == 0 and int(out) > 500, out
+    assert reads > 1000
+    print(f"{reads} reads of {int(out)} writes; {torn} raw reads caught one mid-write")
+
+
+def test_a_replaced_file_is_read_anew(tmp_path: Path) -> None:
+    """The supervisor deletes a dead worker's file; its successor writes a new one."""
+    from regmirror import worker_state
+    from regmirror.state_file import Reader, Writer
+
+    reader = Reader(tmp_path)
+    Writer(tmp_path / worker_state.name_of(1)).write({"pid": 10})
+    assert reader.read(worker_state.name_of(1)) == {"pid": 10}
+    worker_state.forget(tmp_path, 1, 11)  # not its pid: kept
+    assert reader.read(worker_state.name_of(1)) == {"pid": 10}
+    worker_state.forget(tmp_path, 1, 10)
+    assert reader.read(worker_state.name_of(1)) is None
+    successor = Writer(tmp_path / worker_state.name_of(1))
+    successor.write({"pid": 12})
+    assert reader.read(worker_state.name_of(1)) == {"pid": 12}
+    successor.write({"pid": 12, "n": 2})
+    assert reader.read(worker_state.name_of(1)) == {"pid": 12, "n": 2}
+    reader.close()
+    successor.close()
+
+
+OUT_OF_DESCRIPTORS = """
+import os, resource, sys
+from pathlib import Path
+from regmirror import health
+from regmirror.state_file import Reader, Writer, Unreadable
+run = Path(sys.argv[1])
+mine, theirs = Writer(run / "worker-1.state"), Writer(run / "worker-0.state")
+theirs.write({"pid": 0})
+mine.write({"pid": 1, "n": 1})
+reader = Reader(run)
+assert reader.read("worker-0.state") == {"pid": 0}
+Writer(run / "worker-2.state").write({"pid": 2})  # not read yet
+limit = len(os.listdir("/proc/self/fd")) + 5
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+spent = []
+try:
+    while True:
+        spent.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == 24, exc  # EMFILE
+theirs.write({"pid": 0, "n": 2})
+mine.write({"pid": 1, "n": 2})  # before: a temp file to rename, EMFILE
+assert reader.read("worker-0.state") == {"pid": 0, "n": 2}
+try:
+    reader.read("worker-2.state")
+except Unreadable as exc:
+    assert "Too many open files" in str(exc), exc
+else:
+    raise AssertionError("read a file it had no descriptor for")
+assert health.open_fds() == limit, (health.open_fds(), limit)
+assert health.fd_problem() == f"{limit} file descriptors open of the limit {limit}: near exhaustion"
+print("ok")
+"""
+
+
+def test_a_process_out_of_descriptors_still_writes_and_reads_its_held_files(
+    tmp_path: Path,
+) -> None:
+    from regmirror.state_file import Reader
+
+    result = subprocess.run(
+        [sys.executable, "-c", OUT_OF_DESCRIPTORS, str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+        env=SOURCE,
+    )
+    assert result.stdout == "ok\n", result.stdout + result.stderr
+    assert Reader(tmp_path).read("worker-1.state") == {"pid": 1, "n": 2}
