@@ -208,6 +208,7 @@ async def test_a_worker_out_of_descriptors_makes_readyz_say_fds_naming_it(
             body["checks"]["workers"],
         ), answers
         assert took < PROMPT, answers
+        print(f"worker 1 full: /readyz named it {took:.2f} s later")
         assert all("stalled" not in b["checks"]["workers"] for _, _, b in answers), answers
     body = await ready_again(server.url)
     assert body["checks"]["workers"] == "ok" and body["checks"]["fds"] == "ok", body
