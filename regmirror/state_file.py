@@ -4,15 +4,15 @@ needing a new file descriptor once its file is open: a worker out of descriptors
 must still read the others.
 
 The writer keeps its file open for its life and rewrites it in place (``pwrite`` at 0,
-then ``ftruncate``), where a temp file renamed per snapshot would need two new
-descriptors per write. A reader keeps each file it reads open too, and opens it anew
+then ``ftruncate``), where a temp file renamed per snapshot needs a new descriptor
+per write. A reader keeps each file it reads open too, and opens it anew
 only when the path names another file (``stat`` needs no descriptor): a restarted
 worker's, after the supervisor deleted its predecessor's.
 
 In place, a reader can catch a write half done: each record is ``<length> <crc32>\\n``
 and the JSON of that length. A read whose body does not match is read again, a few
-times; no lock, so a stopped writer cannot hold a reader up. A longer record that shrank
-leaves a stale tail until the truncate: the length ignores it.
+times; no lock, so a stopped writer cannot hold a reader up. A record shorter than the
+one before leaves that one's tail until the truncate: the length ignores it.
 """
 
 from __future__ import annotations
