@@ -23,6 +23,7 @@ import json
 import os
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,26 @@ class Writer:
             self._fd = None
 
 
+@dataclass
+class _Held:
+    fd: int
+    inode: tuple[int, int]  # (st_dev, st_ino)
+    last: dict[str, Any] | None = None  # the last whole record read from it
+
+
 class Reader:
     """Reads the records of the files under ``directory``, each on a descriptor kept
     open since its first read."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self._held: dict[str, tuple[int, tuple[int, int]]] = {}  # name -> (fd, (dev, inode))
+        self._held: dict[str, _Held] = {}
 
     def read(self, name: str) -> dict[str, Any] | None:
         """File ``name``'s record; None if there is no such file. Raises
-        :class:`Unreadable` if it is there but cannot be read."""
+        :class:`Unreadable` if it is there but cannot be read. A record caught mid-write
+        at every try is the last whole one read from that file, if any (its writer
+        writes without pause; its heartbeat says how old it is)."""
         path = self.directory / name
         try:
             info = os.stat(path)
@@ -109,7 +119,7 @@ class Reader:
         except OSError as exc:
             raise Unreadable(f"{path}: {exc.strerror}") from exc
         held = self._held.get(name)
-        if held is None or held[1] != (info.st_dev, info.st_ino):
+        if held is None or held.inode != (info.st_dev, info.st_ino):
             self._drop(name)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -118,20 +128,23 @@ class Reader:
             except OSError as exc:  # EMFILE: this process is out of descriptors
                 raise Unreadable(f"cannot open {path}: {exc.strerror}") from exc
             opened = os.fstat(fd)  # replaced since the stat: this one is read
-            held = self._held[name] = (fd, (opened.st_dev, opened.st_ino))
+            held = self._held[name] = _Held(fd, (opened.st_dev, opened.st_ino))
         for attempt in range(READ_TRIES):
             if attempt:
                 time.sleep(RETRY_PAUSE)
-            size = os.fstat(held[0]).st_size
-            if (state := decode(os.pread(held[0], size + SLACK, 0))) is not None:
+            size = os.fstat(held.fd).st_size
+            if (state := decode(os.pread(held.fd, size + SLACK, 0))) is not None:
+                held.last = state
                 return state
+        if held.last is not None:
+            return held.last
         raise Unreadable(f"{path}: no whole record in {READ_TRIES} reads")
 
     def _drop(self, name: str) -> None:
         held = self._held.pop(name, None)
         if held is not None:
             with contextlib.suppress(OSError):
-                os.close(held[0])
+                os.close(held.fd)
 
     def close(self) -> None:
         for name in list(self._held):

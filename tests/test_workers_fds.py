@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     HOST,
@@ -283,27 +284,30 @@ while time.monotonic() < deadline:
     n += 1
     size = (n * 7919) % 400  # 40 B to 40 KiB: records of one page and of ten
     writer.write({"n": n, "fills": ["f" * 90] * size, "size": size})
-    time.sleep(0.001)  # 500 times a worker's pace
+    time.sleep(float(sys.argv[3]))
 print(n)
 """
 
 
-def test_records_rewritten_in_place_are_always_read_whole(tmp_path: Path) -> None:
-    """A writer rewriting records of 1 to 10 pages every millisecond; every read of the
-    other process is one whole record, and records come in order. A raw read catches
-    some mid-write (counted: what the checksum is for)."""
+@pytest.mark.parametrize("pause", [0.001, 0.0], ids=["every-ms", "without-pause"])
+def test_records_rewritten_in_place_are_always_read_whole(tmp_path: Path, pause: float) -> None:
+    """A writer rewriting records of 1 to 10 pages every millisecond (500 times a
+    worker's pace), or without pause; every read of the other process is one whole
+    record, and records come in order (one caught mid-write at every try is the last
+    one read). A raw read catches some mid-write (counted: what the checksum is for)."""
     from regmirror import state_file, worker_state
     from regmirror.state_file import Reader, Writer
 
     path = tmp_path / worker_state.name_of(1)
     Writer(path).write({"n": 0, "fills": [], "size": 0})
+    reader = Reader(tmp_path)
+    assert reader.read(path.name) == {"n": 0, "fills": [], "size": 0}
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path), "2.0"],
+        [sys.executable, "-c", WRITER, str(path), "2.0", str(pause)],
         stdout=subprocess.PIPE,
         text=True,
         env=SOURCE,
     )
-    reader = Reader(tmp_path)
     reads = torn = last = 0
     raw = os.open(path, os.O_RDONLY)
     try:
@@ -319,7 +323,7 @@ def test_records_rewritten_in_place_are_always_read_whole(tmp_path: Path) -> Non
         reader.close()
         out, _ = writer.communicate(timeout=BOUND)
     assert writer.returncode == 0 and int(out) > 500, out
-    assert reads > 1000
+    assert reads > 1000 and last > 0
     print(f"{reads} reads of {int(out)} writes; {torn} raw reads caught one mid-write")
 
 
@@ -342,6 +346,21 @@ def test_a_replaced_file_is_read_anew(tmp_path: Path) -> None:
     assert reader.read(worker_state.name_of(1)) == {"pid": 12, "n": 2}
     reader.close()
     successor.close()
+
+
+def test_a_record_never_whole_is_the_last_one_read_or_unreadable(tmp_path: Path) -> None:
+    from regmirror.state_file import Reader, Unreadable, Writer
+
+    path = tmp_path / "worker-1.state"
+    Writer(path).write({"pid": 10, "n": 1})
+    reader = Reader(tmp_path)
+    assert reader.read(path.name) == {"pid": 10, "n": 1}
+    with open(path, "r+b") as f:  # in place, as if caught mid-write at every try
+        f.write(b"99999")
+    assert reader.read(path.name) == {"pid": 10, "n": 1}
+    with pytest.raises(Unreadable, match="no whole record"):
+        Reader(tmp_path).read(path.name)  # nothing whole read from it before
+    reader.close()
 
 
 OUT_OF_DESCRIPTORS = """
