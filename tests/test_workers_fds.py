@@ -182,9 +182,9 @@ async def pin(server: ServerProcess, pid: int, held: list[Connection]) -> None:
 async def test_a_worker_out_of_descriptors_makes_readyz_say_fds_naming_it(
     regmirror_server: Start,  # noqa: F811
 ) -> None:
-    """Worker 1 at its very limit (EMFILE): every /readyz answered (by worker 0: worker
-    1 accepts nothing) is 503 with the fds reason naming worker 1, within PROMPT
-    seconds; ready again once its connections close."""
+    """Worker 1 at its very limit (EMFILE): /readyz (answered by worker 0: worker 1
+    accepts nothing) is 503 with the fds reason naming worker 1 within PROMPT seconds,
+    never a stall; ready again once its connections close."""
     server = regmirror_server(config={"server": {"workers": 2}})
     second = await both_up(server)
     assert workers_of(server)[1] == second
