@@ -289,15 +289,13 @@ async def test_fuzzed_requests_get_aiohttps_bytes_access_lines_and_counts(
             await exchange(server, get(f"/v2/{REPO}/blobs/{layer}", method="HEAD"))
     before = metric(fast, FAST)
     counts = counted(fast), counted(slow)
+    seen = len(access_lines(fast)), len(access_lines(slow))
     for request in fuzzed(str(image.manifest.digest), str(layer)):
-        seen = len(access_lines(fast)), len(access_lines(slow))
         assert await exchange(fast, request) == await exchange(slow, request), request
-        for _ in range(40):  # each line is written once its response is over
-            lines = access_lines(fast)[seen[0] :], access_lines(slow)[seen[1] :]
-            if lines[0] == lines[1]:
-                break
-            await asyncio.sleep(0.05)
-        assert lines[0] == lines[1], request
+    await asyncio.sleep(0.5)  # the last lines written
+    # The same lines, in whichever order the two workers wrote them.
+    lines = access_lines(fast)[seen[0] :], access_lines(slow)[seen[1] :]
+    assert sorted(lines[0]) == sorted(lines[1])
     assert metric(fast, FAST) - before > FUZZ_REQUESTS // 4  # the fast path answered many
     after = counted(fast), counted(slow)
     for key in set(after[0]) | set(after[1]):
