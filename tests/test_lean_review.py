@@ -1,6 +1,6 @@
 """An adversarial review of the fast path (regmirror.lean): what it must do as aiohttp's
 path does, beyond the bytes of one answer (tests/test_lean.py): the bounds a connection
-is held to, and what is counted.
+is held to, and what is counted; and a seeded differential fuzz of single requests.
 
 Real server processes (two workers each, the default), compared with a server run with
 ``server.fast_path: false`` where the behaviour is aiohttp's.
