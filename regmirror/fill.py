@@ -39,8 +39,10 @@ renamed it finds the blob stored instead (the owner renames before it unlocks). 
 fleet peer's request reaching a process that does not fill the blob follows another
 process's fill the same way (:meth:`Fills.follow`). That tailing polls (no
 cross-process wake-up); within a process nothing polls. A fill another process streams
-through is not followed: its bytes never reach the shared file, so the tailing readers
-are cut when it ends (one process per data directory is what is supported today).
+through never reaches the shared file past where it stopped writing: that process
+relays it (:mod:`regmirror.fill_relay`), and the tailing process, told so by a marker
+it finds while it tails, streams the rest from it into a window of its own, so a herd
+spread over every worker still makes one upstream GET, with nothing more on disk.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from regmirror import layout
 from regmirror.digest import Digest
@@ -70,6 +72,9 @@ from regmirror.logs.served import Tier
 from regmirror.settle import settle
 from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
+
+if TYPE_CHECKING:
+    from regmirror.fill_relay import FillRelay, Relayed
 
 __all__ = [
     "Fill",
@@ -241,6 +246,9 @@ class Fill:
         self._behind: set[int] = set()  # readers dropped for holding the window too long
         self._next_reader = 0
         self._moved = asyncio.Event()
+        # The inode of the partial file this process holds locked for the fill (None:
+        # a replay, or another process's fill followed): how other workers name it.
+        self._inode: int | None = None
 
     @classmethod
     def stored(cls, digest: Digest, final: Path, size: int) -> Fill:
@@ -259,6 +267,11 @@ class Fill:
     def kept(self) -> bool:
         """Its bytes go into the store (False: streamed through, never stored)."""
         return self._file_end is None
+
+    @property
+    def file_end(self) -> int | None:
+        """Streamed through: where the bytes in the partial file end (None: kept)."""
+        return self._file_end
 
     @property
     def written(self) -> int:
@@ -446,6 +459,12 @@ class Fill:
                 self._readers.pop(reader, None)  # all it needs is in the file
         self._notify()
 
+    def _stream_through_from(self, file_end: int) -> None:
+        """Another process streams this fill through from ``file_end`` on (its partial
+        file holds the bytes before): the rest arrives through the window."""
+        self._written = file_end
+        self._stream_through()
+
     async def _pass(self, chunk: bytes, stall: float) -> None:
         """Add ``chunk`` to the window, first waiting (at most ``stall`` seconds) for
         readers that hold more than :data:`WINDOW` bytes back; those still behind after
@@ -510,7 +529,9 @@ class Fills:
     ``idle_timeout`` the wait for each chunk from the source; ``on_stored(digest, size)``
     is told of each blob a fill put in the store (the local cache's index); ``cache``
     is that cache: it admits a fill (reserving its size in the budget, evicting ahead of
-    it) or makes it stream through, and frees space when a write finds the disk full.
+    it) or makes it stream through, and frees space when a write finds the disk full;
+    ``relay`` (with several workers): how a fill streamed through here reaches the other
+    workers' waiters, and theirs reaches ours (:mod:`regmirror.fill_relay`).
     """
 
     def __init__(
@@ -523,8 +544,10 @@ class Fills:
         observer: FillObserver | None = None,
         on_stored: Callable[[Digest, int], None] | None = None,
         cache: BlobCache | None = None,
+        relay: FillRelay | None = None,
     ):
         self.local = local
+        self.relay = relay
         self.on_stored = on_stored
         self.cache = cache
         self.timeout = timeout
@@ -557,6 +580,14 @@ class Fills:
             )
             self._inflight[digest] = fill
             self._start(fill, None, claim=False)
+        return fill
+
+    def relayable(self, digest: Digest, inode: int) -> Fill | None:
+        """The fill of ``digest`` this process streams through from its partial file
+        ``inode``, for another worker's waiters (:mod:`regmirror.fill_relay`)."""
+        fill = self._inflight.get(digest)
+        if fill is None or fill._inode != inode or fill.kept or fill._error is not None:
+            return None
         return fill
 
     def running(self) -> list[Fill]:
@@ -688,6 +719,8 @@ class Fills:
                 else:
                     self.observer.fill_started(fill.digest)
                     _claimed.set(fd is not None)  # this task's context only
+                    if fd is not None:
+                        fill._inode = os.fstat(fd).st_ino
                     await self._copy(fill, source, fd)
                     if not fill.kept:
                         result = "stream_through"
@@ -788,6 +821,9 @@ class Fills:
             if reservation is not None:
                 reservation.release()
             if fd is not None:
+                if self.relay is not None and fill._inode is not None and not fill.kept:
+                    # First: a worker that finds the marker then finds the fill too.
+                    await asyncio.to_thread(self.relay.withdraw, fill.digest, fill._inode)
                 if not stored:
                     with contextlib.suppress(FileNotFoundError):
                         fill.partial.unlink()  # before unlocking, so nobody tails a dead file
@@ -837,6 +873,10 @@ class Fills:
         log.info("%s streams through without being kept (%s)", fill.digest, reason)
         fill._stream_through()
         self.observer.fill_streamed_through(fill.digest, reason)
+        if self.relay is not None and fill._inode is not None:
+            # The other workers tailing the partial file stream the rest from here.
+            # Blocking, but a symlink in a temporary directory, once per such fill.
+            self.relay.publish(fill.digest, fill._inode)
 
     async def _tail(self, fill: Fill) -> str:
         """Follow a fill that another process owns until it stores the blob or gives up.
@@ -847,6 +887,7 @@ class Fills:
         another fill: either way this one failed, since its readers may have sent bytes
         of the file that failed its digest check."""
         followed: int | None = None
+        tried: tuple[Path, int] | None = None  # the relay last asked (it said no)
         for _ in range(int(self.timeout / TAIL_INTERVAL) + 1):
             state = await asyncio.to_thread(_look, fill.partial, fill.final)
             if state.inode is not None:
@@ -874,8 +915,45 @@ class Fills:
                 raise _Failure(
                     "other_process_failed", f"another process's fill of {fill.digest} failed"
                 )
+            if self.relay is not None and followed is not None:
+                found = await asyncio.to_thread(self.relay.lookup, fill.digest)
+                if found is not None and found[1] == followed and found != tried:
+                    tried = found
+                    relayed = await self.relay.connect(found[0], fill.digest, followed)
+                    if relayed is not None:
+                        return await self._relayed(fill, relayed)
             await asyncio.sleep(TAIL_INTERVAL)
         raise TimeoutError
+
+    async def _relayed(self, fill: Fill, relayed: Relayed) -> str:
+        """Follow a fill another process streams through: the bytes past its partial
+        file come over ``relayed`` into this fill's own window. Complete means verified:
+        the other process sends the last byte only then."""
+        size = relayed.size
+        try:
+            if fill._size is None:
+                fill._set_size(size)
+            elif fill._size != size:
+                raise _Failure(
+                    "other_process_failed", f"another process relays {size} bytes of {fill.digest}"
+                )
+            fill._stream_through_from(relayed.file_end)
+            written = relayed.file_end
+            idle = 2 * (self.idle_timeout or STALL)  # past the filler's own wait for its source
+            while written < size:
+                async with asyncio.timeout(idle):
+                    chunk = await relayed.reader.read(CHUNK)
+                if not chunk or written + len(chunk) > size:
+                    raise _Failure(
+                        "other_process_failed",
+                        f"another process's fill of {fill.digest} failed while streaming through",
+                    )
+                await fill._pass(chunk, self.idle_timeout or STALL)
+                written += len(chunk)
+                fill._advance(written)
+        finally:
+            relayed.close()
+        return "other_process"
 
 
 def _fields(fill: Fill, event: str, **more: Any) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""``server.workers``: a fill one worker streams through (the blob cannot be kept) is
+followed by every worker's waiters, and still makes one upstream GET for the host
+(:mod:`regmirror.fill_relay`).
+
+Each test runs a real ``regmirror serve`` with two workers in front of registry:2,
+through a proxy that holds the blob body midway until a herd of requests, each on a
+connection of its own, has reached both workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from regmirror import layout
+from tests.support.processes import (  # noqa: F401  (pytest fixtures)
+    ServerProcess,
+    regmirror_server,
+)
+from tests.support.upstream import CountingProxy, push_blob, serve, upstream_registry
+from tests.test_workers import BOUND, session
+from tests.test_workers_flight import both_listening, served_by_both
+
+__all__ = ["session", "upstream_registry"]
+
+Start = Callable[..., ServerProcess]
+MiB = 1024 * 1024
+BUDGET = 2 * MiB
+HERD = 12
+ROUTE = "/v2/{name}/blobs/{digest}"
+
+
+@dataclass
+class Body:
+    status: int
+    received: int
+    digest: str
+    error: str | None  # the body was cut (or never came)
+
+
+async def fetch(url: str, progress: list[int], i: int) -> Body:
+    """A GET on a connection of its own (so the kernel hands it to any worker), hashing
+    the body as it comes and noting how much has arrived in ``progress[i]``."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    hasher = hashlib.sha256()
+    status = 0
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=BOUND)
+            ) as s,
+            s.get(url) as response,
+        ):
+            status = response.status
+            async for chunk in response.content.iter_chunked(256 * 1024):
+                hasher.update(chunk)
+                progress[i] += len(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return Body(status, progress[i], "", f"{type(exc).__name__}: {exc}")
+    return Body(status, progress[i], f"sha256:{hasher.hexdigest()}", None)
+
+
+def disk_bytes(data_dir: Path) -> int:
+    """Bytes of files under the fills and the blob store."""
+    return sum(
+        p.stat().st_size
+        for d in (data_dir / "fills", data_dir / layout.ROOT / "blobs")
+        if d.exists()
+        for p in d.rglob("*")
+        if p.is_file()
+    )
+
+
+async def metric(server: ServerProcess, name: str) -> float:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as s,
+        s.get(f"{server.url}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name} ")
+    )
+
+
+async def test_a_herd_over_two_workers_shares_one_streamed_through_fill(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,  # noqa: F811
+    session: aiohttp.ClientSession,
+) -> None:
+    data = os.urandom(12 * MiB + 3)
+    digest = await push_blob(session, upstream_registry.url, "team/big", data)
+    proxy = CountingProxy(upstream_registry.url, session)
+    async with serve(proxy.app()) as upstream_url:
+        server = regmirror_server(
+            config={
+                "upstreams": [{"url": upstream_url}],
+                "server": {"workers": 2},
+                "cache": {"max_bytes": BUDGET},  # the blob is over it: streamed through
+            }
+        )
+        await both_listening(server)
+        proxy.hold_after = 6 * MiB  # the fill stays in flight while the herd gathers
+        url = f"{server.url}/v2/team/big/blobs/{digest}"
+        progress = [0] * HERD
+        herd = [asyncio.create_task(fetch(url, progress, i)) for i in range(HERD)]
+        try:
+            await asyncio.wait_for(proxy.held.wait(), BOUND)
+            await asyncio.sleep(1.5)  # every request reaches a worker and joins the fill
+            on_disk = disk_bytes(server.data_dir)
+        finally:
+            proxy.release.set()
+        bodies = await asyncio.wait_for(asyncio.gather(*herd), BOUND)
+
+    assert on_disk <= BUDGET, f"{on_disk} bytes on disk with a {BUDGET}-byte budget"
+    for body in bodies:
+        assert (body.status, body.error, body.received) == (200, None, len(data)), body
+        assert body.digest == str(digest)
+    assert proxy.blob_gets == 1
+    served_by_both(server, ROUTE)  # the herd did reach both workers
+    assert await metric(server, 'regmirror_fills_total{result="stream_through"}') == 1
+    assert await metric(server, 'regmirror_fill_stream_through_total{reason="over_budget"}') == 1
+    assert disk_bytes(server.data_dir) == 0  # nothing kept, no spool left behind
+    assert not list((server.data_dir / "fills").glob("*.partial"))
+
+
+async def test_a_streamed_through_fill_that_fails_cuts_every_workers_waiters(
+    regmirror_server: Start,  # noqa: F811
+    upstream_registry: ServerProcess,  # noqa: F811
+    session: aiohttp.ClientSession,
+) -> None:
+    """The relay sends the last byte only once the filler has verified the digest: wrong
+    bytes end no body cleanly, on the filling worker or on the other."""
+    data = os.urandom(6 * MiB + 1)
+    digest = await push_blob(session, upstream_registry.url, "team/lies", data)
+    proxy = CountingProxy(upstream_registry.url, session)
+    async with serve(proxy.app()) as upstream_url:
+        server = regmirror_server(
+            config={
+                "upstreams": [{"url": upstream_url}],
+                "server": {"workers": 2},
+                "cache": {"max_bytes": BUDGET},
+            }
+        )
+        await both_listening(server)
+        proxy.corrupt = True  # byte 0 is wrong: only the digest check can tell
+        proxy.hold_after = 3 * MiB
+        url = f"{server.url}/v2/team/lies/blobs/{digest}"
+        progress = [0] * HERD
+        herd = [asyncio.create_task(fetch(url, progress, i)) for i in range(HERD)]
+        try:
+            await asyncio.wait_for(proxy.held.wait(), BOUND)
+            await asyncio.sleep(1.5)
+        finally:
+            proxy.release.set()
+        bodies = await asyncio.wait_for(asyncio.gather(*herd), BOUND)
+
+    for body in bodies:
+        clean = body.error is None and body.status == 200
+        assert not clean, f"a clean 200 of unverified bytes: {body}"
+    assert proxy.blob_gets == 1
+    served_by_both(server, ROUTE, "aborted")  # both started a body, then cut it
+    assert await metric(server, 'regmirror_fills_total{result="digest_mismatch"}') == 1
