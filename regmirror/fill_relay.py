@@ -71,12 +71,12 @@ class Relayed:
 
 class FillRelay:
     """This worker's side of the relay, in ``run_dir``: the markers it publishes, the
-    ones it looks up, and its socket."""
+    ones it looks up, and its socket (``name``: this process's by default)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, name: str | None = None):
         self.run_dir = run_dir
         self.markers = run_dir / MARKERS
-        self.socket = run_dir / f"relay-{os.getpid()}.sock"
+        self.socket = run_dir / (name or f"relay-{os.getpid()}.sock")
         self._server: asyncio.AbstractServer | None = None
 
     # -- the filler's side ---------------------------------------------------------
@@ -86,7 +86,7 @@ class FillRelay:
         file ``inode``). Blocking, but a symlink and a rename in a temporary directory:
         done once per streamed-through fill."""
         marker = self._marker(digest)
-        staged = marker.with_name(f".{marker.name}.{os.getpid()}")
+        staged = marker.with_name(f".{marker.name}.{self.socket.name}")
         try:
             self.markers.mkdir(exist_ok=True)
             with contextlib.suppress(FileNotFoundError):

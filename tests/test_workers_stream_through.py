@@ -15,19 +15,24 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from regmirror import layout
+from regmirror.fill import Fills, FillStats
+from regmirror.fill_relay import FillRelay
+from regmirror.storage.filesystem import FilesystemDriver
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
 )
 from tests.support.upstream import CountingProxy, push_blob, serve, upstream_registry
+from tests.test_fill import Setup, fetch_and_read, setup
 from tests.test_workers import BOUND, session
 from tests.test_workers_flight import both_listening, served_by_both
 
-__all__ = ["session", "upstream_registry"]
+__all__ = ["session", "setup", "upstream_registry"]
 
 Start = Callable[..., ServerProcess]
 MiB = 1024 * 1024
@@ -61,7 +66,7 @@ async def fetch(url: str, progress: list[int], i: int) -> Body:
             async for chunk in response.content.iter_chunked(256 * 1024):
                 hasher.update(chunk)
                 progress[i] += len(chunk)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return Body(status, progress[i], "", f"{type(exc).__name__}: {exc}")
     return Body(status, progress[i], f"sha256:{hasher.hexdigest()}", None)
 
@@ -91,7 +96,7 @@ async def metric(server: ServerProcess, name: str) -> float:
 
 async def test_a_herd_over_two_workers_shares_one_streamed_through_fill(
     regmirror_server: Start,  # noqa: F811
-    upstream_registry: ServerProcess,  # noqa: F811
+    upstream_registry: ServerProcess,
     session: aiohttp.ClientSession,
 ) -> None:
     data = os.urandom(12 * MiB + 3)
@@ -132,7 +137,7 @@ async def test_a_herd_over_two_workers_shares_one_streamed_through_fill(
 
 async def test_a_streamed_through_fill_that_fails_cuts_every_workers_waiters(
     regmirror_server: Start,  # noqa: F811
-    upstream_registry: ServerProcess,  # noqa: F811
+    upstream_registry: ServerProcess,
     session: aiohttp.ClientSession,
 ) -> None:
     """The relay sends the last byte only once the filler has verified the digest: wrong
@@ -167,3 +172,62 @@ async def test_a_streamed_through_fill_that_fails_cuts_every_workers_waiters(
     assert proxy.blob_gets == 1
     served_by_both(server, ROUTE, "aborted")  # both started a body, then cut it
     assert await metric(server, 'regmirror_fills_total{result="digest_mismatch"}') == 1
+
+
+# -- two Fills on one directory, as two workers (flock sees two open files as two) ------
+
+
+async def test_a_fill_that_finds_the_disk_full_midway_is_relayed_from_where_its_file_ends(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """The follower reads the bytes written before the disk filled up from the partial
+    file, and the rest from the filler's window, over the relay."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    filler = Fills(
+        FilesystemDriver(setup.root),
+        timeout=BOUND,
+        observer=setup.stats,
+        relay=FillRelay(run_dir, name="filler.sock"),
+    )
+    follower_stats = FillStats()
+    follower = Fills(
+        FilesystemDriver(setup.root),
+        timeout=BOUND,
+        observer=follower_stats,
+        relay=FillRelay(run_dir, name="follower.sock"),
+    )
+    write = filler._write
+    full_at = 300 * 1024
+
+    async def filling_up(fd: int, chunk: bytes, offset: int, hasher: Any, size: int) -> bool:
+        if offset + len(chunk) > full_at:
+            return False  # ENOSPC, and nothing left to evict
+        return await write(fd, chunk, offset, hasher, size)
+
+    filler._write = filling_up  # type: ignore[method-assign]
+    try:
+        for fills in (filler, follower):
+            assert fills.relay is not None
+            await fills.relay.start(fills.relayable)
+        setup.proxy.hold_after = 600 * 1024
+        here = [asyncio.create_task(fetch_and_read(setup, filler)) for _ in range(3)]
+        await asyncio.wait_for(setup.proxy.held.wait(), BOUND)
+        there = [asyncio.create_task(fetch_and_read(setup, follower)) for _ in range(3)]
+        await asyncio.sleep(0.5)  # the follower tails the file, finds the marker, connects
+        setup.proxy.release.set()
+        bodies = await asyncio.wait_for(asyncio.gather(*here, *there), BOUND)
+    finally:
+        for fills in (filler, follower):
+            await fills.close()
+            assert fills.relay is not None
+            await fills.relay.close()
+
+    assert all(body == setup.data for body in bodies)
+    assert setup.proxy.blob_gets == 1
+    assert setup.stats.results == {"stream_through": 1}
+    assert setup.stats.streamed_through == {"disk_full": 1}
+    assert follower_stats.results == {"other_process": 1}
+    assert not setup.stored().exists()
+    assert not list(run_dir.glob("through/*"))  # the marker went with the fill
+    assert not list(filler.directory.glob("*.partial"))
