@@ -53,6 +53,7 @@ MARKERS = "through"  # under the run directory
 HANDSHAKE_TIMEOUT = 5.0  # seconds for either side's request or answer line
 MAX_LINE = 256
 SEND_CHUNK = 256 * 1024  # bytes of a file span sent at a time
+MAX_SUN_PATH = 100  # bytes of a unix socket's path that bind and connect take (108, less a margin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class FillRelay:
         self.markers = run_dir / MARKERS
         self.socket = run_dir / (name or f"relay-{os.getpid()}.sock")
         self._server: asyncio.AbstractServer | None = None
+        self._dir_fd: int | None = None  # see _address
 
     # -- the filler's side ---------------------------------------------------------
 
@@ -109,7 +111,7 @@ class FillRelay:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # a previous worker with this pid (a restart)
         self._server = await asyncio.start_unix_server(
-            lambda r, w: self._serve(r, w, find), path=str(self.socket), limit=MAX_LINE
+            lambda r, w: self._serve(r, w, find), path=self._address(self.socket), limit=MAX_LINE
         )
 
     async def close(self) -> None:
@@ -118,6 +120,9 @@ class FillRelay:
             with contextlib.suppress(FileNotFoundError):
                 self.socket.unlink()
             self._server = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     async def _serve(
         self,
@@ -158,7 +163,9 @@ class FillRelay:
         """The bytes of the fill ``digest`` (partial file ``inode``) that the worker at
         ``address`` streams through; None when it does not (any more), or is gone."""
         try:
-            reader, writer = await asyncio.open_unix_connection(str(address), limit=SEND_CHUNK)
+            reader, writer = await asyncio.open_unix_connection(
+                self._address(address), limit=SEND_CHUNK
+            )
         except OSError:
             return None
         try:
@@ -174,6 +181,16 @@ class FillRelay:
             pass
         writer.close()
         return None
+
+    def _address(self, socket: Path) -> str:
+        """What to bind or connect to for ``socket`` (in the run directory): its path, or,
+        when that is too long for a unix socket (a deep ``TMPDIR``), the same file
+        reached through this process's descriptor of the run directory."""
+        if len(os.fsencode(socket)) <= MAX_SUN_PATH:
+            return str(socket)
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._dir_fd}/{socket.name}"
 
     def _marker(self, digest: Digest) -> Path:
         return self.markers / f"{digest.algorithm}-{digest.hex}"

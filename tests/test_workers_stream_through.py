@@ -182,8 +182,10 @@ async def test_a_fill_that_finds_the_disk_full_midway_is_relayed_from_where_its_
 ) -> None:
     """The follower reads the bytes written before the disk filled up from the partial
     file, and the rest from the filler's window, over the relay."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    # Deeper than a unix socket's path may be (a deep TMPDIR): bound and reached through
+    # a descriptor of the directory.
+    run_dir = tmp_path / ("deep" * 30) / "run"
+    run_dir.mkdir(parents=True)
     filler = Fills(
         FilesystemDriver(setup.root),
         timeout=BOUND,
