@@ -349,10 +349,15 @@ def _fill_relay(fills: Fills) -> Context:
     (:mod:`regmirror.fill_relay`)."""
 
     async def run(app: web.Application) -> AsyncIterator[None]:
-        assert fills.relay is not None
-        await fills.relay.start(fills.relayable)
+        relay = fills.relay
+        assert relay is not None
+        try:
+            await relay.start(fills.relayable)
+        except OSError as exc:  # then as before: those waiters are cut, and retry
+            log.warning("fills streamed through are not shared by the workers: %s", exc)
+            fills.relay = None
         yield
-        await fills.relay.close()
+        await relay.close()
 
     return run
 

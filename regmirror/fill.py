@@ -888,6 +888,7 @@ class Fills:
         of the file that failed its digest check."""
         followed: int | None = None
         tried: tuple[Path, int] | None = None  # the relay last asked (it said no)
+        seen: int | None = None  # the partial file's size at the last look
         for _ in range(int(self.timeout / TAIL_INTERVAL) + 1):
             state = await asyncio.to_thread(_look, fill.partial, fill.final)
             if state.inode is not None:
@@ -915,7 +916,10 @@ class Fills:
                 raise _Failure(
                     "other_process_failed", f"another process's fill of {fill.digest} failed"
                 )
-            if self.relay is not None and followed is not None:
+            stalled = state.written is not None and state.written == seen
+            seen = state.written
+            if self.relay is not None and followed is not None and (stalled or not state.size):
+                # Not growing, or never to be kept (no size published): streamed through?
                 found = await asyncio.to_thread(self.relay.lookup, fill.digest)
                 if found is not None and found[1] == followed and found != tried:
                     tried = found
