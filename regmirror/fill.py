@@ -97,6 +97,9 @@ STALL = 60.0  # seconds a streamed-through fill waits for a reader holding its w
 PARTIAL_SUFFIX = ".partial"
 SIZE_XATTR = "user.regmirror.size"  # lets another process learn the size before the end
 TAIL_INTERVAL = 0.05  # seconds between looks at another process's partial file
+# Seconds a fill streamed through stays relayable once done, for the other workers'
+# waiters that joined it but had not found its relay yet (a tail's look or two).
+RELAY_GRACE = 1.0
 CLAIM_ATTEMPTS = 5  # tries at locking a partial file that keeps changing under us
 
 # Set in the task of a fill that holds its partial file's lock (see holds_claim).
@@ -557,6 +560,8 @@ class Fills:
         self.observer: FillObserver = observer or FillStats()
         self._inflight: dict[Digest, Fill] = {}
         self._replays: dict[Digest, Fill] = {}  # the latest replay of each blob (see _replay)
+        # Fills streamed through, done, still relayed for RELAY_GRACE (see relayable).
+        self._relaying: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # The writers' own threads: readers' to_thread hops cannot queue ahead of them.
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
@@ -584,11 +589,12 @@ class Fills:
 
     def relayable(self, digest: Digest, inode: int) -> Fill | None:
         """The fill of ``digest`` this process streams through from its partial file
-        ``inode``, for another worker's waiters (:mod:`regmirror.fill_relay`)."""
-        fill = self._inflight.get(digest)
-        if fill is None or fill._inode != inode or fill.kept or fill._error is not None:
-            return None
-        return fill
+        ``inode``, for another worker's waiters (:mod:`regmirror.fill_relay`): in flight,
+        or done within the last :data:`RELAY_GRACE` seconds."""
+        for fill in (self._inflight.get(digest), self._relaying.get(digest)):
+            if fill is not None and fill._inode == inode and not fill.kept and not fill._error:
+                return fill
+        return None
 
     def running(self) -> list[Fill]:
         """Every fill this process runs now."""
@@ -671,6 +677,8 @@ class Fills:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for fill in list(self._relaying.values()):
+            self._end_relay(fill)
         self._writer.shutdown(wait=False)
 
     def remove_stale(self) -> int:
@@ -750,6 +758,12 @@ class Fills:
                 if self.on_stored is not None and fill._size is not None and fill.kept:
                     self.on_stored(fill.digest, fill._size)  # before any reader is done
                 fill._finish()
+            if self.relay is not None and fill._inode is not None and not fill.kept:
+                if message:
+                    self._end_relay(fill)
+                else:  # a worker that joined it may look for its relay only now
+                    self._relaying[fill.digest] = fill
+                    asyncio.get_running_loop().call_later(RELAY_GRACE, self._end_relay, fill)
             nbytes = fill._written if result == "ok" else 0
             self.observer.fill_finished(fill.digest, result, nbytes, seconds)
 
@@ -821,9 +835,6 @@ class Fills:
             if reservation is not None:
                 reservation.release()
             if fd is not None:
-                if self.relay is not None and fill._inode is not None and not fill.kept:
-                    # First: a worker that finds the marker then finds the fill too.
-                    await asyncio.to_thread(self.relay.withdraw, fill.digest, fill._inode)
                 if not stored:
                     with contextlib.suppress(FileNotFoundError):
                         fill.partial.unlink()  # before unlocking, so nobody tails a dead file
@@ -869,6 +880,14 @@ class Fills:
                 if freed <= 0:
                     return False
 
+    def _end_relay(self, fill: Fill) -> None:
+        """``fill`` is no longer relayed: its marker goes (a symlink in a temporary
+        directory: done in the loop, as publishing it is)."""
+        if self._relaying.get(fill.digest) is fill:
+            del self._relaying[fill.digest]
+        if self.relay is not None and fill._inode is not None:
+            self.relay.withdraw(fill.digest, fill._inode)
+
     def _streaming_through(self, fill: Fill, reason: str) -> None:
         log.info("%s streams through without being kept (%s)", fill.digest, reason)
         fill._stream_through()
@@ -912,20 +931,24 @@ class Fills:
                 return "other_process"
             if state.written is not None:
                 fill._advance(state.written)
+            stalled = state.written is not None and state.written == seen
+            seen = state.written
+            # Not growing, or never to be kept (no size published), or gone unstored: a
+            # fill streamed through (relayed while it runs, and for a moment after)?
+            if self.relay is not None and (stalled or not state.size or not state.owned):
+                found = await asyncio.to_thread(self.relay.lookup, fill.digest)
+                # Another fill's relay than the one whose file was read would mix their
+                # bytes; with nothing read, any fill of the digest (the same bytes) does.
+                same = found is not None and found[1] == (followed or found[1])
+                if found is not None and same and found != tried:
+                    tried = found
+                    relayed = await self.relay.connect(found[0], fill.digest, found[1])
+                    if relayed is not None:
+                        return await self._relayed(fill, relayed)
             if not state.owned:
                 raise _Failure(
                     "other_process_failed", f"another process's fill of {fill.digest} failed"
                 )
-            stalled = state.written is not None and state.written == seen
-            seen = state.written
-            if self.relay is not None and followed is not None and (stalled or not state.size):
-                # Not growing, or never to be kept (no size published): streamed through?
-                found = await asyncio.to_thread(self.relay.lookup, fill.digest)
-                if found is not None and found[1] == followed and found != tried:
-                    tried = found
-                    relayed = await self.relay.connect(found[0], fill.digest, followed)
-                    if relayed is not None:
-                        return await self._relayed(fill, relayed)
             await asyncio.sleep(TAIL_INTERVAL)
         raise TimeoutError
 

@@ -23,9 +23,13 @@ upstream GET per worker, not per host. Memory is bounded as in one process: one 
 per worker that follows, plus a socket buffer.
 
 The marker lives in the run directory (the supervisor's temporary directory, never the
-data disk, which may be full), is removed by the filler before it drops its partial file
-and unlocks it, and is ignored unless its inode is the one the follower tails and the
-filler still streams that fill through (the filler checks both before it answers).
+data disk, which may be full). A fill that fails takes it away at once; one that succeeds
+stays relayed :data:`~regmirror.fill.RELAY_GRACE` seconds after it ends, its window (the
+newest 16 MiB) held that long, for a follower whose look found the partial file gone
+before it found the marker (a fast fill between two looks). A marker is ignored unless
+its inode is the one the follower tails (any, if it read nothing yet: every fill of the
+digest has the same bytes) and the filler still relays that fill (it checks both before
+it answers).
 
 The protocol, ASCII lines then bytes: the follower sends ``<digest> <inode>\\n``; the
 filler answers ``no\\n`` (not a fill it streams through) or ``ok <size> <file_end>\\n``

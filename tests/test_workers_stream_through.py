@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from regmirror import layout
+from regmirror.eviction import BlobCache
 from regmirror.fill import Fills, FillStats
 from regmirror.fill_relay import FillRelay
 from regmirror.storage.filesystem import FilesystemDriver
@@ -28,7 +29,7 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     regmirror_server,
 )
 from tests.support.upstream import CountingProxy, push_blob, serve, upstream_registry
-from tests.test_fill import Setup, fetch_and_read, setup
+from tests.test_fill import SIZE, Setup, budgeted, fetch_and_read, setup
 from tests.test_workers import BOUND, session
 from tests.test_workers_flight import both_listening, served_by_both
 
@@ -233,3 +234,50 @@ async def test_a_fill_that_finds_the_disk_full_midway_is_relayed_from_where_its_
     assert not setup.stored().exists()
     assert not list(run_dir.glob("through/*"))  # the marker went with the fill
     assert not list(filler.directory.glob("*.partial"))
+
+
+async def test_a_waiter_that_finds_the_relay_only_after_the_fill_ended_still_shares_it(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """A fill streamed through stays relayed for a moment after it ends: a worker whose
+    waiter joined it (the partial file was locked) but that looks for its relay only
+    once the file is gone (the fill was fast: between two looks) still gets the bytes
+    from the filler's window, without a second upstream GET or a cut."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    filler = budgeted(setup, SIZE // 2, relay=FillRelay(run_dir, name="filler.sock"))
+    follower_stats = FillStats()
+    follower = Fills(
+        FilesystemDriver(setup.root),
+        timeout=BOUND,
+        observer=follower_stats,
+        cache=BlobCache(setup.root, max_bytes=SIZE // 2),
+        relay=FillRelay(run_dir, name="follower.sock"),
+    )
+    assert follower.relay is not None
+    lookup = follower.relay.lookup
+    partial = follower.partial_path(setup.digest)
+    # The follower misses the relay while the fill runs: it looks only after.
+    follower.relay.lookup = lambda digest: None if partial.exists() else lookup(digest)  # type: ignore[method-assign]
+    try:
+        for fills in (filler, follower):
+            assert fills.relay is not None
+            await fills.relay.start(fills.relayable)
+        setup.proxy.hold_after = 200 * 1024
+        here = asyncio.create_task(fetch_and_read(setup, filler))
+        await asyncio.wait_for(setup.proxy.held.wait(), BOUND)
+        there = asyncio.create_task(fetch_and_read(setup, follower))
+        await asyncio.sleep(0.3)  # the follower tails the locked file
+        setup.proxy.release.set()
+        bodies = await asyncio.wait_for(asyncio.gather(here, there), BOUND)
+    finally:
+        for fills in (filler, follower):
+            await fills.close()
+            assert fills.relay is not None
+            await fills.relay.close()
+
+    assert bodies == [setup.data, setup.data]
+    assert setup.proxy.blob_gets == 1
+    assert setup.stats.results == {"stream_through": 1}
+    assert follower_stats.results == {"other_process": 1}
+    assert not list(run_dir.glob("through/*"))  # withdrawn at close, grace or not
