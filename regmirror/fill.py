@@ -591,10 +591,18 @@ class Fills:
         """The fill of ``digest`` this process streams through from its partial file
         ``inode``, for another worker's waiters (:mod:`regmirror.fill_relay`): in flight,
         or done within the last :data:`RELAY_GRACE` seconds."""
-        for fill in (self._inflight.get(digest), self._relaying.get(digest)):
-            if fill is not None and fill._inode == inode and not fill.kept and not fill._error:
-                return fill
-        return None
+        fill = self._inflight.get(digest)
+        if fill is not None and fill._inode == inode and not fill.kept and not fill._error:
+            return fill
+        fill = self._relaying.get(digest)
+        if fill is None or fill._inode != inode or fill._error:
+            return None
+        # Done: its partial file is gone. One at that path with the same inode number is
+        # a new fill's (the number reused), whose bytes the asker read: not this fill.
+        with contextlib.suppress(OSError):
+            if fill.partial.stat().st_ino == inode:
+                return None
+        return fill
 
     def running(self) -> list[Fill]:
         """Every fill this process runs now."""

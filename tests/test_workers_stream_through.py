@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 
 from regmirror import layout
+from regmirror.digest import Digest
 from regmirror.eviction import BlobCache
-from regmirror.fill import Fills, FillStats
+from regmirror.fill import Fill, Fills, FillStats
 from regmirror.fill_relay import FillRelay
 from regmirror.storage.filesystem import FilesystemDriver
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
@@ -281,3 +282,24 @@ async def test_a_waiter_that_finds_the_relay_only_after_the_fill_ended_still_sha
     assert setup.stats.results == {"stream_through": 1}
     assert follower_stats.results == {"other_process": 1}
     assert not list(run_dir.glob("through/*"))  # withdrawn at close, grace or not
+
+
+def test_a_done_fill_is_not_relayed_for_a_new_fill_that_reuses_its_inode(tmp_path: Path) -> None:
+    """After a fill streamed through, its partial file is gone; a new fill's file at that
+    path may get the same inode number. A follower of the new one names that number: it
+    must not be sent the old fill's bytes after the new one's (they may fail the digest
+    check; the old fill's are verified and would end the body cleanly)."""
+    fills = Fills(FilesystemDriver(tmp_path), timeout=BOUND, relay=FillRelay(tmp_path / "run"))
+    digest = Digest.of(b"blob")
+    partial = fills.partial_path(digest)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"")
+    inode = partial.stat().st_ino
+    done = Fill(digest, partial, tmp_path / "final", 4)
+    done._inode = inode
+    done._stream_through()
+    fills._relaying[digest] = done  # streamed through, within its grace
+    assert fills.relayable(digest, inode + 1) is None  # another fill's file
+    assert fills.relayable(digest, inode) is None  # a file of that number is there: new
+    partial.unlink()
+    assert fills.relayable(digest, inode) is done  # gone: the follower read this one's
