@@ -41,6 +41,8 @@ from regmirror.logs import access as access_log
 from regmirror.memory import HeapTrimmer
 from regmirror.metrics import Metrics
 from regmirror.registry import Registry
+from regmirror.storage import circuit, counted
+from regmirror.storage.circuit import HostCircuit
 from regmirror.storage.counted import CountedDriver
 from regmirror.storage.filesystem import TEMP_PREFIX, FilesystemDriver
 from regmirror.upload_caps import SessionCaps
@@ -92,9 +94,11 @@ def create_app(
         from regmirror.storage.s3 import S3Driver
 
         s3 = S3Driver(settings.s3, on_clock_skew=metrics.s3_clock_skew)
-        shared = CountedDriver(s3, on_error=metrics.s3_error)
+        shared = CountedDriver(s3, on_error=metrics.s3_error, circuit=_s3_circuit(host))
         if settings.fleet.advertise_url:
-            fleet = app[FLEET] = Fleet(s3, settings.fleet, metrics)
+            fleet = app[FLEET] = Fleet(
+                s3, settings.fleet, metrics, run_dir=host.run_dir if host is not None else None
+            )
     cache = BlobCache(
         data_dir,
         max_bytes=settings.cache.max_bytes,
@@ -187,6 +191,15 @@ def create_app(
             settings.fleet.advertise_url,
         )
     return app
+
+
+def _s3_circuit(host: workers.Worker | None) -> HostCircuit | None:
+    """The S3 outage circuit of every worker of the host (None: this process's own)."""
+    if host is None:
+        return None
+    return HostCircuit(
+        host.run_dir / circuit.FILE, backoff=counted.OUTAGE_BACKOFF, longest=counted.LIST_DEADLINE
+    )
 
 
 def check_fleet(settings: Settings) -> None:

@@ -43,6 +43,10 @@ What is per process becomes correct across processes this way:
   that fills a blob (the partial file's lock) holds its lease; a peer's request reaching
   another worker streams that worker's partial file, and a worker killed mid-fill has
   its lease taken over by the host's next fill at once (:mod:`regmirror.fleet.coordinator`);
+- **S3 outages**: the outage circuit is the host's, a file in the run directory
+  (:mod:`regmirror.storage.circuit`): one worker's failure spares the others S3's
+  timeouts, one's success ends their refusals; so is the fleet's memory of which peers
+  sent wrong bytes (:mod:`regmirror.fleet.distrust`);
 - **metrics**: prometheus-client's multiprocess mode, in a directory of the
   supervisor's, new for each run (:mod:`regmirror.metrics_dir`): ``/metrics`` from
   any worker sums every worker's counters (dead ones' too), so each request is counted

@@ -359,10 +359,7 @@ async def test_a_stalled_owner_is_taken_over(rig: Rig) -> None:
 
 async def test_a_peer_sending_wrong_bytes_fails_that_fill_only(rig: Rig) -> None:
     image = await rig.image("fleet/corrupt", 1 * MiB)
-    # workers: until a peer that lied is remembered host-wide: Fleet._distrusted
-    # (fleet/coordinator.py) is per worker, so the next pull may reach a worker that
-    # follows the liar once more (asked twice, a second cut pull) before distrusting it.
-    fleet = rig.fleet(1, {"REGMIRROR_SERVER__WORKERS": "1"})
+    fleet = rig.fleet(1)
     (host,) = fleet.hosts
     await pull_manifest(rig.session, host, image)
     asked: list[str | None] = []

@@ -259,13 +259,8 @@ def outage_hosts(
 
     B runs with ``tag_ttl: 0``, so every request of B asks S3 about its links first:
     during the outage everything B serves comes from its stale local copies."""
-    # workers: until S3's health after an outage is shared by a host's workers: the
-    # outage circuit (storage/counted.py) is per process, so after S3 is back a worker
-    # that has not yet let its own trial read through (up to OUTAGE_BACKOFF) still fails
-    # reads at once and answers 503, while the one that answered /readyz found S3 back.
-    one = {"REGMIRROR_SERVER__WORKERS": "1"}
-    pusher = regmirror_server(env={**regmirror_env(moto, bucket, tag_ttl="30"), **one})
-    puller = regmirror_server(env={**regmirror_env(moto, bucket, tag_ttl="0"), **one})
+    pusher = regmirror_server(env=regmirror_env(moto, bucket, tag_ttl="30"))
+    puller = regmirror_server(env=regmirror_env(moto, bucket, tag_ttl="0"))
     pulled, unpulled = build_image(seed=25), build_image(seed=26, layers=({"y": 5000},))
     push(skopeo, tmp_path, pulled, f"docker://{pusher.host_port}/team/app:p")
     push(skopeo, tmp_path, unpulled, f"docker://{pusher.host_port}/team/app:q")

@@ -21,10 +21,11 @@ reach this source, so a host takes at most one lease per blob. Chosen over an id
 per worker (peers cannot address one worker behind a shared ``SO_REUSEPORT`` port, and
 two leases per host would undo the partial file's single-flight) and over one worker
 doing the fleet's work for the others (a new channel between workers, a bottleneck, and
-one more thing to fail): the two single-flights compose with no new shared state. What
-stays per process is correct so: ``_held`` is the holder's alone, ``_alone`` is what
-this worker filled without a lease, ``_followed``/``_distrusted`` are hints. The cases
-this adds:
+one more thing to fail): the two single-flights compose with no new shared state but
+one, which peers' bytes failed a fill (:mod:`regmirror.fleet.distrust`, in the run
+directory). What stays per process is correct so: ``_held`` is the holder's alone,
+``_alone`` is what this worker filled without a lease, ``_followed`` is what this worker's
+fill streamed from (the fill that fails is the one that followed). The cases this adds:
 
 - a lease that names this host but another worker, seen by a fill that holds the
   partial file's lock: that worker no longer fills the blob (it was killed, or it is an
@@ -40,8 +41,8 @@ this adds:
   a peer is cut and takes the lease over;
 - only the worker holding the lease writes the blob back to S3 (:meth:`Fleet.owns`):
   the workers that followed its partial file, and have probed nothing, do not;
-- which peers' bytes failed a fill here (:meth:`Fleet.fill_failed`) is remembered per
-  worker: another worker may follow that peer once more, and then distrusts it too.
+- which peers' bytes failed a fill here (:meth:`Fleet.fill_failed`) is remembered by the
+  host: whichever worker the next pull reaches takes that peer's lease over.
 
 Manifests and tag revalidations (:meth:`Fleet.single`) need nothing more: every worker
 is a contender for the small lease, and the losers read what the winner published.
@@ -55,6 +56,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import aiohttp
@@ -64,6 +66,8 @@ from regmirror.config import FleetSettings
 from regmirror.digest import Digest
 from regmirror.errors import UpstreamUnavailable
 from regmirror.fill import holds_claim
+from regmirror.fleet import distrust
+from regmirror.fleet.distrust import Distrust
 from regmirror.fleet.leases import Lease, Leases, blob_key
 from regmirror.fleet.peers import PeerError, Peers
 from regmirror.storage.driver import StorageUnavailable
@@ -103,7 +107,16 @@ class _Held:
 
 
 class Fleet:
-    def __init__(self, s3: S3Driver, settings: FleetSettings, observer: FleetObserver):
+    def __init__(
+        self,
+        s3: S3Driver,
+        settings: FleetSettings,
+        observer: FleetObserver,
+        *,
+        run_dir: Path | None = None,
+    ):
+        """``run_dir``: the supervisor's, where the host's workers remember together which
+        peers' bytes failed a fill (None: one process, which remembers alone)."""
         assert settings.advertise_url is not None
         self.settings = settings
         self.observer = observer
@@ -117,10 +130,11 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._peers: Peers | None = None
         self._held: dict[Digest, _Held] = {}
-        # The owner (its instance) each blob was last streamed from, and owners whose
-        # bytes failed a fill here: their lease is taken over, not followed again.
+        # The owner (its instance) each blob was last streamed from by this process, and
+        # the host's owners whose bytes failed a fill: their lease is taken over, not
+        # followed again.
         self._followed: LRUCache[Digest, str] = LRUCache(REMEMBERED)
-        self._distrusted: LRUCache[Digest, str] = LRUCache(REMEMBERED)
+        self._distrusted = Distrust(run_dir / distrust.DIRECTORY if run_dir else None)
         # Blobs this process filled from the upstream without a lease (leases unsupported,
         # S3 unavailable): it writes them back itself, as without fleet mode.
         self._alone: LRUCache[Digest, bool] = LRUCache(REMEMBERED)
@@ -215,7 +229,7 @@ class Fleet:
         peer, the next fill takes that peer's lease over instead of following it."""
         instance = self._followed.pop(digest, None)
         if instance is not None:
-            self._distrusted[digest] = instance
+            self._distrusted.add(digest, instance)
 
     async def release(self, digest: Digest) -> None:
         """Drop this host's lease on ``digest`` (its blob is in S3, or its fill failed)."""

@@ -13,7 +13,9 @@
   costs one request a deadline every few seconds, not every request, and a recovered
   one is used again within seconds. Writes are always tried (a push must not fail on
   an earlier error), and so is :meth:`check` (readiness reports what S3 does now); any
-  call that succeeds closes the circuit.
+  call that succeeds closes the circuit. With several workers the circuit is the host's
+  (:class:`~regmirror.storage.circuit.HostCircuit`): one worker's failure opens it for
+  all, one's success closes it for all, and one trial read is made for the host.
 
 Every S3 read on the request path goes through here: this is the one chokepoint.
 """
@@ -27,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from regmirror.storage.circuit import Circuit, LocalCircuit, Turn
 from regmirror.storage.driver import Driver, PathNotFound, StorageUnavailable, TooLarge
 
 log = logging.getLogger(__name__)
@@ -47,23 +50,21 @@ class CountedDriver(Driver):
         list_deadline: float = LIST_DEADLINE,
         backoff: float = OUTAGE_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
+        circuit: Circuit | None = None,
     ):
+        """``circuit``: the host's, shared with the other workers; this process's own
+        (``backoff``, ``clock``) by default."""
         self.inner = inner
         self.name = inner.name
         self._on_error = on_error
         self._read_deadline = read_deadline
         self._list_deadline = list_deadline
-        self._backoff = backoff
-        self._clock = clock
-        self._open_until: float | None = None  # None: closed, reads ask S3
-        self._trial = False  # a read is finding out whether S3 is back
-        self._down_since = 0.0
-        self._failures = 0  # calls failed since it went down
+        self._circuit = circuit or LocalCircuit(backoff=backoff, clock=clock)
 
     @property
     def down(self) -> bool:
         """Whether the last call failed and none has succeeded since."""
-        return self._open_until is not None
+        return self._circuit.down
 
     async def get(self, key: str, *, limit: int | None = None) -> bytes:
         return await self._read(
@@ -104,15 +105,14 @@ class CountedDriver(Driver):
             raise
 
     async def _read(self, operation: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        if self._open_until is None:
-            return await self._call(operation, asyncio.wait_for(call(), deadline))
-        if self._trial or self._clock() < self._open_until:
+        turn = self._circuit.admit(deadline)
+        if turn is Turn.REFUSE:
             raise StorageUnavailable(f"{self.name}: not asked while it is down")
-        self._trial = True
         try:
             return await self._call(operation, asyncio.wait_for(call(), deadline))
         finally:
-            self._trial = False
+            if turn is Turn.TRIAL:
+                self._circuit.end_trial()
 
     async def _call(self, operation: str, call: Awaitable[T]) -> T:
         try:
@@ -131,26 +131,23 @@ class CountedDriver(Driver):
         return result
 
     def _answered(self) -> None:
-        if self._open_until is not None:
+        recovery = self._circuit.answered()
+        if recovery is not None:
             log.warning(
                 "%s answers again after %.0f s; reads ask it again (%d calls failed meanwhile)",
                 self.name,
-                self._clock() - self._down_since,
-                self._failures,
-                extra={"fields": {"event": "s3_recovered", "failed_calls": self._failures}},
+                recovery.seconds,
+                recovery.failures,
+                extra={"fields": {"event": "s3_recovered", "failed_calls": recovery.failures}},
             )
-            self._open_until = None
 
     def _failed(self, operation: str, error: StorageUnavailable) -> None:
         # Logged when it goes down and when it comes back, not for each call between.
         self._on_error(operation)
-        if not self.down:
-            self._down_since, self._failures = self._clock(), 0
+        if self._circuit.failed():
             log.warning(
                 "%s failed (%s); reads use local copies until it answers",
                 self.name,
                 error,
                 extra={"fields": {"event": "s3_error", "operation": operation}},
             )
-        self._failures += 1
-        self._open_until = self._clock() + self._backoff
