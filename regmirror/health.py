@@ -9,6 +9,7 @@ liveness check (restarting a process whose disk is full helps nobody).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import resource
 
@@ -66,18 +67,30 @@ class Shutdown:
         return "draining: shutting down (SIGTERM)" if self.draining else None
 
 
+def fd_limit() -> int | None:
+    """The soft RLIMIT_NOFILE; None if unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def open_fds() -> int | None:
+    """This process's open descriptors (None: no procfs). Listing ``/proc/self/fd``
+    takes one: with none left (EMFILE) every one below the limit is open, and the
+    count is the limit."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError as exc:
+        if exc.errno == errno.EMFILE:
+            return fd_limit()
+        return None
+
+
 def fd_problem() -> str | None:
     """Open descriptors above ``FD_READY_FRACTION`` of the soft RLIMIT_NOFILE."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    limit = fd_limit()
+    if limit is None or (used := open_fds()) is None or used <= limit * FD_READY_FRACTION:
         return None
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError:  # no procfs: nothing to say
-        return None
-    if used <= soft * FD_READY_FRACTION:
-        return None
-    return f"{used} file descriptors open of the limit {soft}: near exhaustion"
+    return f"{used} file descriptors open of the limit {limit}: near exhaustion"
 
 
 async def disk_problem(cache: BlobCache) -> str | None:

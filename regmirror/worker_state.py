@@ -3,12 +3,13 @@
 a request happened to reach.
 
 Every :data:`PUBLISH_INTERVAL` seconds (and at once when it starts draining) a worker
-writes ``worker-<index>.json`` in the supervisor's run directory (write, then rename: a
-reader never sees half of one): its pid, when it was written (its heartbeat), its event
-loop's lag, its file descriptors, its connections, requests and fills in flight, and
-(worker 0, the eviction owner) the cache index's figures and its verdict on the disk.
-Any worker reads them all when asked; the supervisor deletes a dead worker's file when
-it reaps it (:func:`forget`).
+rewrites ``worker-<index>.state`` in the supervisor's run directory: its pid, when it
+was written (its heartbeat), its event loop's lag, its file descriptors, its
+connections, requests and fills in flight, and (worker 0, the eviction owner) the cache
+index's figures and its verdict on the disk. Any worker reads them all when asked; the
+supervisor deletes a dead worker's file when it reaps it (:func:`forget`). Writer and
+readers keep the files open (:mod:`regmirror.state_file`): a worker out of file
+descriptors still publishes that it is, and still reads the others.
 
 A worker is unhealthy for the host (:func:`problems`) when its file is missing
 (restarting; in the host's first :data:`STARTUP_GRACE` seconds, one not seen yet is
@@ -26,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import resource
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -38,14 +37,23 @@ from typing import Any, Protocol
 from regmirror.eviction import BlobCache
 from regmirror.eviction_link import pid_alive
 from regmirror.fill import Fill, Fills
-from regmirror.health import FD_READY_FRACTION, LoopWatchdog, Shutdown, disk_problem
+from regmirror.health import (
+    FD_READY_FRACTION,
+    LoopWatchdog,
+    Shutdown,
+    disk_problem,
+    fd_limit,
+    open_fds,
+)
 from regmirror.metrics import Metrics
+from regmirror.state_file import Reader, Unreadable, Writer, load
 
 log = logging.getLogger(__name__)
 
 PUBLISH_INTERVAL = 0.5  # seconds between snapshots (the heartbeat)
 MIN_SPACING = 0.05  # seconds between snapshots written on change
-FDS_EVERY = 4  # snapshots between counts of open descriptors (a listdir of /proc)
+FDS_EVERY = 4  # snapshots between counts of open descriptors (a listdir of /proc)...
+FDS_NEAR = FD_READY_FRACTION / 2  # ...at each one past this share of the limit
 STARTUP_GRACE = 10.0  # seconds after its start a worker overlooks others yet to publish
 UNREFERENCED_EVERY = 20  # snapshots between counts of unreferenced blobs (a walk of the index)
 
@@ -60,16 +68,17 @@ class Counts(Protocol):
     def requests(self) -> int: ...
 
 
-def path_of(run_dir: Path, index: int) -> Path:
-    return run_dir / f"worker-{index}.json"
+def name_of(index: int) -> str:
+    return f"worker-{index}.state"
 
 
 def forget(run_dir: Path, index: int, pid: int) -> None:
     """Delete worker ``index``'s snapshot if it is ``pid``'s (its successor may have
     written one already). The supervisor's, once it reaped ``pid``."""
-    path = path_of(run_dir, index)
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(path.read_bytes()).get("pid") == pid:
+    path = run_dir / name_of(index)
+    state = load(path)
+    if state is not None and state.get("pid") == pid:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 
@@ -82,13 +91,6 @@ def fill_entry(fill: Fill) -> dict[str, Any]:
         # Tailing another process's partial file: that worker lists the fill as its own.
         "following": fill.origin.name == "another process",
     }
-
-
-def open_fds() -> int | None:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:  # no procfs
-        return None
 
 
 class WorkerState:
@@ -124,6 +126,9 @@ class WorkerState:
         self._changed = asyncio.Event()
         self._ticks = 0
         self._fds = open_fds()
+        self._fds_connections = 0  # connections when the descriptors were counted
+        self._file = Writer(run_dir / name_of(index)) if run_dir and index is not None else None
+        self._peers = Reader(run_dir) if run_dir else None
         self._unreferenced = 0
         self._seen: set[int] = set()  # workers seen publishing (the startup grace)
 
@@ -140,9 +145,11 @@ class WorkerState:
         """Something the others should see now (the drain started)."""
         self._changed.set()
 
+    def connections(self) -> int:
+        return sum(p.connections for p in self.ports)
+
     async def snapshot(self) -> dict[str, Any]:
         fills = [fill_entry(f) for f in self.fills.running()]
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         state: dict[str, Any] = {
             "index": self.index,
             "pid": os.getpid(),
@@ -151,8 +158,8 @@ class WorkerState:
             "loop_lag": round(self.watchdog.lag(), 3),
             "draining": self.shutdown.draining,
             "fds": self._fds,
-            "fd_limit": None if soft == resource.RLIM_INFINITY else soft,
-            "connections": sum(p.connections for p in self.ports),
+            "fd_limit": fd_limit(),
+            "connections": self.connections(),
             "requests": sum(p.requests for p in self.ports),
             "fills": fills,
         }
@@ -178,37 +185,65 @@ class WorkerState:
     async def run(self) -> None:
         """Publish until cancelled; the gauges follow each snapshot."""
         loop = asyncio.get_running_loop()
-        while True:
-            if self._ticks % FDS_EVERY == 0:
-                self._fds = open_fds()
-            self._ticks += 1
-            try:
-                state = await self.snapshot()
-                self._gauges(state)
-                if self.run_dir is not None and self.index is not None:
-                    _write(path_of(self.run_dir, self.index), state)
-            except Exception:  # logged; the next beat may do
-                log.exception("publishing this worker's state failed")
-            self._changed.clear()
-            self._starting()
-            next_beat = loop.time() + self.interval
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._changed.wait()
-            await asyncio.sleep(max(0.0, min(MIN_SPACING, next_beat - loop.time())))
+        try:
+            while True:
+                self._count_fds()
+                self._ticks += 1
+                try:
+                    state = await self.snapshot()
+                    self._gauges(state)
+                    if self._file is not None:
+                        self._file.write(state)
+                except Exception:  # logged; the next beat may do
+                    log.exception("publishing this worker's state failed")
+                self._changed.clear()
+                self._starting()
+                next_beat = loop.time() + self.interval
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval):
+                        await self._changed.wait()
+                await asyncio.sleep(max(0.0, min(MIN_SPACING, next_beat - loop.time())))
+        finally:
+            if self._file is not None:
+                self._file.close()
+            if self._peers is not None:
+                self._peers.close()  # a later read opens what it reads anew
+
+    def _count_fds(self) -> None:
+        """Count the open descriptors every :data:`FDS_EVERY` beats (a listing costs
+        about 0.35 µs a descriptor), and at every beat once they may be past
+        :data:`FDS_NEAR` of the limit (the last count plus the connections opened since
+        says so): a worker filling up is told within a beat."""
+        connections = self.connections()
+        limit = fd_limit()
+        near = (
+            limit is not None
+            and self._fds is not None
+            and self._fds + connections - self._fds_connections > limit * FDS_NEAR
+        )
+        if near or self._ticks % FDS_EVERY == 0:
+            self._fds = open_fds()
+            self._fds_connections = connections
 
     def _gauges(self, state: dict[str, Any]) -> None:
         self.metrics.fills_in_flight.set(sum(1 for f in state["fills"] if not f["following"]))
         self.metrics.requests_in_flight.set(state["requests"])
         self.metrics.connections_open.set(state["connections"])
 
+    def read(self, index: int) -> dict[str, Any] | None:
+        """Worker ``index``'s latest snapshot; None if it has none, or none this
+        process can read (:meth:`problems` tells the two apart)."""
+        if self._peers is None:
+            return None
+        with contextlib.suppress(Unreadable):
+            return self._peers.read(name_of(index))
+        return None
+
     def others(self) -> list[dict[str, Any]]:
         """The other workers' latest snapshots (those that have one)."""
-        if self.run_dir is None:
-            return []
         found = []
         for index in range(self.count):
-            if index != self.index and (state := read(self.run_dir, index)) is not None:
+            if index != self.index and (state := self.read(index)) is not None:
                 found.append(state)
         return found
 
@@ -221,7 +256,7 @@ class WorkerState:
         if self.run_dir is None or time.time() - self.started >= STARTUP_GRACE:
             return False
         for index in range(self.count):
-            if index not in self._seen and read(self.run_dir, index) is not None:
+            if index not in self._seen and self.read(index) is not None:
                 self._seen.add(index)
         return True
 
@@ -230,7 +265,7 @@ class WorkerState:
         blobs); ``own`` when this is the owner or it has not published one."""
         if self.index == 0 or self.run_dir is None:
             return own
-        owner = read(self.run_dir, 0)
+        owner = self.read(0)
         if owner is None or "disk_problem" not in owner:
             return own
         problem = owner["disk_problem"]
@@ -239,24 +274,16 @@ class WorkerState:
     def problems(self, threshold: float) -> str | None:
         """Why another worker cannot take clients (None: all fine); this one's own
         checks are :func:`regmirror.health` s."""
-        if self.run_dir is None:
+        if self._peers is None:
             return None
         starting: set[int] = set()  # not published since the host started: fine for now
         if self._starting():
             starting = set(range(self.count)) - self._seen
-        return problems(self.run_dir, self.count, threshold, skip=self.index, starting=starting)
-
-
-def read(run_dir: Path, index: int) -> dict[str, Any] | None:
-    try:
-        state = json.loads(path_of(run_dir, index).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
+        return problems(self._peers, self.count, threshold, skip=self.index, starting=starting)
 
 
 def problems(
-    run_dir: Path,
+    peers: Reader,
     count: int,
     threshold: float,
     *,
@@ -272,7 +299,11 @@ def problems(
     for index in range(count):
         if index == skip:
             continue
-        state = read(run_dir, index)
+        try:
+            state = peers.read(name_of(index))
+        except Unreadable as exc:
+            found.append(f"worker {index}: its state cannot be read here ({exc})")
+            continue
         if state is None:
             if index in starting:
                 continue
@@ -303,10 +334,3 @@ def worker_problem(state: dict[str, Any], now: float, threshold: float) -> str |
     if state.get("draining"):
         return "draining: shutting down"
     return None
-
-
-def _write(path: Path, state: dict[str, Any]) -> None:
-    """Write then rename: a reader sees the previous snapshot or this one, whole."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_bytes(json.dumps(state, separators=(",", ":")).encode())
-    os.replace(temp, path)

@@ -19,6 +19,19 @@ from aiohttp import web
 from regmirror.digest import Digest
 from regmirror.fleet import credential
 from regmirror.fleet.distrust import Distrust
+from tests.support.fleet import (  # noqa: F401  (proxy is a fixture)
+    SECRET,
+    Fleet,
+    Start,
+    image_of,
+    metric,
+    metrics,
+    proxy,
+    pull_manifest,
+    sample,
+)
+from tests.support.fleet_workers import WORKERS, pull_at, two_workers
+from tests.support.http import session  # noqa: F401
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
     regmirror_server,
@@ -29,18 +42,6 @@ from tests.support.upstream import (  # noqa: F401
     serve,
     upstream_registry,
 )
-from tests.test_fleet import (  # noqa: F401  (proxy and session are fixtures)
-    SECRET,
-    Fleet,
-    image_of,
-    metric,
-    metrics,
-    proxy,
-    pull_manifest,
-    sample,
-    session,
-)
-from tests.test_fleet_workers import WORKERS, Start, pull_at, two_workers
 
 MiB = 1024 * 1024
 

@@ -232,36 +232,42 @@ async def test_a_killed_worker_is_not_ready_until_its_successor_publishes(
 
 def test_host_problems_name_each_unhealthy_worker(tmp_path: Path) -> None:
     from regmirror import worker_state
-    from regmirror.worker_state import problems
+    from regmirror.state_file import Reader, Writer
 
     now = time.time()
     dead = subprocess.Popen(["true"])
     dead.wait()
+    peers = Reader(tmp_path)
 
     def publish(index: int, **changes: Any) -> None:
         state = {"index": index, "pid": os.getpid(), "written": now, "loop_lag": 0.0}
         state |= {"fds": 10, "fd_limit": 1000, "draining": False, **changes}
-        worker_state._write(worker_state.path_of(tmp_path, index), state)
+        writer = Writer(tmp_path / worker_state.name_of(index))
+        writer.write(state)
+        writer.close()
+
+    def problems(count: int, **kwargs: Any) -> str:
+        return worker_state.problems(peers, count, 5.0, **kwargs) or ""
 
     publish(0)
     publish(1)
-    assert problems(tmp_path, 2, 5.0) is None
+    assert problems(2) == ""
     publish(1, fds=950)
-    assert "worker 1" in (found := problems(tmp_path, 2, 5.0) or "") and "950" in found
+    assert "worker 1" in (found := problems(2)) and "950" in found
     publish(1, written=now - 7)
-    assert "no heartbeat for 7" in (problems(tmp_path, 2, 5.0) or "")
+    assert "no heartbeat for 7" in problems(2)
     publish(1, loop_lag=6.5)
-    assert "stalled 6.5 s" in (problems(tmp_path, 2, 5.0) or "")
+    assert "stalled 6.5 s" in problems(2)
     publish(1, pid=dead.pid)
-    assert "gone" in (problems(tmp_path, 2, 5.0) or "")
+    assert "gone" in problems(2)
     publish(1, draining=True)
-    assert "draining" in (problems(tmp_path, 2, 5.0) or "")
-    assert problems(tmp_path, 2, 5.0, skip=1) is None  # its own checks are its own
+    assert "draining" in problems(2)
+    assert problems(2, skip=1) == ""  # its own checks are its own
     worker_state.forget(tmp_path, 1, os.getpid())  # the supervisor reaped it
-    assert "worker 1: not running" in (problems(tmp_path, 3, 5.0) or "")
-    assert "worker 2: not running" in (problems(tmp_path, 3, 5.0) or "")
+    assert "worker 1: not running" in problems(3)
+    assert "worker 2: not running" in problems(3)
     publish(1)
-    assert problems(tmp_path, 3, 5.0, starting={2}) is None  # not started yet: fine
+    assert problems(3, starting={2}) == ""  # not started yet: fine
 
 
 # -- server.max_connections ----------------------------------------------------------

@@ -36,6 +36,7 @@ from regmirror.storage.circuit import HostCircuit, Turn
 from regmirror.storage.counted import OUTAGE_BACKOFF, READ_DEADLINE, CountedDriver
 from regmirror.storage.driver import StorageUnavailable
 from regmirror.storage.filesystem import FilesystemDriver
+from tests.support.fleet_workers import connect, two_workers
 from tests.support.http import session
 from tests.support.processes import (  # noqa: F401  (pytest fixtures)
     ServerProcess,
@@ -44,7 +45,6 @@ from tests.support.processes import (  # noqa: F401  (pytest fixtures)
 from tests.support.s3 import MotoS3, moto_s3
 from tests.support.s3_registry import push_blob, regmirror_env
 from tests.support.upstream import serve
-from tests.test_fleet_workers import connect, two_workers
 from tests.test_workers import metrics_dir
 
 __all__ = ["moto_s3", "session"]

@@ -97,12 +97,14 @@ class FleetObserver(Protocol):
 
 @dataclass
 class _Held:
-    """A lease this host owns, and what its renewal needs to know."""
+    """A lease this host owns, and what its renewal needs to know. ``stop`` ends the
+    renewal between two renewals, never during one (see :meth:`Fleet.release`)."""
 
     lease: Lease
     progress: int = 0
     finished: bool = False
     lost: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     renewal: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -237,12 +239,16 @@ class Fleet:
         held = self._held.pop(digest, None)
         if held is None:
             return
+        # A renewal under way is waited for, not cancelled: its PUT runs in a thread
+        # and lands anyway, and the release must delete the ETag it wrote, not the one
+        # before (refused with 412, the lease stayed in the bucket).
+        held.stop.set()
         if held.renewal is not None:
-            held.renewal.cancel()
+            await asyncio.wait({held.renewal})
         if held.lost:
             return
         try:
-            await self.leases.release(held.lease)
+            await self.leases.release(held.lease, sole=True)
         except StorageUnavailable as exc:  # it expires by itself
             log.warning("fleet: could not delete the lease on %s: %s", digest, exc)
 
@@ -411,7 +417,10 @@ class Fleet:
         seen = 0
         finished_at: float | None = None
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(held.stop.wait(), interval)
+            if held.stop.is_set():
+                return  # released
             if held.progress == seen and not held.finished:
                 continue
             if held.finished:

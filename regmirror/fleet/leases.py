@@ -9,6 +9,14 @@ it last wrote) while its fill progresses; a lease past its deadline, or whose ow
 peer could not get bytes from, is taken over the same way, so two hosts can never both
 believe they took it. Nothing deletes a dead host's lease: it simply expires.
 
+A conditional write refused (412) is not proof that another host has the lease: the
+write may have landed and only its answer been lost (a connection cut or a read timed
+out after S3 stored it), and botocore then sends it again, which the first copy's new
+ETag refuses. So a refused write reads the lease back before concluding: one that
+carries this very write's instance and deadline is ours (won, taken over, renewed), and
+a blob's renewal or release, which no other holder of this process writes, finding this
+process's instance there goes on with that ETag.
+
 A store that ignores the conditions would let every host win; :meth:`Leases.supported`
 finds that out once (a probe object written twice) and fleet mode is then off, with a
 warning: every host fills on its own, as without fleet mode.
@@ -103,6 +111,9 @@ class Leases:
                 self._observe("won")
                 return Lease(key, self.owner, self.instance, expires, etag), True
             held = await self.read(key)
+            if held is not None and self._landed(held, expires):
+                self._observe("won")  # our write, answered 412 when sent again
+                return held, True
             if held is not None:
                 if not self.mine(held):
                     self._observe("lost")
@@ -130,7 +141,10 @@ class Leases:
         body, expires = self._body()
         etag = await self.s3.put_if(lease.key, body, etag=lease.etag)
         if etag is None:
-            return None
+            current = await self.read(lease.key)
+            if current is None or not self._landed(current, expires):
+                return None
+            etag = current.etag  # our write, answered 412 when sent again
         if why is None:
             why = "expired" if lease.expired() else "unreachable or stalled"
         log.warning(
@@ -140,18 +154,46 @@ class Leases:
         return Lease(lease.key, self.owner, self.instance, expires, etag)
 
     async def renew(self, lease: Lease) -> Lease | None:
-        """``lease`` with a new deadline; None when another host took it over."""
+        """``lease`` with a new deadline; None when another host took it over (or it is
+        gone). For a lease no other holder of this process writes (a blob's, see
+        :meth:`release`): a refused renewal whose lease still names this process is
+        ours, the write landed and its answer was lost (see the module's docstring)."""
         body, expires = self._body()
-        etag = await self.s3.put_if(lease.key, body, etag=lease.etag)
-        if etag is None:
-            log.warning("fleet: lost the lease %s to another host", lease.key)
-            self._observe("renew_lost")
-            return None
-        return Lease(lease.key, self.owner, self.instance, expires, etag)
+        try:
+            etag = await self.s3.put_if(lease.key, body, etag=lease.etag)
+        except PathNotFound:  # deleted: taken over and released by another host
+            etag = None
+        if etag is not None:
+            return Lease(lease.key, self.owner, self.instance, expires, etag)
+        current = await self.read(lease.key)
+        if current is not None and self.mine(current):
+            log.info("fleet: the lease %s was renewed, though S3 answered 412", lease.key)
+            return current
+        log.warning("fleet: lost the lease %s to another host", lease.key)
+        self._observe("renew_lost")
+        return None
 
-    async def release(self, lease: Lease) -> None:
-        if await self.s3.delete_if(lease.key, lease.etag):
-            self._observe("released")
+    async def release(self, lease: Lease, *, sole: bool = False) -> None:
+        """Delete ``lease``, if it still has the ETag we know. ``sole``: no other holder
+        of this process writes that key (a blob's lease: the partial file's lock and
+        :class:`~regmirror.fleet.coordinator.Fleet` make it so), so a delete refused
+        because the lease names this process still, rewritten since (a renewal that
+        landed though it failed here), deletes it with its new ETag."""
+        etag = lease.etag
+        for _ in range(ATTEMPTS):
+            if await self.s3.delete_if(lease.key, etag):
+                self._observe("released")
+                return
+            current = await self.read(lease.key) if sole else None
+            if current is None or not self.mine(current):
+                return  # gone, or another's now: left to its owner
+            etag = current.etag
+        log.warning("fleet: the lease %s kept changing; left to expire", lease.key)
+
+    def _landed(self, lease: Lease, expires: float) -> bool:
+        """Whether ``lease`` (read back after a refused write) is the write that wrote
+        ``expires``: the deadline survives JSON exactly, and no other write has it."""
+        return self.mine(lease) and lease.expires == expires
 
     def _body(self) -> tuple[bytes, float]:
         expires = time.time() + self.ttl
