@@ -8,9 +8,11 @@ keep-alive connection's protocol the manifest step's request bytes (docker's Acc
 list) from memory, ``--requests`` times per round, the response going to an in-memory
 transport. It prints the CPU time (``time.process_time``) per request of each round and
 their minimum: the least disturbed round. Event-loop iterations still cost what they
-cost (an ``epoll_wait`` of zero timeout each), the socket writes and reads do not::
+cost (an ``epoll_wait`` of zero timeout each), the socket writes and reads do not.
+With ``--fast`` the listener has regmirror's fast path (:mod:`regmirror.lean`, on in
+``regmirror serve`` by default), which answers in ``data_received`` itself::
 
-    python bench/manifest_inproc.py [--rounds 5] [--requests 4000]
+    python bench/manifest_inproc.py [--rounds 5] [--requests 4000] [--fast]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from regmirror.app import create_app
 from regmirror.config import Settings
 from regmirror.connections import Limits, Listener
 from regmirror.digest import Digest
+from regmirror.lean.path import FastPath
 from regmirror.logs.access import runner_options
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -66,6 +69,12 @@ class MemoryTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": (HOST, 40000), "sockname": (HOST, 5000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -113,7 +122,8 @@ async def measure(args: argparse.Namespace) -> list[float]:
         await runner.setup()
         try:
             raw = await store_image(app, Path(tmp))
-            listener = Listener(runner, HOST, 0, limits=Limits())
+            fast = FastPath.of(app) if args.fast else None
+            listener = Listener(runner, HOST, 0, limits=Limits(), fast=fast)
             request = (
                 "GET /v2/bench/small/manifests/latest HTTP/1.1\r\n"
                 f"Host: {HOST}\r\nAccept: {ACCEPT}\r\nUser-Agent: wrk\r\n\r\n"
@@ -149,10 +159,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--requests", type=int, default=4000, help="per round")
+    p.add_argument("--fast", action="store_true", help="with the fast path (regmirror.lean)")
     args = p.parse_args()
     logging.disable(logging.WARNING)
     costs = asyncio.run(measure(args))
-    print("CPU us per manifest GET, by round:", ", ".join(f"{c:.1f}" for c in costs))
+    path = "fast path" if args.fast else "aiohttp's path"
+    print(f"CPU us per manifest GET ({path}), by round:", ", ".join(f"{c:.1f}" for c in costs))
     print(f"min {min(costs):.1f} us (load average {os.getloadavg()[0]:.2f})")
     return 0
 

@@ -34,6 +34,7 @@ from regmirror.config import ConfigError, Settings
 from regmirror.eviction import BlobCache
 from regmirror.eviction_link import OwnerLink, OwnerMailbox
 from regmirror.fill import Fills
+from regmirror.fill_relay import FillRelay
 from regmirror.fleet.coordinator import Fleet
 from regmirror.health import LoopWatchdog, Shutdown
 from regmirror.logs import access as access_log
@@ -120,6 +121,8 @@ def create_app(
         # A fill's blob is evictable: the tier it came from (S3, an upstream) still has it.
         on_stored=lambda digest, size: cache.added(digest, size, evictable=True),
         cache=cache,  # admits fills into the budget, frees space on ENOSPC
+        # A fill streamed through (not kept) reaches the other workers' waiters.
+        relay=FillRelay(host.run_dir) if host is not None else None,
     )
     registry = app[REGISTRY] = Registry(
         local=local,
@@ -169,6 +172,7 @@ def create_app(
     app.cleanup_ctx.append(_data_dir_lock(data_dir))  # first: nothing starts without it
     if host is not None:  # before the index loads: nothing another worker says is lost
         app.cleanup_ctx.append(_owner_link(host, cache, link))
+        app.cleanup_ctx.append(_fill_relay(fills))
     app.cleanup_ctx.append(_sweep_leftovers(data_dir, fills))
     app.cleanup_ctx.append(_expire_uploads)
     app.cleanup_ctx.append(_trim_heap(trimmer))
@@ -351,6 +355,24 @@ def _owner_link(host: workers.Worker, cache: BlobCache, link: OwnerLink | None) 
         await mailbox.start()
         yield
         await mailbox.close()
+
+    return run
+
+
+def _fill_relay(fills: Fills) -> Context:
+    """This worker's relay socket, for the fills it streams through
+    (:mod:`regmirror.fill_relay`)."""
+
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        relay = fills.relay
+        assert relay is not None
+        try:
+            await relay.start(fills.relayable)
+        except OSError as exc:  # then as before: those waiters are cut, and retry
+            log.warning("fills streamed through are not shared by the workers: %s", exc)
+            fills.relay = None
+        yield
+        await relay.close()
 
     return run
 

@@ -39,8 +39,10 @@ renamed it finds the blob stored instead (the owner renames before it unlocks). 
 fleet peer's request reaching a process that does not fill the blob follows another
 process's fill the same way (:meth:`Fills.follow`). That tailing polls (no
 cross-process wake-up); within a process nothing polls. A fill another process streams
-through is not followed: its bytes never reach the shared file, so the tailing readers
-are cut when it ends (one process per data directory is what is supported today).
+through never reaches the shared file past where it stopped writing: that process
+relays it (:mod:`regmirror.fill_relay`), and the tailing process, told so by a marker
+it finds while it tails, streams the rest from it into a window of its own, so a herd
+spread over every worker still makes one upstream GET, with nothing more on disk.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from regmirror import layout
 from regmirror.digest import Digest
@@ -70,6 +72,9 @@ from regmirror.logs.served import Tier
 from regmirror.settle import settle
 from regmirror.storage.driver import PathNotFound
 from regmirror.storage.filesystem import FilesystemDriver
+
+if TYPE_CHECKING:
+    from regmirror.fill_relay import FillRelay, Relayed
 
 __all__ = [
     "Fill",
@@ -92,6 +97,9 @@ STALL = 60.0  # seconds a streamed-through fill waits for a reader holding its w
 PARTIAL_SUFFIX = ".partial"
 SIZE_XATTR = "user.regmirror.size"  # lets another process learn the size before the end
 TAIL_INTERVAL = 0.05  # seconds between looks at another process's partial file
+# Seconds a fill streamed through stays relayable once done, for the other workers'
+# waiters that joined it but had not found its relay yet (a tail's look or two).
+RELAY_GRACE = 1.0
 CLAIM_ATTEMPTS = 5  # tries at locking a partial file that keeps changing under us
 
 # Set in the task of a fill that holds its partial file's lock (see holds_claim).
@@ -241,6 +249,9 @@ class Fill:
         self._behind: set[int] = set()  # readers dropped for holding the window too long
         self._next_reader = 0
         self._moved = asyncio.Event()
+        # The inode of the partial file this process holds locked for the fill (None:
+        # a replay, or another process's fill followed): how other workers name it.
+        self._inode: int | None = None
 
     @classmethod
     def stored(cls, digest: Digest, final: Path, size: int) -> Fill:
@@ -259,6 +270,11 @@ class Fill:
     def kept(self) -> bool:
         """Its bytes go into the store (False: streamed through, never stored)."""
         return self._file_end is None
+
+    @property
+    def file_end(self) -> int | None:
+        """Streamed through: where the bytes in the partial file end (None: kept)."""
+        return self._file_end
 
     @property
     def written(self) -> int:
@@ -446,6 +462,12 @@ class Fill:
                 self._readers.pop(reader, None)  # all it needs is in the file
         self._notify()
 
+    def _stream_through_from(self, file_end: int) -> None:
+        """Another process streams this fill through from ``file_end`` on (its partial
+        file holds the bytes before): the rest arrives through the window."""
+        self._written = file_end
+        self._stream_through()
+
     async def _pass(self, chunk: bytes, stall: float) -> None:
         """Add ``chunk`` to the window, first waiting (at most ``stall`` seconds) for
         readers that hold more than :data:`WINDOW` bytes back; those still behind after
@@ -510,7 +532,9 @@ class Fills:
     ``idle_timeout`` the wait for each chunk from the source; ``on_stored(digest, size)``
     is told of each blob a fill put in the store (the local cache's index); ``cache``
     is that cache: it admits a fill (reserving its size in the budget, evicting ahead of
-    it) or makes it stream through, and frees space when a write finds the disk full.
+    it) or makes it stream through, and frees space when a write finds the disk full;
+    ``relay`` (with several workers): how a fill streamed through here reaches the other
+    workers' waiters, and theirs reaches ours (:mod:`regmirror.fill_relay`).
     """
 
     def __init__(
@@ -523,8 +547,10 @@ class Fills:
         observer: FillObserver | None = None,
         on_stored: Callable[[Digest, int], None] | None = None,
         cache: BlobCache | None = None,
+        relay: FillRelay | None = None,
     ):
         self.local = local
+        self.relay = relay
         self.on_stored = on_stored
         self.cache = cache
         self.timeout = timeout
@@ -534,6 +560,8 @@ class Fills:
         self.observer: FillObserver = observer or FillStats()
         self._inflight: dict[Digest, Fill] = {}
         self._replays: dict[Digest, Fill] = {}  # the latest replay of each blob (see _replay)
+        # Fills streamed through, done, still relayed for RELAY_GRACE (see relayable).
+        self._relaying: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # The writers' own threads: readers' to_thread hops cannot queue ahead of them.
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fill")
@@ -557,6 +585,23 @@ class Fills:
             )
             self._inflight[digest] = fill
             self._start(fill, None, claim=False)
+        return fill
+
+    def relayable(self, digest: Digest, inode: int) -> Fill | None:
+        """The fill of ``digest`` this process streams through from its partial file
+        ``inode``, for another worker's waiters (:mod:`regmirror.fill_relay`): in flight,
+        or done within the last :data:`RELAY_GRACE` seconds."""
+        fill = self._inflight.get(digest)
+        if fill is not None and fill._inode == inode and not fill.kept and not fill._error:
+            return fill
+        fill = self._relaying.get(digest)
+        if fill is None or fill._inode != inode or fill._error:
+            return None
+        # Done: its partial file is gone. One at that path with the same inode number is
+        # a new fill's (the number reused), whose bytes the asker read: not this fill.
+        with contextlib.suppress(OSError):
+            if fill.partial.stat().st_ino == inode:
+                return None
         return fill
 
     def running(self) -> list[Fill]:
@@ -640,6 +685,8 @@ class Fills:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for fill in list(self._relaying.values()):
+            self._end_relay(fill)
         self._writer.shutdown(wait=False)
 
     def remove_stale(self) -> int:
@@ -688,6 +735,8 @@ class Fills:
                 else:
                     self.observer.fill_started(fill.digest)
                     _claimed.set(fd is not None)  # this task's context only
+                    if fd is not None:
+                        fill._inode = os.fstat(fd).st_ino
                     await self._copy(fill, source, fd)
                     if not fill.kept:
                         result = "stream_through"
@@ -717,6 +766,12 @@ class Fills:
                 if self.on_stored is not None and fill._size is not None and fill.kept:
                     self.on_stored(fill.digest, fill._size)  # before any reader is done
                 fill._finish()
+            if self.relay is not None and fill._inode is not None and not fill.kept:
+                if message:
+                    self._end_relay(fill)
+                else:  # a worker that joined it may look for its relay only now
+                    self._relaying[fill.digest] = fill
+                    asyncio.get_running_loop().call_later(RELAY_GRACE, self._end_relay, fill)
             nbytes = fill._written if result == "ok" else 0
             self.observer.fill_finished(fill.digest, result, nbytes, seconds)
 
@@ -833,10 +888,22 @@ class Fills:
                 if freed <= 0:
                     return False
 
+    def _end_relay(self, fill: Fill) -> None:
+        """``fill`` is no longer relayed: its marker goes (a symlink in a temporary
+        directory: done in the loop, as publishing it is)."""
+        if self._relaying.get(fill.digest) is fill:
+            del self._relaying[fill.digest]
+        if self.relay is not None and fill._inode is not None:
+            self.relay.withdraw(fill.digest, fill._inode)
+
     def _streaming_through(self, fill: Fill, reason: str) -> None:
         log.info("%s streams through without being kept (%s)", fill.digest, reason)
         fill._stream_through()
         self.observer.fill_streamed_through(fill.digest, reason)
+        if self.relay is not None and fill._inode is not None:
+            # The other workers tailing the partial file stream the rest from here.
+            # Blocking, but a symlink in a temporary directory, once per such fill.
+            self.relay.publish(fill.digest, fill._inode)
 
     async def _tail(self, fill: Fill) -> str:
         """Follow a fill that another process owns until it stores the blob or gives up.
@@ -847,6 +914,8 @@ class Fills:
         another fill: either way this one failed, since its readers may have sent bytes
         of the file that failed its digest check."""
         followed: int | None = None
+        tried: tuple[Path, int] | None = None  # the relay last asked (it said no)
+        seen: int | None = None  # the partial file's size at the last look
         for _ in range(int(self.timeout / TAIL_INTERVAL) + 1):
             state = await asyncio.to_thread(_look, fill.partial, fill.final)
             if state.inode is not None:
@@ -870,12 +939,56 @@ class Fills:
                 return "other_process"
             if state.written is not None:
                 fill._advance(state.written)
+            stalled = state.written is not None and state.written == seen
+            seen = state.written
+            # Not growing, or never to be kept (no size published), or gone unstored: a
+            # fill streamed through (relayed while it runs, and for a moment after)?
+            if self.relay is not None and (stalled or not state.size or not state.owned):
+                found = await asyncio.to_thread(self.relay.lookup, fill.digest)
+                # Another fill's relay than the one whose file was read would mix their
+                # bytes; with nothing read, any fill of the digest (the same bytes) does.
+                same = found is not None and found[1] == (followed or found[1])
+                if found is not None and same and found != tried:
+                    tried = found
+                    relayed = await self.relay.connect(found[0], fill.digest, found[1])
+                    if relayed is not None:
+                        return await self._relayed(fill, relayed)
             if not state.owned:
                 raise _Failure(
                     "other_process_failed", f"another process's fill of {fill.digest} failed"
                 )
             await asyncio.sleep(TAIL_INTERVAL)
         raise TimeoutError
+
+    async def _relayed(self, fill: Fill, relayed: Relayed) -> str:
+        """Follow a fill another process streams through: the bytes past its partial
+        file come over ``relayed`` into this fill's own window. Complete means verified:
+        the other process sends the last byte only then."""
+        size = relayed.size
+        try:
+            if fill._size is None:
+                fill._set_size(size)
+            elif fill._size != size:
+                raise _Failure(
+                    "other_process_failed", f"another process relays {size} bytes of {fill.digest}"
+                )
+            fill._stream_through_from(relayed.file_end)
+            written = relayed.file_end
+            idle = 2 * (self.idle_timeout or STALL)  # past the filler's own wait for its source
+            while written < size:
+                async with asyncio.timeout(idle):
+                    chunk = await relayed.reader.read(CHUNK)
+                if not chunk or written + len(chunk) > size:
+                    raise _Failure(
+                        "other_process_failed",
+                        f"another process's fill of {fill.digest} failed while streaming through",
+                    )
+                await fill._pass(chunk, self.idle_timeout or STALL)
+                written += len(chunk)
+                fill._advance(written)
+        finally:
+            relayed.close()
+        return "other_process"
 
 
 def _fields(fill: Fill, event: str, **more: Any) -> dict[str, Any]:

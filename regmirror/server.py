@@ -96,7 +96,7 @@ async def serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
-    log_limits.install()
+    log_limits.install(worker.run_dir if worker is not None else None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # A worker starts with them blocked (regmirror.workers): one sent while it started

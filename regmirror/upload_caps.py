@@ -5,8 +5,10 @@ expires (``uploads.ttl``), so a client that opens sessions and walks away could 
 disk and the directory. The count lives in memory: rebuilt at startup from the sessions'
 ``info.json`` (which records the client address), then kept as sessions open and close.
 With several worker processes (``server.workers``) the count is brought up to date from
-disk before each new session (:meth:`regmirror.uploads.Uploads.start`), so the caps hold for the host, not per
-worker; two workers opening the last free session at the same instant may both get it.
+disk before each new session, under a lock of the host's held until that session's
+directory is made (:meth:`regmirror.uploads.Uploads.start`), so the caps hold exactly
+for the host, not per worker: of two workers opening the last free session at the same
+instant, one gets it.
 
 An IPv6 client counts by its network (``uploads.client_ipv6_prefix``, /64 by default):
 one host is routinely handed a whole /64 and may pick a fresh address for every request,

@@ -58,7 +58,9 @@ from regmirror.errors import (
     UploadRefused,
     UploadTooLarge,
 )
+from regmirror.host_lock import HostLock
 from regmirror.numbers import ascii_int
+from regmirror.settle import settle
 from regmirror.upload_caps import SessionCaps
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ FROZEN_SUFFIX = ".commit"
 # A cancelled session is renamed to ``<uuid>`` + this + a random tail, then deleted.
 GONE_SUFFIX = ".gone-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# The longest a worker waits for another's admission (milliseconds, normally) before it
+# decides without the lock: a wedged worker delays the others, never blocks them.
+ADMISSION_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,8 @@ class Uploads:
         # Other processes open and close sessions here too (server.workers): the caps are
         # brought up to date from disk before each new session is counted.
         self.shared_dir = shared_dir
+        # The uploads directory's own flock: held while a session is admitted (start).
+        self._admission = HostLock(root, wait=ADMISSION_WAIT)
         self._opening: set[str] = set()  # counted, their directory not made yet
         self.max_blob_bytes = max_blob_bytes
         self.caps = caps
@@ -147,26 +154,50 @@ class Uploads:
         return len(found)
 
     async def start(self, name: str, *, client: str = "-") -> Upload:
-        """Open a session for ``client`` (its address); TOOMANYREQUESTS over a cap."""
+        """Open a session for ``client`` (its address); TOOMANYREQUESTS over a cap.
+
+        With other processes on the directory, the count is made the disk's, the session
+        admitted and its directory made under one lock of the host's (the ``flock`` of the
+        uploads directory itself: no file of its own among the sessions), so the next
+        admission anywhere counts it: the caps are exact for the host."""
         upload_id = uuid.uuid4().hex
         upload = Upload(upload_id, name, self.root / upload_id)
-        if self.caps is not None:
-            if self.shared_dir:
-                await self._recount()
-            self.caps.open(upload_id, client)
         info = json.dumps({"name": name, "started_at": time.time(), "client": client}).encode()
-        self._opening.add(upload_id)
-        with disk_full("open an upload session"):
-            try:
-                await asyncio.to_thread(self._create, upload, info)
-            except BaseException:
-                await asyncio.to_thread(shutil.rmtree, upload.directory, True)
-                self._closed(upload_id)
-                raise
-            finally:
-                self._opening.discard(upload_id)
+        if self.caps is None:
+            await self._create_session(upload, info)
+        elif not self.shared_dir:
+            self.caps.open(upload_id, client)
+            await self._create_session(upload, info)
+        else:
+            # disk_full: taking the lock may make the uploads directory.
+            with disk_full("open an upload session"):
+                async with self._admission.held() as exact:
+                    if not exact:
+                        log.warning(
+                            "admitting an upload session without the lock of %s: another "
+                            "worker held it for over %g s",
+                            self.root,
+                            ADMISSION_WAIT,
+                        )
+                    await self._recount()
+                    self.caps.open(upload_id, client)
+                    await self._create_session(upload, info)
         self._grew(upload_id, len(info))
         return upload
+
+    async def _create_session(self, upload: Upload, info: bytes) -> None:
+        """Make the session's directory and files (undone if that fails, or is cancelled:
+        the thread is let finish first, so the admission lock covers all of it)."""
+        self._opening.add(upload.id)
+        with disk_full("open an upload session"):
+            try:
+                await settle(asyncio.to_thread(self._create, upload, info))
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, upload.directory, True)
+                self._closed(upload.id)
+                raise
+            finally:
+                self._opening.discard(upload.id)
 
     async def _recount(self) -> None:
         """The caps' count made the disk's: sessions other processes opened are counted,

@@ -15,7 +15,9 @@ others.
 What is per process becomes correct across processes this way:
 
 - **fills**: the partial file's ``flock`` is already the single-flight token across
-  processes (:mod:`regmirror.fill`): one upstream GET however the herd is spread;
+  processes (:mod:`regmirror.fill`): one upstream GET however the herd is spread; a
+  fill one worker streams through (no room to keep it) is relayed to the others'
+  waiters over a unix socket in the run directory (:mod:`regmirror.fill_relay`);
 - **the herd's other upstream requests** (a tag's resolution, a manifest's GET, a
   blob's HEAD, a tag list): a lock file per request under ``<data>/flights/`` is their
   token (:mod:`regmirror.hostflight`): one worker asks and stores the answer, the

@@ -160,11 +160,9 @@ async def test_a_fill_bigger_than_the_budget_streams_through_and_is_never_writte
     server = regmirror_server(
         env={
             **upstream_env(proxy.url),
+            # Both waiters share one fill whichever worker each reaches: the one that
+            # streams it through relays it to the other (regmirror.fill_relay).
             "REGMIRROR_CACHE__MAX_BYTES": str(budget),
-            # workers: 1 because both waiters must share one fill: a fill one worker
-            # streams through (no room) is not followed by another worker's waiters,
-            # who are cut and retry (README, "What differs from one process").
-            "REGMIRROR_SERVER__WORKERS": "1",
         }
     )
     url = f"{server.url}/v2/big/blob/blobs/{digest}"

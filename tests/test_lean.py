@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import urllib.request
 from collections.abc import Callable
 
 import aiohttp
@@ -21,6 +20,7 @@ import pytest
 
 from tests.support.fake_upstream import fake_upstream
 from tests.support.http import session  # noqa: F401
+from tests.support.metrics import metric
 from tests.support.oci_layout import Image, build_image
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
 from tests.support.pullthrough import push_image_to, stored_files, upstream_env
@@ -29,18 +29,6 @@ Start = Callable[..., ServerProcess]
 REPO = "lean/app"
 WARM = 24  # fresh connections: each worker (the kernel picks one per connection) reads the links
 FAST = "regmirror_http_fast_path_requests_total"
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples with ``labels`` (from /metrics: every worker's)."""
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if re.match(rf"{name}[{{ ]", line) and all(label in line for label in wanted)
-    )
 
 
 async def read_response(reader: asyncio.StreamReader, method: bytes = b"GET") -> bytes:
@@ -66,6 +54,17 @@ async def exchange(server: ServerProcess, request: bytes) -> bytes:
 def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
     lines = [f"{method} {path} HTTP/{version}", f"Host: {HOST}", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def serving(
+    server: ServerProcess, http: aiohttp.ClientSession, image: Image, *paths: str
+) -> None:
+    """``image`` pushed as ``REPO:v1``, and ``paths`` asked for on fresh connections
+    until every worker has read what they need into memory (the fast path's)."""
+    await push_image_to(http, server.url, REPO, image, "v1")
+    for _ in range(WARM):
+        for path in paths or (f"/v2/{REPO}/manifests/v1",):
+            await exchange(server, get(path, method="HEAD"))
 
 
 @pytest.fixture
@@ -148,9 +147,7 @@ async def test_a_request_waits_for_the_response_aiohttp_still_owes(
     async with fake_upstream("hang") as upstream:
         server = regmirror_server(env=upstream_env(upstream.url, prefix="hub"))
         image = build_image(seed=42)
-        await push_image_to(session, server.url, REPO, image, "v1")
-        for _ in range(WARM):
-            await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+        await serving(server, session, image)
         before = metric(server, FAST)
         reader, writer = await asyncio.open_connection(HOST, server.port)
         try:
@@ -176,9 +173,7 @@ async def test_a_connection_answered_by_the_fast_path_is_kept_alive_while_used(
     not close a connection they keep busy; an idle one still closes."""
     image = build_image(seed=43)
     server = regmirror_server(config={"server": {"keepalive_timeout": 1.0}})
-    await push_image_to(session, server.url, REPO, image, "v1")
-    for _ in range(WARM):
-        await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+    await serving(server, session, image)
     before = metric(server, FAST)
     reader, writer = await asyncio.open_connection(HOST, server.port)
     try:
@@ -250,12 +245,9 @@ async def test_a_blob_the_socket_cannot_take_at_once_is_sent_whole_then_the_next
     task; the next request on the connection is answered after it."""
     image = build_image(seed=46, layers=[{"size": 24 * 1024 * 1024, "seed": 6}])
     server = regmirror_server()
-    await push_image_to(session, server.url, REPO, image, "v1")
     layer = image.layers[0]
     path = f"/v2/{REPO}/blobs/{layer.digest}"
-    for _ in range(WARM):
-        await exchange(server, get(path, method="HEAD"))
-        await exchange(server, get(f"/v2/{REPO}/manifests/v1"))
+    await serving(server, session, image, path, f"/v2/{REPO}/manifests/v1")
     before = metric(server, FAST)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before connect: the window
@@ -280,11 +272,9 @@ async def test_a_blob_file_shortened_in_place_is_cut_never_ended_clean(
 ) -> None:
     image = build_image(seed=47)
     server = regmirror_server()
-    await push_image_to(session, server.url, REPO, image, "v1")
     layer = image.layers[0]
     path = f"/v2/{REPO}/blobs/{layer.digest}"
-    for _ in range(WARM):
-        assert (await exchange(server, get(path))).endswith(layer.data)
+    await serving(server, session, image, path, f"/v2/{REPO}/manifests/v1")
     before = metric(server, FAST)
     [stored] = stored_files(server.data_dir, layer.digest)
     os.truncate(stored, len(layer.data) // 2)  # the same inode, shorter
@@ -306,11 +296,9 @@ async def test_a_drain_lets_a_blob_body_in_flight_finish(
 ) -> None:
     image = build_image(seed=48, layers=[{"size": 24 * 1024 * 1024, "seed": 7}])
     server = regmirror_server(config={"server": {"drain_timeout": 20}})
-    await push_image_to(session, server.url, REPO, image, "v1")
     layer = image.layers[0]
     path = f"/v2/{REPO}/blobs/{layer.digest}"
-    for _ in range(WARM):
-        await exchange(server, get(path, method="HEAD"))
+    await serving(server, session, image, path, f"/v2/{REPO}/manifests/v1")
     before = metric(server, FAST)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)

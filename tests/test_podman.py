@@ -15,7 +15,6 @@ import asyncio
 import json
 import shutil
 import tomllib
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -27,6 +26,7 @@ import pytest
 from tests.support.engines import SHIPPED_MIRROR, Podman, podman
 from tests.support.fake_upstream import Mode, fake_upstream
 from tests.support.http import session
+from tests.support.metrics import metric
 from tests.support.oci_layout import Image, build_image, write_image_layout
 from tests.support.processes import REPO_ROOT, ServerProcess, regmirror_server
 from tests.support.pullthrough import push_image_to, upstream_env, upstream_proxy
@@ -56,18 +56,6 @@ def shipped_registries_conf(mirror: str) -> str:
 @pytest.fixture(scope="module")
 def image() -> Image:
     return build_image(seed=77, layers=LAYERS)
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (from /metrics)."""
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(label in line for label in wanted)
-    )
 
 
 def load_into(podman: Podman, tmp_path: Path, image: Image, reference: str) -> None:
