@@ -22,10 +22,11 @@ import aiohttp
 import pytest
 
 from tests.support.http import session  # noqa: F401
+from tests.support.metrics import metric
 from tests.support.oci_layout import Blob, build_image
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
 from tests.support.pullthrough import push_image_to, put_manifest, stored_files
-from tests.test_lean import FAST, REPO, WARM, exchange, get, metric
+from tests.test_lean import FAST, REPO, WARM, exchange, get
 
 Start = Callable[..., ServerProcess]
 
