@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
-import socket
 from collections.abc import Callable
 
 import aiohttp
 import pytest
 
 from tests.support.fake_upstream import fake_upstream
+from tests.support.fast_path import (
+    FAST,
+    REPO,
+    WARM,
+    exchange,
+    get,
+    narrow_connection,
+    read_response,
+    serving,
+)
 from tests.support.http import session  # noqa: F401
 from tests.support.metrics import metric
 from tests.support.oci_layout import Image, build_image
@@ -26,45 +34,6 @@ from tests.support.processes import HOST, ServerProcess, regmirror_server  # noq
 from tests.support.pullthrough import push_image_to, stored_files, upstream_env
 
 Start = Callable[..., ServerProcess]
-REPO = "lean/app"
-WARM = 24  # fresh connections: each worker (the kernel picks one per connection) reads the links
-FAST = "regmirror_http_fast_path_requests_total"
-
-
-async def read_response(reader: asyncio.StreamReader, method: bytes = b"GET") -> bytes:
-    """One whole response: its head, and the body its Content-Length says."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head)
-    if method == b"HEAD" or length is None:
-        return head
-    return head + await asyncio.wait_for(reader.readexactly(int(length[1])), 10)
-
-
-async def exchange(server: ServerProcess, request: bytes) -> bytes:
-    """``request`` sent whole on a fresh connection; the response, Date blanked."""
-    reader, writer = await asyncio.open_connection(HOST, server.port)
-    try:
-        writer.write(request)
-        response = await read_response(reader, request.split(b" ", 1)[0])
-    finally:
-        writer.close()
-    return re.sub(rb"\r\nDate: [^\r]*", b"\r\nDate: -", response)
-
-
-def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
-    lines = [f"{method} {path} HTTP/{version}", f"Host: {HOST}", *headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def serving(
-    server: ServerProcess, http: aiohttp.ClientSession, image: Image, *paths: str
-) -> None:
-    """``image`` pushed as ``REPO:v1``, and ``paths`` asked for on fresh connections
-    until every worker has read what they need into memory (the fast path's)."""
-    await push_image_to(http, server.url, REPO, image, "v1")
-    for _ in range(WARM):
-        for path in paths or (f"/v2/{REPO}/manifests/v1",):
-            await exchange(server, get(path, method="HEAD"))
 
 
 @pytest.fixture
@@ -76,11 +45,14 @@ async def pair(
     image = build_image(seed=41)
     fast = regmirror_server()
     slow = regmirror_server(config={"server": {"fast_path": False}})
-    for server in (fast, slow):
-        await push_image_to(session, server.url, REPO, image, "v1")
-    for _ in range(WARM):
-        await exchange(fast, get(f"/v2/{REPO}/manifests/v1"))
-        await exchange(fast, get(f"/v2/{REPO}/blobs/{image.layers[0].digest}", method="HEAD"))
+    await serving(slow, session, image)
+    await serving(
+        fast,
+        session,
+        image,
+        f"/v2/{REPO}/manifests/v1",
+        f"/v2/{REPO}/blobs/{image.layers[0].digest}",
+    )
     return fast, slow, image
 
 
@@ -249,10 +221,7 @@ async def test_a_blob_the_socket_cannot_take_at_once_is_sent_whole_then_the_next
     path = f"/v2/{REPO}/blobs/{layer.digest}"
     await serving(server, session, image, path, f"/v2/{REPO}/manifests/v1")
     before = metric(server, FAST)
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before connect: the window
-    client.connect((HOST, server.port))
-    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    reader, writer = await narrow_connection(server)
     try:
         writer.write(get(path))
         await asyncio.sleep(0.5)  # the body waits on the client
@@ -300,10 +269,7 @@ async def test_a_drain_lets_a_blob_body_in_flight_finish(
     path = f"/v2/{REPO}/blobs/{layer.digest}"
     await serving(server, session, image, path, f"/v2/{REPO}/manifests/v1")
     before = metric(server, FAST)
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    client.connect((HOST, server.port))
-    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    reader, writer = await narrow_connection(server)
     try:
         writer.write(get(path))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)

@@ -21,12 +21,12 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
+from tests.support.fast_path import FAST, REPO, WARM, exchange, get, narrow_connection, warm
 from tests.support.http import session  # noqa: F401
 from tests.support.metrics import metric
 from tests.support.oci_layout import Blob, build_image
 from tests.support.processes import HOST, ServerProcess, regmirror_server  # noqa: F401
 from tests.support.pullthrough import push_image_to, put_manifest, stored_files
-from tests.test_lean import FAST, REPO, WARM, exchange, get
 
 Start = Callable[..., ServerProcess]
 
@@ -36,10 +36,7 @@ async def unread_for(
 ) -> bytes:
     """``request`` (``times`` over, one write each) from a client with a small window that
     reads nothing for ``seconds``, then all it can until the connection ends (or 5 s)."""
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
-    client.connect((HOST, server.port))
-    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    reader, writer = await narrow_connection(server, 4096)
     got = bytearray()
     try:
         for _ in range(times):
@@ -104,18 +101,15 @@ async def test_a_client_gone_mid_blob_is_a_disconnect_not_a_short_file(
     await push_image_to(session, server.url, REPO, image, "v1")
     layer = image.layers[0]
     path = f"/v2/{REPO}/blobs/{layer.digest}"
-    for _ in range(WARM):
-        await exchange(server, get(path, method="HEAD"))
+    await warm(server, path)
     before = metric(server, FAST)
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    client.connect((HOST, server.port))
-    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 16)
+    reader, writer = await narrow_connection(server)
     try:
         writer.write(get(path))
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         await asyncio.wait_for(reader.readexactly(read_mib * 1024 * 1024), 10)
         assert metric(server, FAST) - before == 1
+        client = writer.get_extra_info("socket")
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
     finally:
         writer.close()
@@ -174,8 +168,7 @@ async def test_a_blob_body_cut_at_send_timeout_is_not_called_a_short_file(
     await push_image_to(session, server.url, REPO, image, "v1")
     layer = image.layers[0]
     path = f"/v2/{REPO}/blobs/{layer.digest}"
-    for _ in range(WARM):
-        await exchange(server, get(path, method="HEAD"))
+    await warm(server, path)
     before = metric(server, FAST)
     got = await unread_for(server, get(path), 4.0)
     assert metric(server, FAST) - before == 1
