@@ -77,7 +77,7 @@ async def _answer(
     accel = request.app.get(ACCEL_REDIRECT)
     try:  # on the event loop, not in a thread: see api.sendfile
         # A HEAD sends no body, nor does nginx's redirect: they look at the file, not open it.
-        found, file = _current(registry.stored, found, digest, body=not head and accel is None)
+        found, file = current_file(registry.stored, found, digest, body=not head and accel is None)
     except FileNotFoundError:
         # Gone since it was found (removed behind this process's back): look once more,
         # as if it had never been seen.
@@ -122,7 +122,7 @@ async def respond(
     return _send_stored(request, found, digest, file, span, hold)
 
 
-def _current(
+def current_file(
     stored: StoredFiles, found: StoredBlob, digest: Digest, *, body: bool
 ) -> tuple[StoredBlob, BinaryIO | None]:
     """``found`` as its file is now (:meth:`~regmirror.stored.StoredFiles.current`), and

@@ -27,12 +27,12 @@ from typing import BinaryIO
 
 from cachetools import LRUCache
 
-from regmirror.api.blobs import _current
+from regmirror.api.blobs import current_file
 from regmirror.api.sendfile import names_etag
 from regmirror.digest import Digest
 from regmirror.eviction import Hold
 from regmirror.lean.gate import Admitted, text
-from regmirror.lean.wire import TRAILING_HEADERS, Clock, Head
+from regmirror.lean.wire import Clock, Head, status_head
 from regmirror.registry import Registry
 from regmirror.stored import StoredBlob
 
@@ -147,13 +147,9 @@ class _Head:
     __slots__ = ("blob", "not_modified", "ok")
 
     def __init__(self, blob: StoredBlob):
-        lines = "".join(f"{k}: {v}\r\n" for k, v in blob.headers.items())
         self.blob = blob
-        self.ok = f"HTTP/1.1 200 OK\r\n{lines}".encode()
-        self.not_modified = (
-            "HTTP/1.1 304 Not Modified\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in blob.headers.items() if k != "Content-Length")
-        ).encode()
+        self.ok = status_head("200 OK", blob.headers)
+        self.not_modified = status_head("304 Not Modified", blob.headers, without="Content-Length")
 
 
 class Blobs:
@@ -188,9 +184,9 @@ class Blobs:
             match = headers.get(b"if-none-match")
             if match is not None and names_etag(text(match[0]), found):
                 hold.release()
-                return self._head(found).not_modified + self._end_of_head(), 304, 0
+                return self._head(found).not_modified + self.clock.end_of_head(), 304, 0
             try:  # the handler's own look (the file closed should fstat fail)
-                found, file = _current(registry.stored, found, digest, body=body)
+                found, file = current_file(registry.stored, found, digest, body=body)
             except FileNotFoundError:
                 registry.stored.forget(digest)  # aiohttp looks for it anew
                 hold.release()
@@ -198,7 +194,7 @@ class Blobs:
         except BaseException:
             hold.release()
             raise
-        response_head = self._head(found).ok + self._end_of_head()
+        response_head = self._head(found).ok + self.clock.end_of_head()
         if file is None:
             hold.release()
             return response_head, 200, 0
@@ -227,6 +223,3 @@ class Blobs:
         if cached is None or cached.blob.headers is not blob.headers:
             cached = self._heads[blob.path] = _Head(blob)
         return cached
-
-    def _end_of_head(self) -> bytes:
-        return self.clock.date_line() + TRAILING_HEADERS

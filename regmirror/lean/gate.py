@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from regmirror.auth.clients import Network, client_address, within
@@ -26,26 +27,16 @@ ROUTES: dict[Kind, str] = {
 }
 
 
+@dataclass(slots=True)
 class Admitted:
     """A request the fast path may answer, if what it asks for is at hand."""
 
-    __slots__ = ("forwarded", "kind", "name", "ns", "reference", "verb")
-
-    def __init__(
-        self,
-        verb: str,
-        kind: Kind,
-        name: str,
-        reference: str | Digest,
-        ns: str | None,
-        forwarded: tuple[str, ...],
-    ):
-        self.verb = verb
-        self.kind = kind
-        self.name = name
-        self.reference = reference
-        self.ns = ns
-        self.forwarded = forwarded
+    verb: str
+    kind: Kind
+    name: str
+    reference: str | Digest
+    ns: str | None
+    forwarded: tuple[str, ...]
 
 
 class Gate:

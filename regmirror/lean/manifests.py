@@ -11,7 +11,7 @@ from cachetools import LRUCache
 
 from regmirror.digest import Digest
 from regmirror.lean.gate import Admitted, text
-from regmirror.lean.wire import TRAILING_HEADERS, Clock, Head
+from regmirror.lean.wire import Clock, Head, status_head
 from regmirror.manifest import Manifest
 from regmirror.registry import Registry
 
@@ -24,11 +24,11 @@ class _Wire:
     __slots__ = ("etag", "manifest", "not_modified", "ok")
 
     def __init__(self, manifest: Manifest):
-        lines = "".join(f"{name}: {value}\r\n" for name, value in manifest.headers.items())
+        headers = manifest.headers
         self.manifest = manifest
-        self.ok = f"HTTP/1.1 200 OK\r\n{lines}Content-Length: {len(manifest.raw)}\r\n".encode()
-        self.not_modified = f"HTTP/1.1 304 Not Modified\r\n{lines}".encode()
-        self.etag = manifest.headers["ETag"]
+        self.ok = status_head("200 OK", {**headers, "Content-Length": str(len(manifest.raw))})
+        self.not_modified = status_head("304 Not Modified", headers)
+        self.etag = headers["ETag"]
 
 
 class Manifests:
@@ -52,7 +52,7 @@ class Manifests:
             status, response, nbytes = 200, wire.ok, 0
         else:
             status, response, nbytes = 200, wire.ok, len(manifest.raw)
-        response += self.clock.date_line() + TRAILING_HEADERS
+        response += self.clock.end_of_head()
         if nbytes:
             response += manifest.raw
         return response, status, nbytes

@@ -77,10 +77,10 @@ class FastPath:
             # path meets it too and answers its error; raised here, it would end the
             # connection from data_received.
             return None
-        if answer is not None and asked.kind == "blobs":
-            self.metrics.cache_request(hit=True)
         if answer is None:
             return None
+        if asked.kind == "blobs":
+            self.metrics.cache_request(hit=True)
         response, status, nbytes = answer
         self.metrics.observe_request(
             ROUTES[asked.kind], asked.verb, status, time.perf_counter() - started

@@ -10,6 +10,8 @@ answers None, and the connection is aiohttp's alone from then on).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from email.utils import formatdate
 
 import httptools
@@ -28,16 +30,14 @@ TRAILING_HEADERS = (
 ).encode()
 
 
+@dataclass(slots=True)
 class Head:
     """A request line and its headers (names lower-cased; each header's values in order)."""
 
-    __slots__ = ("headers", "method", "path", "query")
-
-    def __init__(self, method: bytes, path: bytes, query: bytes, headers: dict[bytes, list[bytes]]):
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
+    method: bytes
+    path: bytes
+    query: bytes
+    headers: dict[bytes, list[bytes]]
 
 
 class RequestReader:
@@ -109,6 +109,13 @@ class RequestReader:
         self._complete += 1
 
 
+def status_head(status: str, headers: Mapping[str, str], *, without: str = "") -> bytes:
+    """A response's status line and ``headers`` (but ``without``) as aiohttp writes them:
+    what comes before the lines :meth:`Clock.end_of_head` adds."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items() if k != without)
+    return f"HTTP/1.1 {status}\r\n{lines}".encode()
+
+
 class Clock:
     """The ``Date`` header line, formatted once a second as aiohttp does."""
 
@@ -124,3 +131,7 @@ class Clock:
             self._second = now
             self._line = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
         return self._line
+
+    def end_of_head(self) -> bytes:
+        """The lines aiohttp adds after a handler's headers, and the blank line."""
+        return self.date_line() + TRAILING_HEADERS
