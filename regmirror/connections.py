@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ssl import SSLContext
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -302,7 +303,7 @@ class _Connection(asyncio.Protocol):
         self.admitted = False
         self.busy = False
         self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[object] | None = None
+        self._task: asyncio.Future[Any] | None = None  # the request in progress
         # When the request headers must be complete by; None: not waiting for any.
         self._header_deadline: float | None = None
         self._header_timer: asyncio.TimerHandle | None = None  # scheduled, maybe earlier
@@ -381,8 +382,8 @@ class _Connection(asyncio.Protocol):
         if not self.handler.writing_paused:
             self._answered_here()
             return
-        self._flushed = flushed = self._loop.create_future()
-        self._in_progress(self._loop.create_task(_wait(flushed)))
+        self._flushed = self._loop.create_future()
+        self._in_progress(self._flushed)
 
     def _send(self, body: BlobBody) -> None:
         """A stored blob's response; the rest of a body the socket did not take at once
@@ -394,9 +395,9 @@ class _Connection(asyncio.Protocol):
             return
         self._in_progress(task)
 
-    def _in_progress(self, task: asyncio.Task[None]) -> None:
-        """The fast path's response goes on in ``task``: nothing more is read from the
-        client until it is sent (so that no response can come between)."""
+    def _in_progress(self, task: asyncio.Future[None]) -> None:
+        """The fast path's response goes on until ``task`` is done: nothing more is read
+        from the client until it is sent (so that no response can come between)."""
         assert self.transport is not None
         self.transport.pause_reading()
         self._sending = True
@@ -408,7 +409,7 @@ class _Connection(asyncio.Protocol):
         self.listener._set_busy(self, False)
         self._arm_idle_timer()
 
-    def _sent(self, task: asyncio.Task[object]) -> None:
+    def _sent(self, task: asyncio.Future[Any]) -> None:
         self._sending = False
         if self.transport is not None:
             self.transport.resume_reading()
@@ -442,7 +443,7 @@ class _Connection(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------------------
 
-    def request_started(self, task: asyncio.Task[object]) -> None:
+    def request_started(self, task: asyncio.Future[Any]) -> None:
         self._header_deadline = None
         self.busy = True
         self._task = task
@@ -450,7 +451,7 @@ class _Connection(asyncio.Protocol):
         task.add_done_callback(self._request_done)
         self._watch_send()
 
-    def _request_done(self, task: asyncio.Task[object]) -> None:
+    def _request_done(self, task: asyncio.Future[Any]) -> None:
         if self._pending:
             self._pending -= 1
         if self._task is task:
@@ -573,10 +574,6 @@ class _Connection(asyncio.Protocol):
             self.handler.force_close()
         elif self.transport is not None:
             self.transport.abort()
-
-
-async def _wait(future: asyncio.Future[None]) -> None:
-    await future
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
