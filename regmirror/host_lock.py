@@ -61,22 +61,35 @@ class HostLock:
 
     async def _acquire(self) -> bool:
         deadline = time.monotonic() + self.wait
-        delay = POLL_FIRST
         while True:
             if self._fd is None:
                 self._fd = await asyncio.to_thread(_open, self.path)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, POLL_MAX)
-                continue
+            if not await poll(self._fd, deadline):
+                return False
             if _is_path(self._fd, self.path):
                 return True
             os.close(self._fd)  # removed or replaced since it was opened: open the new one
             self._fd = None
+
+
+async def poll(
+    fd: int, deadline: float, *, first: float = POLL_FIRST, most: float = POLL_MAX
+) -> bool:
+    """Take the exclusive ``flock`` on ``fd``, looking again after ``first`` seconds,
+    then twice as long each time up to ``most``, until ``deadline`` (``time.monotonic``);
+    whether it was had. ``LOCK_NB`` touches no disk: it is called on the event loop."""
+    delay = first
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, most)
 
 
 def _open(path: Path) -> int:

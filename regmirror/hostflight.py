@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from regmirror import errors
+from regmirror import errors, host_lock
 from regmirror.errors import RegistryError
 from regmirror.logs.throttle import Throttled
 from regmirror.settle import settle
@@ -168,7 +168,7 @@ class HostFlights:
             try:
                 current = True
                 if not won:
-                    if not await _poll(fd, deadline):
+                    if not await host_lock.poll(fd, deadline, first=POLL_FIRST, most=POLL_MAX):
                         log.warning(
                             "%s: another worker's flight took over %.0f s; asking here",
                             key[0],
@@ -288,23 +288,6 @@ def _look(fd: int, path: Path) -> tuple[bool, bytes]:
 def _write(fd: int, record: bytes) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, record, 0)
-
-
-async def _poll(fd: int, deadline: float) -> bool:
-    """Wait for the lock on ``fd`` (held by another process's flight) until ``deadline``;
-    whether we got it. ``flock(LOCK_NB)`` touches no disk: it is called on the loop."""
-    delay = POLL_FIRST
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, POLL_MAX)
 
 
 def _record(name: str, outcome: dict[str, Any]) -> bytes:
